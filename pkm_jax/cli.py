@@ -1,0 +1,38 @@
+"""Shared command-line plumbing: flags parsed with one-line errors, library errors -> exit 1."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Callable
+
+from absl import app, flags
+
+# Errors a user can cause with bad input; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, OSError)
+
+
+def one_line(e: BaseException) -> str:
+  text = str(e.args[0]) if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+  text = re.sub(r"\s*\n\s*", " ", text.strip().strip("'\"")).replace("\\'", "'")
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _parse(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    # config_flags reports an unknown --config.x.y as a multi-line AttributeError traceback.
+    sys.exit(f"error: bad flags: {one_line(e)}")
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """absl's app.run, but bad flags and user errors end with one line and exit status 1."""
+
+  def guarded(argv):
+    try:
+      main(argv)
+    except USER_ERRORS as e:
+      sys.exit(f"error: {one_line(e)}")
+
+  app.run(guarded, flags_parser=_parse)

@@ -1,0 +1,153 @@
+"""Product-key memory layer (Lample et al. 2019), Flax NNX.
+
+A query is split into two halves; each half is scored against its own set of `n_keys` sub-keys.
+Because a product key's score is the sum of its two halves' scores, the top-k over all n_keys**2
+product keys lies inside the k x k grid of the per-half top-k: the exact search costs O(n_keys).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pkm_jax.config import MemoryConfig
+
+# Above this many bytes the gathered [tokens, picks, V] block is built in chunks of picks, so the
+# dense lookup never materialises all B*T*H*K rows at once (it would be ~13 GB at BERT-base sizes).
+_GATHER_CHUNK_BYTES = 1 << 28
+
+
+class MemoryAux(NamedTuple):
+  """What a memory layer picked, for the usage metrics and sparse value updates."""
+
+  indices: jax.Array  # [B, T, H, K] int32 slot ids, best first
+  weights: jax.Array  # [B, T, H, K] softmax weights
+
+
+def product_key_topk(query: jax.Array, sub_keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Exact top-k over all n_keys**2 product keys.
+
+  query [..., H, Kd], sub_keys [H, 2, n, Kd/2] -> scores, indices [..., H, k] (descending);
+  the slot of sub-key i (first half) and j (second half) is i * n + j.
+  """
+  n = sub_keys.shape[2]
+  if k > n:
+    raise ValueError(f"product_key_topk: k={k} exceeds n_keys={n}")
+  q1, q2 = jnp.split(query, 2, axis=-1)
+  s1 = jnp.einsum("...hd,hnd->...hn", q1, sub_keys[:, 0])
+  s2 = jnp.einsum("...hd,hnd->...hn", q2, sub_keys[:, 1])
+  v1, i1 = jax.lax.top_k(s1, k)  # [..., H, k]
+  v2, i2 = jax.lax.top_k(s2, k)
+  cand_scores = (v1[..., :, None] + v2[..., None, :]).reshape(*v1.shape[:-1], k * k)
+  cand_slots = (i1[..., :, None] * n + i2[..., None, :]).reshape(*i1.shape[:-1], k * k)
+  scores, pos = jax.lax.top_k(cand_scores, k)
+  return scores, jnp.take_along_axis(cand_slots, pos, axis=-1)
+
+
+def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
+  """sum_{h,k} weights * values[indices] (EmbeddingBag 'sum' with per-sample weights).
+
+  values [N, V], indices/weights [..., H, K] -> [..., V].
+  """
+  lead = indices.shape[:-2]
+  picks = indices.shape[-2] * indices.shape[-1]
+  idx_MxP = indices.reshape(-1, picks)
+  w_MxP = weights.reshape(-1, picks).astype(values_NxV.dtype)
+  row_bytes = idx_MxP.shape[0] * values_NxV.shape[1] * values_NxV.dtype.itemsize
+  chunk = max(1, min(picks, _GATHER_CHUNK_BYTES // max(row_bytes, 1)))
+  while picks % chunk:
+    chunk -= 1
+  if chunk == picks:
+    out_MxV = jnp.einsum("mp,mpv->mv", w_MxP, values_NxV[idx_MxP])
+  else:
+    idx_CxMxc = idx_MxP.reshape(-1, picks // chunk, chunk).transpose(1, 0, 2)
+    w_CxMxc = w_MxP.reshape(-1, picks // chunk, chunk).transpose(1, 0, 2)
+
+    def add_chunk(acc_MxV, xs):
+      idx, w = xs
+      return acc_MxV + jnp.einsum("mc,mcv->mv", w, values_NxV[idx]), None
+
+    init = jnp.zeros((idx_MxP.shape[0], values_NxV.shape[1]), values_NxV.dtype)
+    out_MxV, _ = jax.lax.scan(add_chunk, init, (idx_CxMxc, w_CxMxc))
+  return out_MxV.reshape(*lead, values_NxV.shape[1])
+
+
+class ProductKeyMemory(nnx.Module):
+  """Query net -> product-key top-k per head -> softmax -> weighted sum of value rows.
+
+  Params: query_proj (Linear d_in -> heads*k_dim), query_norm, keys [H, 2, n_keys, k_dim/2],
+  values [n_keys**2, v_dim]. Heads are summed, as XLM's EmbeddingBag(mode='sum').
+  """
+
+  def __init__(self, d_in: int, cfg: MemoryConfig, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    h, kd = cfg.heads, cfg.k_dim
+    self.input_dropout = nnx.Dropout(cfg.input_dropout)
+    self.query_proj = nnx.Linear(
+        d_in, h * kd, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nnx.with_metadata(nnx.initializers.lecun_normal(),
+                                      logical_axes=("embed", "mem_query")),
+        bias_init=nnx.with_metadata(nnx.initializers.zeros, logical_axes=("mem_query",)),
+        rngs=rngs)
+    if cfg.query_norm == "batchnorm":
+      # XLM's authors found batchnorm on the query best: it spreads queries over the keys.
+      self.query_norm = nnx.BatchNorm(h * kd, momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
+                                      param_dtype=param_dtype, rngs=rngs)
+    elif cfg.query_norm == "layernorm":
+      self.query_norm = nnx.LayerNorm(h * kd, epsilon=1e-5, dtype=jnp.float32,
+                                      param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.query_norm = None
+    self.query_dropout = nnx.Dropout(cfg.query_dropout)
+    bound = 1.0 / math.sqrt(kd // 2)
+    self.keys = nnx.Param(
+        jax.random.uniform(rngs.params(), (h, 2, cfg.n_keys, kd // 2), param_dtype,
+                           -bound, bound),
+        logical_axes=("mem_heads", None, "mem_keys", None))
+    value_init = (nnx.initializers.zeros if cfg.value_zero_init
+                  else nnx.initializers.normal(stddev=cfg.v_dim**-0.5))
+    self.values = nnx.Param(value_init(rngs.params(), (cfg.n_slots, cfg.v_dim), param_dtype),
+                            logical_axes=("slots", "value_embed"))
+    self.value_dropout = nnx.Dropout(cfg.value_dropout)
+
+  def __call__(self, x_BxTxD: jax.Array, mask_BxT: jax.Array, *, rngs: nnx.Rngs | None = None,
+               value_probe: jax.Array | None = None) -> tuple[jax.Array, MemoryAux]:
+    """x [B, T, D], mask [B, T] (1 = real token) -> out [B, T, V], MemoryAux.
+
+    Training mode (dropout, batch statistics) iff `rngs` is given. With `value_probe` (zeros
+    [B, T, V]) the table gets no gradient; the probe's gradient is d loss / d (weighted sum),
+    from which sparse updates build per-row gradients without a dense [N, V] gradient.
+    """
+    cfg, train = self.cfg, rngs is not None
+    b, t, _ = x_BxTxD.shape
+    x = self.input_dropout(x_BxTxD, deterministic=not train, rngs=rngs)
+    q_BxTxQ = self.query_proj(x)
+    if isinstance(self.query_norm, nnx.BatchNorm):
+      # Statistics over real tokens only: padding would otherwise shift every query.
+      mask = jnp.broadcast_to(mask_BxT[..., None].astype(bool), q_BxTxQ.shape)
+      q_BxTxQ = self.query_norm(q_BxTxQ, use_running_average=not train, mask=mask)
+    elif self.query_norm is not None:
+      q_BxTxQ = self.query_norm(q_BxTxQ)
+    q_BxTxQ = self.query_dropout(q_BxTxQ, deterministic=not train, rngs=rngs)
+    q_BxTxHxK = q_BxTxQ.reshape(b, t, cfg.heads, cfg.k_dim).astype(jnp.float32)
+    # The search runs in float32 even under bf16 compute: near-ties decide which rows are read.
+    scores, indices = product_key_topk(q_BxTxHxK, self.keys.value.astype(jnp.float32), cfg.k)
+    weights = jax.nn.softmax(scores, axis=-1)
+    values = self.values.value
+    if value_probe is not None:
+      values = jax.lax.stop_gradient(values)
+    if cfg.lookup == "sharded":
+      from pkm_jax import sharding  # pylint: disable=g-import-not-at-top
+      out_BxTxV = sharding.sharded_weighted_lookup(values, indices, weights)
+    else:
+      out_BxTxV = weighted_lookup(values, indices, weights)
+    if value_probe is not None:
+      out_BxTxV = out_BxTxV + value_probe
+    out_BxTxV = self.value_dropout(out_BxTxV, deterministic=not train, rngs=rngs)
+    return out_BxTxV.astype(self.dtype), MemoryAux(indices, weights)

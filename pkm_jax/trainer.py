@@ -1,0 +1,292 @@
+"""MLM pretraining: `train_and_evaluate(config, workdir)`.
+
+Sections: setup -> model and optimizer (created already sharded) -> restore or +Init -> loop.
+`train_step` is pure and jitted once with explicit shardings and a donated state; data, logging
+and checkpoints stay in the Python loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from pkm_jax import checkpoint as ckpt_lib
+from pkm_jax import config as config_lib
+from pkm_jax import evaluate as eval_lib
+from pkm_jax import metrics as metrics_lib
+from pkm_jax import optim as optim_lib
+from pkm_jax.bert import BertForMaskedLM
+from pkm_jax.writer import MetricWriter
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  model_state: nnx.State  # BatchNorm running statistics of the memory queries
+  opt_state: optax.OptState
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, seed: int) -> Callable:
+  """(TrainState, batch) -> (TrainState, metrics, {layer: MemoryAux})."""
+  base_key = jax.random.key(seed)
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    # Dropout noise is a function of (seed, step) alone, so a resumed run repeats it exactly.
+    dropout_key = jax.random.fold_in(base_key, state.step)
+
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state.model_state)
+      logits, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                          rngs=nnx.Rngs(dropout=dropout_key))
+      loss, sums = metrics_lib.mlm_loss_and_metrics(logits, batch["mlm_labels"],
+                                                    batch["mlm_weights"])
+      return loss, (sums, aux, nnx.state(model, nnx.BatchStat))
+
+    (loss, (sums, aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "mlm_accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0),
+               "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+    new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
+                           opt_state=opt_state)
+    return new_state, metrics, aux
+
+  return train_step
+
+
+def make_usage_accumulator(n_slots: int) -> Callable:
+  """(totals, aux, mask) -> totals + this batch's per-slot counts/weights/top-1 counts."""
+  def accumulate(totals, aux, mask_BxT):
+    return {layer: tuple(t + s for t, s in zip(totals[layer],
+                                                metrics_lib.slot_totals(a, mask_BxT, n_slots)))
+            for layer, a in aux.items()}
+  return accumulate
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  from pkm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  return sharding_lib.make_mesh(config.mesh.data, config.mesh.model)
+
+
+def _save_run_files(workdir: str, config: ml_collections.ConfigDict,
+                    model_cfg: config_lib.ModelConfig) -> None:
+  if jax.process_index() != 0:
+    return
+  ckpt_lib.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+  ckpt_lib.write_json(os.path.join(workdir, "model_config.json"), config_lib.to_dict(model_cfg))
+
+
+def _check_resumable(workdir: str, model_cfg: config_lib.ModelConfig) -> None:
+  saved = ckpt_lib.read_model_config(workdir)
+  if saved != model_cfg:
+    diff = [f.name for f in dataclasses.fields(saved)
+            if getattr(saved, f.name) != getattr(model_cfg, f.name)]
+    raise ValueError(f"{workdir} holds checkpoints of a different model ({', '.join(diff)} "
+                     "differ); use a new --workdir")
+
+
+def _memory_images(writer: MetricWriter, step: int, usage: dict) -> None:
+  for layer, (counts, _, _) in usage.items():
+    grid = eval_lib.usage_histogram(np.asarray(counts))
+    writer.image(step, f"memory/layer{layer}/usage_map", grid[..., None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Main entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains with MLM into `workdir` (resuming if it has checkpoints); returns final metrics."""
+  from pkm_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  # --- Setup: config, workdir, tokenizer, data --------------------------------------------
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  resuming = os.path.isdir(ckpt_lib.checkpoint_dir(workdir)) and bool(
+      ckpt_lib.make_manager(workdir, read_only=True).all_steps())
+  tokenizer = data_lib.build_tokenizer(config.data, workdir)
+  vocab_size = tokenizer.get_vocab_size()
+  config_lib.validate(config, vocab_size=vocab_size)
+
+  mesh = _mesh(config)
+  lookup = "sharded" if mesh.shape["model"] > 1 else "dense"
+  model_cfg = config_lib.model_config(config, vocab_size=vocab_size, lookup=lookup)
+  if resuming:
+    _check_resumable(workdir, model_cfg)
+  _save_run_files(workdir, config, model_cfg)
+
+  train_iter, make_eval_iter = data_lib.make_mlm_data(
+      config.data, tokenizer, seed=config.seed, shard_index=jax.process_index(),
+      shard_count=jax.process_count())
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  def to_device(local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    # Each process holds its rows of the global batch; together they form one global array.
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+            for k, v in local_batch.items()}
+
+  # --- Model and optimizer, created directly with their shardings --------------------------
+  tx, schedule = optim_lib.make_optimizer(config.optim, config.train.steps)
+
+  def init_state() -> TrainState:
+    model = BertForMaskedLM(model_cfg, rngs=nnx.Rngs(params=config.seed))
+    _, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                      opt_state=tx.init(params))
+
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: BertForMaskedLM(model_cfg, rngs=nnx.Rngs(0))))
+  abstract_state = jax.eval_shape(init_state)
+  state_sharding = _state_shardings(abstract_state, mesh, config)
+  with jax.set_mesh(mesh):
+    state = jax.jit(init_state, out_shardings=state_sharding)()
+
+  # --- Restore, or +Init from pretrained weights --------------------------------------------
+  manager = ckpt_lib.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+  start_step = 0
+  if resuming:
+    start_step = manager.latest_step()
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+        state_sharding)
+    restored = ckpt_lib.restore(manager, start_step, abstract_params=abstract.params,
+                                abstract_model_state=abstract.model_state,
+                                abstract_opt_state=abstract.opt_state)
+    state = TrainState(step=jnp.asarray(start_step, jnp.int32), params=restored["params"],
+                       model_state=restored["model_state"], opt_state=restored["opt_state"])
+    train_iter.set_state(restored["data"])
+    print(f"Resuming {workdir} from step {start_step}"
+          + (" (init.from is ignored: the latest checkpoint wins)" if config.init["from"] else ""))
+  elif config.init["from"]:
+    state = _init_from_pretrained(config, state, graphdef, tx, state_sharding, mesh)
+
+  # --- Jitted steps ---------------------------------------------------------------------------
+  data_spec = {k: batch_sharding for k in ("input_ids", "attention_mask", "token_type_ids",
+                                           "mlm_labels", "mlm_weights")}
+  train_step = jax.jit(make_train_step(graphdef, tx, schedule, config.seed),
+                       in_shardings=(state_sharding, data_spec),
+                       out_shardings=(state_sharding, None, None), donate_argnums=(0,))
+  eval_step = jax.jit(eval_lib.make_eval_step(graphdef, model_cfg))
+  accumulate = jax.jit(make_usage_accumulator(model_cfg.memory.n_slots), donate_argnums=(0,))
+
+  def zero_usage():
+    z = lambda: jnp.zeros((model_cfg.memory.n_slots,), jnp.float32)
+    return {layer: (z(), z(), z()) for layer in model_cfg.memory_layers}
+
+  def evaluate(step: int) -> dict:
+    with jax.set_mesh(mesh):
+      result = eval_lib.run_eval(eval_step, state.params, state.model_state,
+                                 make_eval_iter(config.train.eval_batches or None), to_device,
+                                 model_cfg)
+    scalars = {k: result[k] for k in ("mlm_loss", "mlm_perplexity", "mlm_accuracy")}
+    for layer, stats in result["memory"].items():
+      scalars.update({f"memory/layer{layer}/{k}": v for k, v in stats.items()})
+    writer.scalars(step, scalars, prefix="eval/")
+    return result
+
+  def save(step: int) -> None:
+    ckpt_lib.save(manager, step, params=state.params, model_state=state.model_state,
+                  opt_state=state.opt_state, data_state=train_iter.get_state())
+
+  # --- Loop ---------------------------------------------------------------------------------
+  writer = MetricWriter(os.path.join(workdir, "tensorboard"))
+  usage, usage_steps = zero_usage(), 0
+  stats_every = config.train.memory_stats_every if model_cfg.memory_layers else 0
+  result: dict[str, Any] = {}
+  t0, steps_timed, metrics = time.perf_counter(), 0, None
+  bar = tqdm(range(start_step, config.train.steps), initial=start_step, total=config.train.steps,
+             desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+  try:
+    for step in bar:
+      batch = to_device(next(train_iter))
+      with jax.set_mesh(mesh):
+        state, metrics, aux = train_step(state, batch)
+        if stats_every:
+          usage = accumulate(usage, aux, batch["attention_mask"])
+          usage_steps += 1
+      done = step + 1
+      steps_timed += 1
+      if done % config.train.log_every == 0 or done == config.train.steps:
+        host = jax.device_get(metrics)
+        if not np.isfinite(host["loss"]):
+          raise FloatingPointError(
+              f"loss is {host['loss']} at step {done}; stopping without saving (the last "
+              f"checkpoint, step {manager.latest_step()}, is kept)")
+        elapsed = time.perf_counter() - t0
+        host["sequences_per_sec"] = steps_timed * config.data.batch_size / elapsed
+        writer.scalars(done, host, prefix="train/")
+        bar.set_postfix(loss=f"{host['loss']:.3f}", acc=f"{host['mlm_accuracy']:.3f}")
+        t0, steps_timed = time.perf_counter(), 0
+      if stats_every and done % stats_every == 0:
+        host_usage = jax.device_get(usage)
+        stats = {f"memory/layer{layer}/{k}": v
+                 for layer, (c, w, t) in host_usage.items()
+                 for k, v in metrics_lib.memory_usage_stats(c, w, t).items()}
+        writer.scalars(done, stats, prefix="train/")
+        _memory_images(writer, done, host_usage)
+        usage, usage_steps = zero_usage(), 0
+      if done % config.train.eval_every == 0 or done == config.train.steps:
+        result = evaluate(done)
+      if done % config.train.checkpoint_every == 0 or done == config.train.steps:
+        loss = float(jax.device_get(metrics["loss"]))
+        if not np.isfinite(loss):
+          raise FloatingPointError(f"loss is {loss} at step {done}; checkpoint not written")
+        save(done)
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    writer.close()
+  if not result:  # resumed at the final step: nothing trained, still report
+    result = evaluate(config.train.steps)
+  result = {"step": config.train.steps, **result}
+  return result
+
+
+def _state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
+                     config: ml_collections.ConfigDict) -> TrainState:
+  """Shardings for every leaf of the train state (value tables and their moments by rules)."""
+  from pkm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  return sharding_lib.train_state_shardings(abstract_state, mesh, config)
+
+
+def _init_from_pretrained(config, state: TrainState, graphdef, tx, state_sharding, mesh
+                          ) -> TrainState:
+  """+Init: copies pretrained dense weights into the fresh model; memory stays new."""
+  from pkm_jax import pretrained  # pylint: disable=g-import-not-at-top
+  source = config.init["from"]
+  src_cfg, src_params, _ = pretrained.load_pretrained(source)
+  model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.model_state))
+  report = pretrained.init_from_pretrained(model, src_params, src_cfg)
+  print(f"+Init from {source}: {report.summary()}")
+  _, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
+  new = TrainState(step=state.step, params=params, model_state=model_state,
+                   opt_state=tx.init(params))
+  with jax.set_mesh(mesh):
+    return jax.device_put(new, state_sharding)

@@ -1,0 +1,44 @@
+"""Pretrain BERT with product-key memory by masked language modelling.
+
+  python train.py                                    # configs/default.py -> workdirs/default
+  python train.py --config configs/bert_base_resm.py --workdir /ckpt/resm --config.train.steps=500000
+
+Re-running the same command on the same --workdir resumes from its latest checkpoint.
+"""
+
+import os
+
+from absl import flags
+from ml_collections import config_flags
+
+from pkm_jax import cli
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "default.py"), "Config file (get_config()).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Output folder (default: workdirs/<config file name>).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-host: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Multi-host with the cluster's own settings "
+                               "(TPU pod, SLURM...): jax.distributed.initialize() finds them.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from pkm_jax import distributed, trainer  # pylint: disable=g-import-not-at-top
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         auto=_MULTIHOST.value)
+  config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+  workdir = _WORKDIR.value or os.path.join("workdirs", config_name)
+  result = trainer.train_and_evaluate(_CONFIG.value, workdir)
+  print(f"Finished: {workdir} step {result['step']} eval mlm_loss={result['mlm_loss']:.4f} "
+        f"perplexity={result['mlm_perplexity']:.3f} accuracy={result['mlm_accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+  cli.run(main)
