@@ -1,0 +1,251 @@
+"""Mesh, logical-axis rules, sharded init and the sharded memory lookup (8 virtual CPU devices).
+
+References: the dense single-device `memory.weighted_lookup` (values and gradients), and the
+compiled HLO's collectives (shapes parsed from the text) for the communication claim.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import re  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from pkm_jax import sharding  # noqa: E402
+from pkm_jax.memory import weighted_lookup  # noqa: E402
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+
+COLLECTIVE = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+                        r"(-start)?\(")
+SHAPE = re.compile(r"\b(?:f16|bf16|f32|f64|s8|s16|s32|s64|u8|u32|pred)\[([\d,]*)\]")
+
+
+def collective_sizes(hlo_text: str) -> list[int]:
+  """Element counts of every array a collective produces or consumes (shapes on its line)."""
+  sizes = []
+  for line in hlo_text.splitlines():
+    if COLLECTIVE.search(line):
+      head = line.split("metadata=")[0]
+      sizes += [int(np.prod([int(d) for d in dims.split(",") if d])) for dims in SHAPE.findall(head)]
+  return sizes
+
+
+def lookup_inputs(n=64, v=8, b=8, t=3, h=2, k=4, seed=0):
+  rng = np.random.default_rng(seed)
+  values = rng.normal(size=(n, v)).astype(np.float32)
+  idx = rng.integers(0, n, size=(b, t, h, k))
+  # Rows on both sides of every 8-row and 32-row block boundary, the first and the last row, and
+  # the same row picked twice by one token and by several tokens.
+  edges = [0, 7, 8, 15, 16, 31, 32, 33, 47, 48, 63]
+  idx[0, 0].flat[:len(edges[:8])] = edges[:8]
+  idx[1, 2].flat[:3] = edges[8:]
+  idx[2, 1, 0, :] = 9
+  idx[3, :, 1, 0] = 9
+  weights = rng.random(size=(b, t, h, k)).astype(np.float32)
+  g_out = rng.normal(size=(b, t, v)).astype(np.float32)
+  return jnp.asarray(values), jnp.asarray(idx, jnp.int32), jnp.asarray(weights), jnp.asarray(g_out)
+
+
+@pytest.mark.parametrize("data,model,slot_axes,chunk", [
+    (4, 2, ("model",), None),
+    (8, 1, ("model",), 3),  # chunk 3 does not divide the 8 picks: padded last chunk
+    (1, 8, ("model",), None),
+    (4, 2, ("model", "data"), 3),  # FSDP-style: rows over all 8 devices, picks gathered
+])
+def test_sharded_lookup_matches_dense(data, model, slot_axes, chunk):
+  values, idx, weights, g_out = lookup_inputs()
+
+  def loss(lookup):
+    return lambda v, w: jnp.sum(lookup(v, idx, w) * g_out)
+
+  want_loss, (want_gv, want_gw) = jax.value_and_grad(loss(weighted_lookup), (0, 1))(values, weights)
+  want_out = weighted_lookup(values, idx, weights)
+  mesh = sharding.make_mesh(data, model)
+  lookup = lambda v, i, w: sharding.sharded_weighted_lookup(v, i, w, slot_axes=slot_axes,
+                                                           pick_chunk=chunk)
+  table = NamedSharding(mesh, P(slot_axes, None))
+  with jax.set_mesh(mesh):
+    out = jax.jit(lookup)(jax.device_put(values, table), idx, weights)
+    got_loss, (got_gv, got_gw) = jax.jit(jax.value_and_grad(loss(lookup), (0, 1)))(
+        jax.device_put(values, table), weights)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  np.testing.assert_allclose(got_gv, want_gv, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_gw, want_gw, rtol=1e-5, atol=1e-5)
+  # The table gradient stays split like the table.
+  assert got_gv.sharding.is_equivalent_to(table, 2)
+
+
+def test_sharded_lookup_needs_mesh_and_divisible_rows():
+  values, idx, weights, _ = lookup_inputs()
+  with pytest.raises(ValueError, match="needs a device mesh"):
+    sharding.sharded_weighted_lookup(values, idx, weights)
+  with jax.set_mesh(sharding.make_mesh(1, 8)):
+    with pytest.raises(ValueError, match="do not split into 8 blocks"):
+      sharding.sharded_weighted_lookup(values[:60], idx % 60, weights)
+
+
+def _compiled_grad_hlo(mesh, slot_axes, lookup, n=8192, v=32, b=8, t=4, h=2, k=4) -> str:
+  def loss(values, idx, weights):
+    return jnp.sum(lookup(values, idx, weights) ** 2)
+
+  shardings = (NamedSharding(mesh, P(slot_axes, None)), NamedSharding(mesh, P("data")),
+               NamedSharding(mesh, P("data")))
+  args = (jax.ShapeDtypeStruct((n, v), jnp.float32), jax.ShapeDtypeStruct((b, t, h, k), jnp.int32),
+          jax.ShapeDtypeStruct((b, t, h, k), jnp.float32))
+  with jax.set_mesh(mesh):
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 2)), in_shardings=shardings)
+    return step.lower(*args).compile().as_text()
+
+
+@pytest.mark.parametrize("data,model,slot_axes", [(1, 8, "model"), (4, 2, ("model", "data"))])
+def test_sharded_lookup_moves_no_table_rows(data, model, slot_axes):
+  n, v, tokens = 8192, 32, 8 * 4
+  mesh = sharding.make_mesh(data, model)
+  axes = (slot_axes,) if isinstance(slot_axes, str) else slot_axes
+  hlo = _compiled_grad_hlo(mesh, slot_axes, lambda *a: sharding.sharded_weighted_lookup(
+      *a, slot_axes=axes))
+  sizes = collective_sizes(hlo)
+  assert sizes, "expected the partial sums to be reduced across devices"
+  # Nothing on the wire is bigger than [tokens, V]; a table block alone is n / 8 * v.
+  assert max(sizes) <= tokens * v < n // 8 * v
+
+  # Positive control: replicating the table inside jit makes GSPMD all-gather it.
+  naive = _compiled_grad_hlo(mesh, slot_axes, lambda values, *a: weighted_lookup(
+      jax.lax.with_sharding_constraint(values, P()), *a))
+  assert max(collective_sizes(naive)) >= n * v
+
+
+def test_frozen_table_costs_no_table_gradient():
+  """The sparse-Adam path holds the table fixed (stop_gradient) and differentiates a probe on the
+  output: the compiled step must then build no table gradient -- no scatter, and no all-reduce
+  of a table block over the data-parallel copies (mesh 4x2, rows over 'model')."""
+  mesh = sharding.make_mesh(4, 2)
+
+  def loss(values, idx, weights, probe):
+    out = sharding.sharded_weighted_lookup(jax.lax.stop_gradient(values), idx, weights)
+    return jnp.sum((out + probe) ** 2)
+
+  n, v, b, t, h, k = 8192, 32, 8, 4, 2, 4
+  data = NamedSharding(mesh, P("data"))
+  args = (jax.ShapeDtypeStruct((n, v), jnp.float32), jax.ShapeDtypeStruct((b, t, h, k), jnp.int32),
+          jax.ShapeDtypeStruct((b, t, h, k), jnp.float32), jax.ShapeDtypeStruct((b, t, v), jnp.float32))
+  with jax.set_mesh(mesh):
+    step = jax.jit(jax.grad(loss, argnums=(2, 3)),
+                   in_shardings=(NamedSharding(mesh, P("model", None)), data, data, data))
+    hlo = step.lower(*args).compile().as_text()
+  assert " scatter(" not in hlo
+  assert max(collective_sizes(hlo)) <= b * t * v
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh and logical rules
+# ---------------------------------------------------------------------------------------------
+
+
+def test_make_mesh_fills_and_validates():
+  mesh = sharding.make_mesh(-1, 2)
+  assert dict(mesh.shape) == {"data": 4, "model": 2}
+  assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+  assert dict(sharding.make_mesh(2, -1).shape) == {"data": 2, "model": 4}
+  with pytest.raises(ValueError, match="needs more than the 8 available devices"):
+    sharding.make_mesh(3, 3)
+  small = sharding.make_mesh(1, 1)  # explicit sizes may use a prefix of the devices
+  assert small.devices.size == 1 and small.devices.flat[0] == jax.devices()[0]
+  with pytest.raises(ValueError, match="cannot be split"):
+    sharding.make_mesh(-1, 3)
+
+
+def test_logical_to_sharding_rules():
+  mesh = sharding.make_mesh(4, 2)
+  tree = {"values": ("slots", "value_embed"), "kernel": ("embed", "mlp"), "count": None}
+  got = sharding.logical_to_sharding(tree, mesh, sharding.DEFAULT_RULES)
+  assert got["values"].spec == P("model", None)
+  assert got["kernel"].spec == P(None, None)
+  assert got["count"].spec == P()
+  fsdp = sharding.logical_to_sharding(tree, mesh, sharding.FSDP_SLOT_RULES)
+  assert fsdp["values"].spec == P(("model", "data"), None)
+  with pytest.raises(ValueError, match="'typo' has no rule"):
+    sharding.logical_to_sharding({"x": ("typo",)}, mesh, sharding.DEFAULT_RULES)
+  with pytest.raises(ValueError, match="used twice"):
+    sharding.logical_to_sharding({"x": ("batch", "batch")}, mesh, sharding.DEFAULT_RULES)
+
+
+class TinyMemoryModel(nnx.Module):
+  """A dense layer plus a big-ish annotated value table (the shapes the real model annotates)."""
+
+  def __init__(self, n: int, v: int, *, rngs: nnx.Rngs):
+    self.proj = nnx.Linear(v, v, rngs=rngs, kernel_init=nnx.with_metadata(
+        nnx.initializers.lecun_normal(), logical_axes=("embed", "mlp")))
+    self.norm = nnx.LayerNorm(v, rngs=rngs)
+    self.values = nnx.Param(nnx.initializers.normal(v**-0.5)(rngs.params(), (n, v)),
+                            logical_axes=("slots", "value_embed"))
+
+
+def _values_label(params):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "values" if jax.tree_util.keystr(path).endswith("['values']") else "rest",
+      params)
+
+
+def _init_state(n, v):
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
+      {"rest": optax.adamw(1e-3), "values": optax.adam(1e-3)}, _values_label))
+
+  def init():
+    params = nnx.state(TinyMemoryModel(n, v, rngs=nnx.Rngs(0)), nnx.Param)
+    return params, tx.init(params)
+
+  return init
+
+
+@pytest.mark.parametrize("data,model,rules,spec", [
+    (1, 8, sharding.DEFAULT_RULES, P("model", None)),
+    (4, 2, sharding.FSDP_SLOT_RULES, P(("model", "data"), None)),
+])
+def test_sharded_init_splits_table_and_its_moments(data, model, rules, spec):
+  n, v = 4096, 16
+  mesh = sharding.make_mesh(data, model)
+  init = _init_state(n, v)
+  (params, opt_state), shardings = sharding.sharded_init(init, mesh, rules)
+
+  # Every array of the table's shape -- the table and Adam's mu/nu of it -- is split by rows.
+  leaves = jax.tree.leaves((params, opt_state))
+  tables = [x for x in leaves if x.shape == (n, v)]
+  assert len(tables) == 3
+  for x in tables:
+    assert x.sharding.spec == spec
+    assert {s.data.shape for s in x.addressable_shards} == {(n // 8, v)}
+  others = [x for x in leaves if x.shape != (n, v)]
+  assert others and all(x.sharding.is_fully_replicated for x in others)
+  # The shardings tree zips with the abstract state (how a trainer attaches them for restore).
+  jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+               jax.eval_shape(init), shardings)
+
+  # Same numbers as an unsharded init: sharding changes placement, not the model.
+  want_params, _ = jax.jit(init)()
+  np.testing.assert_array_equal(params["values"].value, want_params["values"].value)
+
+  # No device ever materialises the whole table: the largest array in the compiled,
+  # partitioned init program is one block. The plain jit (control) holds the full table.
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(init, out_shardings=shardings).lower().compile().as_text()
+  biggest = max(int(np.prod([int(d) for d in s.split(",") if d])) for s in SHAPE.findall(hlo))
+  assert biggest == n // 8 * v
+  plain = jax.jit(init).lower().compile().as_text()
+  assert f"f32[{n},{v}]" in plain
+
+
+def test_state_shardings_checks_divisibility():
+  mesh = sharding.make_mesh(1, 8)
+  abstract = jax.eval_shape(lambda: nnx.state(TinyMemoryModel(100, 4, rngs=nnx.Rngs(0))))
+  with pytest.raises(ValueError, match=r"\['values'\] is not divisible by mesh axes \('model',\)"):
+    sharding.state_shardings(abstract, mesh)
