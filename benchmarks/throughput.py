@@ -1,0 +1,213 @@
+"""Throughput of one BERT without memory, with PKM (FFN replaced) and with ResM (memory beside FFN).
+
+The paper's speed table (Kim & Jung 2020, BERT-base, inference batch/s): base 79.8, +PKM 61.4
+(0.77x), +ResM 59.3 (0.74x). This measures the same three variants of one model, in sequences/s:
+  inference  jitted encoder forward in eval mode (what fine-tuning and feature extraction run);
+  training   jitted value_and_grad of the MLM loss + optax AdamW on every parameter (the value
+             table too, densely, as the paper's Adam did), params and optimizer state donated.
+             Logits are taken at round(0.15 * seq) positions per sequence, as BERT pretraining
+             does, so the vocabulary projection does not swamp the encoder.
+Each number is the median over --steps timed steps after --warmup untimed ones (compilation),
+each step ended with block_until_ready. Token batches are random: speed does not depend on them.
+
+  python benchmarks/throughput.py --hidden 256 --layers 4 --heads 4 --intermediate 1024 \
+      --n_keys 256 --batch 16 --seq 128          # a minute or two on a CPU
+  python benchmarks/throughput.py                 # BERT-base sizes, the paper's memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a plain script
+from pkm_jax.bert import BertForMaskedLM  # noqa: E402
+from pkm_jax.config import MemoryConfig, ModelConfig  # noqa: E402
+
+MODES = (("BERT", "none"), ("+PKM", "replace"), ("+ResM", "residual"))
+PAPER_INFERENCE_RATIO = {"none": 1.0, "replace": 61.4 / 79.8, "residual": 59.3 / 79.8}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--hidden", type=int, default=768)
+  p.add_argument("--layers", type=int, default=12)
+  p.add_argument("--heads", type=int, default=12)
+  p.add_argument("--intermediate", type=int, default=3072)
+  p.add_argument("--vocab", type=int, default=30522)
+  p.add_argument("--n_keys", type=int, default=512)
+  p.add_argument("--mem_heads", type=int, default=4)
+  p.add_argument("--k", type=int, default=32)
+  p.add_argument("--k_dim", type=int, default=256)
+  p.add_argument("--memory_layers", default="",
+                 help="comma-separated 0-based indices; default: the paper's 4th and 8th of 12, "
+                      "scaled to --layers")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute dtype; parameters stay float32")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" /
+                                      "throughput.json"))
+  args = p.parse_args(argv)
+  if args.memory_layers:
+    args.memory_layers = tuple(int(i) for i in args.memory_layers.split(","))
+  else:
+    args.memory_layers = tuple(sorted({max(0, round(args.layers / 3) - 1),
+                                       max(0, round(2 * args.layers / 3) - 1)}))
+  if len(set(args.memory_layers)) != len(args.memory_layers):
+    p.error(f"--memory_layers {args.memory_layers} has duplicates")
+  if any(not 0 <= i < args.layers for i in args.memory_layers):
+    p.error(f"--memory_layers {args.memory_layers} out of range for --layers {args.layers}")
+  if args.k > args.n_keys:
+    p.error(f"--k {args.k} exceeds --n_keys {args.n_keys}")
+  if args.steps < 1 or args.warmup < 0:
+    p.error("--steps must be >= 1 and --warmup >= 0")
+  return args
+
+
+def model_config(args: argparse.Namespace, mode: str) -> ModelConfig:
+  return ModelConfig(
+      vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+      num_heads=args.heads, intermediate_size=args.intermediate,
+      max_position_embeddings=max(512, args.seq), memory_mode=mode,
+      memory_layers=args.memory_layers if mode != "none" else (),
+      memory=MemoryConfig(n_keys=args.n_keys, heads=args.mem_heads, k=args.k,
+                          k_dim=args.k_dim, v_dim=args.hidden),
+      dtype=args.dtype)
+
+
+def random_batch(args: argparse.Namespace) -> dict[str, jax.Array]:
+  rng = np.random.default_rng(args.seed)
+  b, t = args.batch, args.seq
+  n_pred = max(1, round(0.15 * t))
+  # Distinct prediction positions per sequence, as MLM masking gives.
+  positions = np.argsort(rng.random((b, t)), axis=1)[:, :n_pred]
+  return dict(
+      input_ids=jnp.asarray(rng.integers(0, args.vocab, (b, t)), jnp.int32),
+      attention_mask=jnp.ones((b, t), jnp.int32),
+      positions=jnp.asarray(np.sort(positions, axis=1), jnp.int32),
+      labels=jnp.asarray(rng.integers(0, args.vocab, (b, n_pred)), jnp.int32))
+
+
+def median_seconds(step: Callable[[], object], warmup: int, steps: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(step())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(step())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def inference_seconds(model: BertForMaskedLM, batch: dict, args: argparse.Namespace) -> float:
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, input_ids_BxT, mask_BxT):
+    h_BxTxD, _ = nnx.merge(graphdef, state).bert(input_ids_BxT, mask_BxT)  # eval: no rngs
+    return h_BxTxD
+
+  return median_seconds(lambda: forward(state, batch["input_ids"], batch["attention_mask"]),
+                        args.warmup, args.steps)
+
+
+def train_seconds(model: BertForMaskedLM, batch: dict, args: argparse.Namespace) -> float:
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # rest: batchnorm statistics
+  tx = optax.adamw(1e-4, weight_decay=0.01)
+  opt_state = tx.init(params)
+
+  def loss_fn(params, rest, batch, key):
+    m = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables in this trace
+    h_BxTxD, _ = m.bert(batch["input_ids"], batch["attention_mask"],
+                        rngs=nnx.Rngs(dropout=key))
+    h_BxPxD = jnp.take_along_axis(h_BxTxD, batch["positions"][..., None], axis=1)
+    logits_BxPxV = m.mlm_head(h_BxPxD, m.bert.embeddings.word_embeddings)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxPxV, batch["labels"])
+    return loss.mean(), nnx.state(m, nnx.Not(nnx.Param))
+
+  def step(params, rest, opt_state, batch, key):
+    (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch, key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), rest, opt_state, loss
+
+  step = jax.jit(step, donate_argnums=(0, 1, 2))
+  carry = [params, rest, opt_state]
+  keys = iter(jax.random.split(jax.random.key(args.seed), args.warmup + args.steps))
+
+  def run():
+    carry[0], carry[1], carry[2], loss = step(*carry, batch, next(keys))
+    return loss
+
+  return median_seconds(run, args.warmup, args.steps)
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def markdown_table(results: list[dict]) -> str:
+  rows = ["| model | params | inference seq/s | train seq/s | inference ratio | train ratio "
+          "| paper inference ratio |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
+  base = results[0]
+  for r in results:
+    rows.append(
+        f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['inference_seq_per_s']:.1f} "
+        f"| {r['train_seq_per_s']:.1f} "
+        f"| {r['inference_seq_per_s'] / base['inference_seq_per_s']:.3f} "
+        f"| {r['train_seq_per_s'] / base['train_seq_per_s']:.3f} "
+        f"| {PAPER_INFERENCE_RATIO[r['mode']]:.3f} |")
+  return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+  args = parse_args(argv)
+  batch = random_batch(args)
+  results = []
+  for name, mode in MODES:
+    cfg = model_config(args, mode)
+    model = BertForMaskedLM(cfg, rngs=nnx.Rngs(args.seed))
+    params = count_params(model)
+    infer_s = inference_seconds(model, batch, args)
+    train_s = train_seconds(model, batch, args)  # donates the model's arrays: measured last
+    del model
+    results.append(dict(model=name, mode=mode, params=params,
+                        inference_step_s=infer_s, train_step_s=train_s,
+                        inference_seq_per_s=args.batch / infer_s,
+                        train_seq_per_s=args.batch / train_s))
+    print(f"{name}: {params / 1e6:.1f}M params, inference {infer_s * 1e3:.1f} ms/step, "
+          f"train {train_s * 1e3:.1f} ms/step", flush=True)
+
+  table = markdown_table(results)
+  print(f"\n{jax.devices()[0].device_kind} x{jax.device_count()}, batch {args.batch} x seq "
+        f"{args.seq}, {args.dtype}, memory layers {list(args.memory_layers)}\n\n{table}")
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+  out.write_text(json.dumps(dict(
+      settings=settings, device=jax.devices()[0].device_kind, device_count=jax.device_count(),
+      jax_version=jax.__version__, results=results,
+      model_config=dataclasses.asdict(model_config(args, "residual"))), indent=2) + "\n")
+  print(f"\nwrote {out}")
+  return results
+
+
+if __name__ == "__main__":
+  main()

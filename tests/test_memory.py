@@ -1,0 +1,289 @@
+"""pkm_jax.memory vs brute force: every product key built explicitly, lookups as numpy loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pkm_jax import memory as memory_lib
+from pkm_jax.config import MemoryConfig
+from pkm_jax.memory import ProductKeyMemory, product_key_topk, weighted_lookup
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent numpy references.
+
+def brute_force_topk(query, sub_keys, k):
+  """Scores every one of the n**2 product keys; query [..., H, Kd] -> scores, slots [..., H, k]."""
+  query = np.asarray(query, np.float64)
+  sub_keys = np.asarray(sub_keys, np.float64)
+  heads, _, n, _ = sub_keys.shape
+  q_MxHxK = query.reshape(-1, heads, query.shape[-1])
+  scores = np.empty(q_MxHxK.shape[:2] + (k,))
+  slots = np.empty(q_MxHxK.shape[:2] + (k,), np.int64)
+  for h in range(heads):
+    # Row i * n + j of the full key matrix is concat(sub1[i], sub2[j]).
+    full_keys = np.stack([np.concatenate([sub_keys[h, 0, i], sub_keys[h, 1, j]])
+                          for i in range(n) for j in range(n)])
+    all_scores = q_MxHxK[:, h] @ full_keys.T  # [M, n*n]
+    order = np.argsort(-all_scores, axis=-1, kind="stable")[:, :k]
+    slots[:, h] = order
+    scores[:, h] = np.take_along_axis(all_scores, order, axis=-1)
+  lead = query.shape[:-1] + (k,)
+  return scores.reshape(lead), slots.reshape(lead)
+
+
+def loop_lookup(values, indices, weights):
+  """sum_{h,k} w[h,k] * values[idx[h,k]] with explicit loops; indices [..., H, K] -> [..., V]."""
+  values = np.asarray(values, np.float64)
+  idx = np.asarray(indices).reshape(-1, *indices.shape[-2:])
+  w = np.asarray(weights, np.float64).reshape(idx.shape)
+  out = np.zeros((idx.shape[0], values.shape[1]))
+  for m in range(idx.shape[0]):
+    for h in range(idx.shape[1]):
+      for j in range(idx.shape[2]):
+        out[m] += w[m, h, j] * values[idx[m, h, j]]
+  return out.reshape(*indices.shape[:-2], values.shape[1])
+
+
+def softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def dense_memory_reference(mem, x, norm_stats=None):
+  """ProductKeyMemory recomputed in numpy from its params (dropout off).
+
+  norm_stats: (mean, var) for batchnorm; None uses the running statistics (eval mode).
+  """
+  cfg = mem.cfg
+  x = np.asarray(x, np.float64)
+  q = x @ np.asarray(mem.query_proj.kernel.value) + np.asarray(mem.query_proj.bias.value)
+  norm = mem.query_norm
+  if isinstance(norm, nnx.BatchNorm):
+    mean, var = norm_stats if norm_stats is not None else (norm.mean.value, norm.var.value)
+    q = (q - mean) / np.sqrt(np.asarray(var) + norm.epsilon)
+    q = q * np.asarray(norm.scale.value) + np.asarray(norm.bias.value)
+  elif isinstance(norm, nnx.LayerNorm):
+    q = (q - q.mean(-1, keepdims=True)) / np.sqrt(q.var(-1, keepdims=True) + norm.epsilon)
+    q = q * np.asarray(norm.scale.value) + np.asarray(norm.bias.value)
+  q = q.reshape(*x.shape[:-1], cfg.heads, cfg.k_dim)
+  scores, slots = brute_force_topk(q, mem.keys.value, cfg.k)
+  weights = softmax(scores)
+  return loop_lookup(mem.values.value, slots, weights), slots, weights
+
+
+def make_memory(query_norm="batchnorm", seed=0, **kw):
+  cfg = MemoryConfig(**{**dict(n_keys=8, heads=2, k=4, k_dim=8, v_dim=6, query_norm=query_norm),
+                        **kw})
+  return ProductKeyMemory(10, cfg, rngs=nnx.Rngs(seed))
+
+
+def randomize_norm(mem, seed=1):
+  """Non-trivial norm params/stats, so the reference really checks how they are applied."""
+  r = np.random.default_rng(seed)
+  norm = mem.query_norm
+  norm.scale.value = jnp.asarray(r.uniform(0.5, 1.5, norm.scale.value.shape), jnp.float32)
+  norm.bias.value = jnp.asarray(r.normal(0, 0.3, norm.bias.value.shape), jnp.float32)
+  if isinstance(norm, nnx.BatchNorm):
+    norm.mean.value = jnp.asarray(r.normal(0, 0.5, norm.mean.value.shape), jnp.float32)
+    norm.var.value = jnp.asarray(r.uniform(0.5, 2.0, norm.var.value.shape), jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# product_key_topk
+
+@pytest.mark.parametrize("lead, heads, n, k_dim, k", [
+    ((7,), 1, 8, 8, 3),
+    ((2, 3), 4, 16, 12, 16),  # k == n_keys: the candidate grid is every product key
+    ((2, 2, 3), 2, 10, 6, 7),
+    ((5,), 3, 6, 4, 1),
+])
+def test_topk_equals_brute_force(lead, heads, n, k_dim, k):
+  r = np.random.default_rng(sum(lead) + heads + n + k)
+  query = r.normal(size=lead + (heads, k_dim)).astype(np.float32)
+  sub_keys = r.normal(size=(heads, 2, n, k_dim // 2)).astype(np.float32)
+  scores, slots = product_key_topk(jnp.asarray(query), jnp.asarray(sub_keys), k)
+  ref_scores, ref_slots = brute_force_topk(query, sub_keys, k)
+  assert scores.shape == slots.shape == lead + (heads, k)
+  np.testing.assert_array_equal(np.asarray(slots), ref_slots)
+  np.testing.assert_allclose(np.asarray(scores), ref_scores, rtol=1e-5, atol=1e-5)
+  assert np.all(np.diff(np.asarray(scores), axis=-1) <= 0), "scores not sorted descending"
+
+
+def test_topk_rejects_k_above_n_keys():
+  with pytest.raises(ValueError, match="k=9 exceeds n_keys=8"):
+    product_key_topk(jnp.zeros((2, 1, 4)), jnp.zeros((1, 2, 8, 2)), 9)
+  mem = make_memory(k=9)  # k is only checked when the search runs
+  with pytest.raises(ValueError, match="n_keys"):
+    mem(jnp.zeros((1, 2, 10)), jnp.ones((1, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# weighted_lookup
+
+def _lookup_inputs(seed=0, lead=(2, 3), heads=3, k=5, n=11, v=4):
+  r = np.random.default_rng(seed)
+  values = r.normal(size=(n, v)).astype(np.float32)
+  # Few slots, many picks: duplicate rows within a token exercise the scatter-add gradient.
+  indices = r.integers(0, n, size=lead + (heads, k)).astype(np.int32)
+  weights = r.uniform(size=lead + (heads, k)).astype(np.float32)
+  return values, indices, weights
+
+
+def _traced_lookup_has_scan(*args):
+  # A fresh lambda each time: jax caches traces per function, and the chunk size is read at
+  # trace time.
+  return "scan" in str(jax.make_jaxpr(lambda *a: weighted_lookup(*a))(*args))
+
+
+def _einsum_lookup(values, indices, weights):
+  return jnp.einsum("...hk,...hkv->...v", weights, values[indices])
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_weighted_lookup_equals_loop(chunked, monkeypatch):
+  values, indices, weights = _lookup_inputs()
+  if chunked:
+    # 6 tokens x 4 dims x 4 bytes = 96 B per pick column: a 200 B budget forces chunks of picks.
+    monkeypatch.setattr(memory_lib, "_GATHER_CHUNK_BYTES", 200)
+  assert _traced_lookup_has_scan(values, indices, weights) == chunked
+  out = weighted_lookup(jnp.asarray(values), jnp.asarray(indices), jnp.asarray(weights))
+  np.testing.assert_allclose(np.asarray(out), loop_lookup(values, indices, weights),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_lookup_gradient_equals_einsum(monkeypatch):
+  values, indices, weights = _lookup_inputs(seed=3, heads=2, k=6, n=7)
+  cot = np.random.default_rng(4).normal(size=indices.shape[:-2] + (values.shape[1],))
+
+  def loss(lookup):
+    return lambda v, w: jnp.sum(jnp.sin(lookup(v, indices, w)) * cot)
+
+  ref_grads = jax.grad(loss(_einsum_lookup), argnums=(0, 1))(values, weights)
+  monkeypatch.setattr(memory_lib, "_GATHER_CHUNK_BYTES", 100)  # chunks of 4 of the 12 picks
+  assert _traced_lookup_has_scan(values, indices, weights)
+  grads = jax.grad(loss(lambda *a: weighted_lookup(*a)), argnums=(0, 1))(values, weights)
+  for g, ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# ProductKeyMemory
+
+@pytest.mark.parametrize("query_norm", ["batchnorm", "layernorm", "none"])
+def test_memory_equals_dense_reference(query_norm):
+  mem = make_memory(query_norm)
+  if query_norm != "none":
+    randomize_norm(mem)
+  x = np.random.default_rng(0).normal(size=(2, 5, 10)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int32)
+  out, aux = mem(jnp.asarray(x), jnp.asarray(mask))
+  ref_out, ref_slots, ref_weights = dense_memory_reference(mem, x)
+  assert out.shape == (2, 5, 6) and aux.indices.shape == (2, 5, 2, 4)
+  np.testing.assert_array_equal(np.asarray(aux.indices), ref_slots)
+  np.testing.assert_allclose(np.asarray(aux.weights), ref_weights, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out), ref_out, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_statistics_ignore_padding():
+  r = np.random.default_rng(0)
+  x = r.normal(size=(3, 6, 10)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], np.int32)
+  x_junk = np.where(mask[..., None] > 0, x, r.normal(0, 1e5, x.shape)).astype(np.float32)
+  real = mask > 0
+
+  runs = []
+  for inputs in (x, x_junk):
+    mem = make_memory(seed=5)  # identical params for both runs
+    randomize_norm(mem)
+    mean0, var0 = np.asarray(mem.query_norm.mean.value), np.asarray(mem.query_norm.var.value)
+    out, aux = mem(jnp.asarray(inputs), jnp.asarray(mask), rngs=nnx.Rngs(dropout=0))
+    runs.append((mem, np.asarray(out), aux))
+  (mem, out, aux), (mem_junk, out_junk, aux_junk) = runs
+
+  np.testing.assert_allclose(out_junk[real], out[real], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(aux_junk.indices)[real], np.asarray(aux.indices)[real])
+  for name in ("mean", "var"):
+    np.testing.assert_allclose(np.asarray(getattr(mem_junk.query_norm, name).value),
+                               np.asarray(getattr(mem.query_norm, name).value), rtol=1e-5)
+
+  # Statistics over real tokens only, in numpy (biased variance, momentum 0.9).
+  q_real = (x[real].astype(np.float64) @ np.asarray(mem.query_proj.kernel.value)
+            + np.asarray(mem.query_proj.bias.value))
+  mean, var = q_real.mean(0), q_real.var(0)
+  np.testing.assert_allclose(np.asarray(mem.query_norm.mean.value), 0.9 * mean0 + 0.1 * mean,
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(mem.query_norm.var.value), 0.9 * var0 + 0.1 * var,
+                             rtol=1e-4, atol=1e-5)
+  # The training-mode output normalises with those batch statistics.
+  ref_out, _, _ = dense_memory_reference(mem, x, norm_stats=(mean, var))
+  np.testing.assert_allclose(out[real], ref_out[real], rtol=1e-4, atol=1e-5)
+
+
+def _loss(out):
+  cot = np.random.default_rng(7).normal(size=out.shape).astype(np.float32)
+  return jnp.sum(jnp.tanh(out) * cot)
+
+
+def test_value_probe_gradient():
+  mem = make_memory("layernorm")
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 10)), jnp.float32)
+  mask = jnp.ones((2, 3), jnp.int32)
+  probe = jnp.zeros((2, 3, 6))
+
+  def loss_fn(mem, probe):
+    out, aux = mem(x, mask, value_probe=probe)
+    return _loss(out), aux
+
+  (grads, g_probe), aux = nnx.grad(loss_fn, argnums=(0, 1), has_aux=True)(mem, probe)
+  out, _ = mem(x, mask)
+  # d loss / d (weighted sum) for loss = sum(tanh(out) * cot), computed by hand.
+  cot = np.random.default_rng(7).normal(size=out.shape)
+  expected = (1 - np.tanh(np.asarray(out, np.float64)) ** 2) * cot
+  np.testing.assert_allclose(np.asarray(g_probe), expected, rtol=1e-5, atol=1e-6)
+  assert not np.any(np.asarray(grads["values"].value)), "the probe must cut the table's gradient"
+  # The probe gradient is what sparse updates scatter: it must rebuild the dense table gradient.
+  dense_grads = nnx.grad(lambda m: _loss(m(x, mask)[0]))(mem)
+  idx = np.asarray(aux.indices).reshape(-1)
+  w_g = (np.asarray(aux.weights)[..., None] * np.asarray(g_probe)[:, :, None, None, :])
+  rebuilt = np.zeros(mem.values.value.shape)
+  np.add.at(rebuilt, idx, w_g.reshape(-1, 6))
+  np.testing.assert_allclose(np.asarray(dense_grads["values"].value), rebuilt,
+                             rtol=1e-5, atol=1e-6)
+  # Keys and the query net are still trained through the scores.
+  assert np.any(np.asarray(grads["keys"].value))
+  assert np.any(np.asarray(grads["query_proj"]["kernel"].value))
+
+
+def test_gradients_reach_keys_and_query_net():
+  mem = make_memory("batchnorm")
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 4, 10)), jnp.float32)
+  mask = jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0]], jnp.int32)
+
+  def loss_fn(mem):
+    out, aux = mem(x, mask, rngs=nnx.Rngs(dropout=0))
+    return _loss(out), aux
+
+  grads, aux = nnx.grad(loss_fn, has_aux=True)(mem)
+  for g in (grads["keys"].value, grads["query_proj"]["kernel"].value,
+            grads["query_proj"]["bias"].value, grads["values"].value):
+    g = np.asarray(g)
+    assert np.all(np.isfinite(g)) and np.any(g)
+  # Only sub-keys that took part in a selected product key can receive gradient.
+  n = mem.cfg.n_keys
+  slots = np.asarray(aux.indices)  # [B, T, H, K]
+  g_keys = np.abs(np.asarray(grads["keys"].value)).sum(-1)  # [H, 2, n]
+  for h in range(mem.cfg.heads):
+    for half, sub in ((0, slots[..., h, :] // n), (1, slots[..., h, :] % n)):
+      used = np.zeros(n, bool)
+      used[np.unique(sub)] = True
+      np.testing.assert_array_equal(g_keys[h, half] > 0, used)
+
+
+def test_value_zero_init_outputs_zero():
+  mem = make_memory(value_zero_init=True)
+  out, aux = mem(jnp.ones((2, 3, 10)), jnp.ones((2, 3)))
+  assert not np.any(np.asarray(out))
+  np.testing.assert_allclose(np.asarray(aux.weights).sum(-1), 1.0, rtol=1e-6)
