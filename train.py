@@ -9,14 +9,11 @@ Re-running the same command on the same --workdir resumes from its latest checkp
 import os
 
 from absl import flags
-from ml_collections import config_flags
 
 from pkm_jax import cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "default.py"), "Config file (get_config()).",
-    lock_config=True)
+_CONFIG = cli.define_config(os.path.join(_HERE, "configs", "default.py"))
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Output folder (default: workdirs/<config file name>).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,

@@ -11,10 +11,10 @@ def get_config():
   config = base_config()
   config.model.update(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                       max_position_embeddings=512)
-  config.memory.update(mode="replace", layers=[3, 7], n_keys=512, heads=4, k=32, k_dim=256,
+  config.memory.update(mode="replace", layers=(3, 7), n_keys=512, heads=4, k=32, k_dim=256,
                        v_dim=0, query_norm="batchnorm")
   config.data.update(vocab_size=30522, max_len=128, batch_size=256)
   config.optim.update(lr=1e-4, warmup_steps=10_000, decay="linear", weight_decay=0.01,
-                      values="adam", values_lr=1e-3, values_weight_decay=0.0)
+                      values_optimizer="adam", values_lr=1e-3, values_weight_decay=0.0)
   config.train.update(steps=1_000_000, checkpoint_every=10_000, eval_every=10_000)
   return config

@@ -12,7 +12,7 @@ def get_config():
   config.model.update(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
                       max_position_embeddings=128, hidden_dropout=0.1, attention_dropout=0.1)
   # ResM (FFN + memory) at the middle and the top layer; 128**2 = 16,384 slots.
-  config.memory.update(mode="residual", layers=[1, 3], n_keys=128, heads=4, k=16, k_dim=64,
+  config.memory.update(mode="residual", layers=(1, 3), n_keys=128, heads=4, k=16, k_dim=64,
                        query_norm="batchnorm", input_dropout=0.1, query_dropout=0.0,
                        value_dropout=0.1)
   config.data.update(source="generated", vocab_size=4000, max_len=64, batch_size=32,

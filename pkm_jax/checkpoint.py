@@ -22,7 +22,7 @@ from flax import nnx
 from pkm_jax import config as config_lib
 from pkm_jax.bert import BertForMaskedLM
 
-ITEMS = ("params", "model_state", "opt_state", "data")
+ITEMS = ("params", "model_state", "opt_state", "sparse_opt_state", "data")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -36,27 +36,41 @@ def make_manager(workdir: str, *, max_to_keep: int | None = None,
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
+def _nonempty(tree) -> bool:
+  return bool(jax.tree.leaves(tree))
+
+
 def save(manager: ocp.CheckpointManager, step: int, *, params, model_state, opt_state,
-         data_state: dict) -> None:
-  manager.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params), model_state=ocp.args.StandardSave(model_state),
-      opt_state=ocp.args.StandardSave(opt_state), data=ocp.args.JsonSave(data_state)))
+         data_state: dict, sparse_opt_state=None) -> None:
+  """Saves the train state's pytrees and the data iterator's JSON state at `step`."""
+  trees = dict(params=params, model_state=model_state, opt_state=opt_state,
+               sparse_opt_state=sparse_opt_state)
+  # Orbax refuses empty items (no BatchNorm -> no model_state; dense values -> no sparse state).
+  args = {name: ocp.args.StandardSave(tree) for name, tree in trees.items() if _nonempty(tree)}
+  manager.save(step, args=ocp.args.Composite(data=ocp.args.JsonSave(data_state), **args))
 
 
 def restore(manager: ocp.CheckpointManager, step: int, *, abstract_params, abstract_model_state,
-            abstract_opt_state=None) -> dict[str, Any]:
-  """Restores the given items onto the shardings carried by the abstract targets."""
-  args = dict(params=ocp.args.StandardRestore(abstract_params),
-              model_state=ocp.args.StandardRestore(abstract_model_state))
+            abstract_opt_state=None, abstract_sparse_opt_state=None) -> dict[str, Any]:
+  """Restores the given pytrees onto the shardings carried by their abstract targets.
+
+  With `abstract_opt_state` (resuming training) the data iterator's state comes back too.
+  """
+  trees = dict(params=abstract_params, model_state=abstract_model_state,
+               opt_state=abstract_opt_state, sparse_opt_state=abstract_sparse_opt_state)
+  args = {name: ocp.args.StandardRestore(tree) for name, tree in trees.items()
+          if _nonempty(tree)}
   if abstract_opt_state is not None:
-    args.update(opt_state=ocp.args.StandardRestore(abstract_opt_state),
-                data=ocp.args.JsonRestore())
+    args["data"] = ocp.args.JsonRestore()
   try:
-    return manager.restore(step, args=ocp.args.Composite(**args))
+    restored = dict(manager.restore(step, args=ocp.args.Composite(**args)))
   except Exception as e:  # orbax raises many types; the user needs the path and the cause
     where = os.path.join(str(manager.directory), str(step))
     raise ValueError(f"checkpoint {where} could not be restored: "
                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+  for name, tree in trees.items():
+    restored.setdefault(name, tree)  # empty trees: nothing was saved
+  return restored
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -99,6 +113,8 @@ def restore_model(workdir: str, step: int | None = None):
 
   model_cfg = read_model_config(workdir)
   step = latest_step(workdir, step)
+  # Whatever mesh the run used, here the table is read whole onto one device.
+  model_cfg = config_lib.with_lookup(model_cfg, "dense")
   model = nnx.eval_shape(lambda: BertForMaskedLM(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Callable
+from typing import Any, Callable
 
-from absl import app, flags
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 # Errors a user can cause with bad input; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, OSError)
@@ -14,7 +15,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, OSEr
 
 def one_line(e: BaseException) -> str:
   text = str(e.args[0]) if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
-  text = re.sub(r"\s*\n\s*", " ", text.strip().strip("'\"")).replace("\\'", "'")
+  # KeyErrors arrive repr()-quoted, with escaped newlines and quotes inside.
+  text = text.replace("\\n", "\n").replace("\\'", "'")
+  text = re.sub(r"\s*\n\s*", " ", text.strip().strip("'\""))
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
@@ -26,10 +29,24 @@ def _parse(argv: list[str]) -> list[str]:
     sys.exit(f"error: bad flags: {one_line(e)}")
 
 
+def define_config(default_path: str) -> config_flags._ConfigFlag | Any:
+  """--config FILE with --config.x.y overrides, locked: an unknown key is an error.
+
+  config_flags applies overrides while the flag is defined, so a bad one fails here, at import.
+  """
+  try:
+    return config_flags.DEFINE_config_file("config", default_path,
+                                           "Config file defining get_config().", lock_config=True)
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(f"error: bad --config override: {one_line(e)}")
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """absl's app.run, but bad flags and user errors end with one line and exit status 1."""
 
   def guarded(argv):
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
+      logging.set_verbosity(logging.WARNING)
     try:
       main(argv)
     except USER_ERRORS as e:

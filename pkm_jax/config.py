@@ -34,7 +34,8 @@ class MemoryConfig:
   query_dropout: float = 0.0
   value_dropout: float = 0.0
   value_zero_init: bool = False  # ResM then starts as exactly the dense model (+Init)
-  lookup: str = "dense"  # 'sharded': value table split over the mesh's 'model' axis
+  lookup: str = "dense"  # 'sharded': value table rows split over `slot_axes` of the mesh
+  slot_axes: tuple[str, ...] = ("model",)
 
   @property
   def n_slots(self) -> int:
@@ -82,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
       use_pooler=False, dtype="float32", param_dtype="float32"))
 
   c.memory = ml_collections.ConfigDict(dict(
-      mode="none", layers=[3, 7],  # "4L/8L" of the paper's tables, 0-based
+      mode="none", layers=(3, 7),  # "4L/8L" of the paper's tables, 0-based
       n_keys=512, heads=4, k=32, k_dim=256, v_dim=0,  # v_dim 0: hidden size
       query_norm="batchnorm", input_dropout=0.0, query_dropout=0.0, value_dropout=0.0,
       value_zero_init=False))
@@ -97,13 +98,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-4, warmup_steps=10000, decay="linear", end_lr_factor=0.0,
       weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6, grad_clip=1.0,
-      values="adam", values_lr=1e-3, values_weight_decay=0.0))
+      # Memory value tables: their own Adam (XLM: lr 1e-3, constant, no decay); 'sparse_adam'
+      # updates only the rows a step reads. (Not "optim.values": ConfigDict.values() is a method.)
+      values_optimizer="adam", values_lr=1e-3, values_weight_decay=0.0))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1_000_000, log_every=100, eval_every=10_000, checkpoint_every=10_000,
-      keep_checkpoints=3, eval_batches=50, memory_stats_every=1000))
+      keep_checkpoints=3, eval_batches=50, memory_stats_every=1000,
+      grad_accum_steps=1))  # the batch is split into this many sequential micro-batches
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
+  # mesh.rules: (logical axis, mesh axes) pairs tried before pkm_jax.sharding.DEFAULT_RULES,
+  # e.g. (("slots", ("model", "data")),) splits the value tables over every device (FSDP-style).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1, rules=()))
   c.eval = ml_collections.ConfigDict(dict(batches=0, batch_size=0))  # 0: whole split, train size
   c.init = ml_collections.ConfigDict({"from": ""})  # +Init: a pretrained checkpoint or HF folder
   return c
@@ -153,14 +159,19 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
   if vocab_size is not None and m.vocab_size not in (0, vocab_size):
     raise ConfigError(f"model.vocab_size={m.vocab_size} disagrees with the tokenizer's "
                       f"vocabulary of {vocab_size}")
-  if config.optim.values not in ("adam", "sparse_adam"):
-    raise ConfigError(f"optim.values={config.optim.values!r} is not 'adam' or 'sparse_adam'")
+  if config.optim.values_optimizer not in ("adam", "sparse_adam"):
+    raise ConfigError(f"optim.values_optimizer={config.optim.values_optimizer!r} is not 'adam' "
+                      "or 'sparse_adam'")
+  accum = config.train.grad_accum_steps
+  if accum < 1 or config.data.batch_size % accum:
+    raise ConfigError(f"train.grad_accum_steps={accum} must be >= 1 and divide "
+                      f"data.batch_size={config.data.batch_size}")
   if config.train.steps <= 0:
     raise ConfigError(f"train.steps={config.train.steps} must be positive")
 
 
 def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
-                 lookup: str = "dense") -> ModelConfig:
+                 lookup: str = "dense", slot_axes: tuple[str, ...] = ("model",)) -> ModelConfig:
   """The frozen ModelConfig for `config` (vocab size from the tokenizer when model's is 0)."""
   m, mem = config.model, config.memory
   vocab = m.vocab_size or vocab_size
@@ -170,7 +181,8 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
       n_keys=mem.n_keys, heads=mem.heads, k=mem.k, k_dim=mem.k_dim,
       v_dim=mem.v_dim or m.hidden_size, query_norm=mem.query_norm,
       input_dropout=mem.input_dropout, query_dropout=mem.query_dropout,
-      value_dropout=mem.value_dropout, value_zero_init=mem.value_zero_init, lookup=lookup)
+      value_dropout=mem.value_dropout, value_zero_init=mem.value_zero_init, lookup=lookup,
+      slot_axes=tuple(slot_axes))
   return ModelConfig(
       vocab_size=vocab, hidden_size=m.hidden_size, num_layers=m.num_layers,
       num_heads=m.num_heads, intermediate_size=m.intermediate_size,
@@ -186,8 +198,17 @@ def to_dict(cfg: Any) -> dict:
   return dataclasses.asdict(cfg)
 
 
+def with_lookup(cfg: ModelConfig, lookup: str = "dense",
+                slot_axes: tuple[str, ...] = ("model",)) -> ModelConfig:
+  """The same model with another value-table placement (it does not change the function)."""
+  memory = dataclasses.replace(cfg.memory, lookup=lookup, slot_axes=tuple(slot_axes))
+  return dataclasses.replace(cfg, memory=memory)
+
+
 def from_dict(d: dict) -> ModelConfig:
   d = dict(d)
+  d["memory"] = dict(d["memory"])
+  d["memory"]["slot_axes"] = tuple(d["memory"].get("slot_axes", ("model",)))
   d["memory"] = MemoryConfig(**d["memory"])
   d["memory_layers"] = tuple(d["memory_layers"])
   return ModelConfig(**d)

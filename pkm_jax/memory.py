@@ -144,7 +144,8 @@ class ProductKeyMemory(nnx.Module):
       values = jax.lax.stop_gradient(values)
     if cfg.lookup == "sharded":
       from pkm_jax import sharding  # pylint: disable=g-import-not-at-top
-      out_BxTxV = sharding.sharded_weighted_lookup(values, indices, weights)
+      out_BxTxV = sharding.sharded_weighted_lookup(values, indices, weights,
+                                                   slot_axes=cfg.slot_axes)
     else:
       out_BxTxV = weighted_lookup(values, indices, weights)
     if value_probe is not None:

@@ -35,8 +35,10 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -
 def param_labels(params) -> object:
   """'values' for memory value tables, 'default' for everything else (same tree as params)."""
   def label(path, _):
-    names = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
-    return VALUES if names[-1] == "values" and "memory" in names else DEFAULT
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))) for k in path]
+    if names and names[-1] == "value":  # nnx.Variable leaves add a trailing '.value'
+      names = names[:-1]
+    return VALUES if names[-1:] == ["values"] and "memory" in names else DEFAULT
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -51,7 +53,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
   schedule = learning_rate_schedule(optim, total_steps)
   network = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                         weight_decay=optim.weight_decay, mask=_decay_mask)
-  if optim.values == "adam":
+  if optim.values_optimizer == "adam":
     values = optax.adamw(optim.values_lr, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                          weight_decay=optim.values_weight_decay)
   else:

@@ -17,9 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from pkm_jax import checkpoint as ckpt_lib
@@ -27,71 +25,17 @@ from pkm_jax import config as config_lib
 from pkm_jax import evaluate as eval_lib
 from pkm_jax import metrics as metrics_lib
 from pkm_jax import optim as optim_lib
+from pkm_jax import sharding as sharding_lib
+from pkm_jax import sparse_adam
+from pkm_jax.steps import (BATCH_KEYS, TrainState, make_train_step, make_usage_accumulator,
+                           values_of)
 from pkm_jax.bert import BertForMaskedLM
 from pkm_jax.writer import MetricWriter
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class TrainState:
-  step: jax.Array
-  params: nnx.State
-  model_state: nnx.State  # BatchNorm running statistics of the memory queries
-  opt_state: optax.OptState
-
-
-# ---------------------------------------------------------------------------------------------
-# Steps
-# ---------------------------------------------------------------------------------------------
-
-
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, seed: int) -> Callable:
-  """(TrainState, batch) -> (TrainState, metrics, {layer: MemoryAux})."""
-  base_key = jax.random.key(seed)
-
-  def train_step(state: TrainState, batch: dict[str, jax.Array]):
-    # Dropout noise is a function of (seed, step) alone, so a resumed run repeats it exactly.
-    dropout_key = jax.random.fold_in(base_key, state.step)
-
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, state.model_state)
-      logits, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                          rngs=nnx.Rngs(dropout=dropout_key))
-      loss, sums = metrics_lib.mlm_loss_and_metrics(logits, batch["mlm_labels"],
-                                                    batch["mlm_weights"])
-      return loss, (sums, aux, nnx.state(model, nnx.BatchStat))
-
-    (loss, (sums, aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "mlm_accuracy": sums["correct"] / jnp.maximum(sums["count"], 1.0),
-               "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
-    new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
-                           opt_state=opt_state)
-    return new_state, metrics, aux
-
-  return train_step
-
-
-def make_usage_accumulator(n_slots: int) -> Callable:
-  """(totals, aux, mask) -> totals + this batch's per-slot counts/weights/top-1 counts."""
-  def accumulate(totals, aux, mask_BxT):
-    return {layer: tuple(t + s for t, s in zip(totals[layer],
-                                                metrics_lib.slot_totals(a, mask_BxT, n_slots)))
-            for layer, a in aux.items()}
-  return accumulate
 
 
 # ---------------------------------------------------------------------------------------------
 # Setup helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  from pkm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  return sharding_lib.make_mesh(config.mesh.data, config.mesh.model)
 
 
 def _save_run_files(workdir: str, config: ml_collections.ConfigDict,
@@ -132,13 +76,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   resuming = os.path.isdir(ckpt_lib.checkpoint_dir(workdir)) and bool(
       ckpt_lib.make_manager(workdir, read_only=True).all_steps())
+  pretrained_weights = None
+  if config.init["from"]:
+    # +Init: sizes (and the tokenizer) come from the pretrained model unless set explicitly.
+    from pkm_jax import pretrained  # pylint: disable=g-import-not-at-top
+    if resuming:  # the workdir's own model config; the weights come from its checkpoint
+      config = pretrained.resolve_model_config(config, ckpt_lib.read_model_config(workdir))
+    else:
+      src_cfg, src_params, _ = pretrained.load_pretrained(config.init["from"])
+      config = pretrained.resolve_model_config(config, src_cfg)
+      pretrained_weights = (src_cfg, src_params)
   tokenizer = data_lib.build_tokenizer(config.data, workdir)
   vocab_size = tokenizer.get_vocab_size()
   config_lib.validate(config, vocab_size=vocab_size)
 
-  mesh = _mesh(config)
-  lookup = "sharded" if mesh.shape["model"] > 1 else "dense"
-  model_cfg = config_lib.model_config(config, vocab_size=vocab_size, lookup=lookup)
+  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model)
+  rules = sharding_lib.rules_from_config(config)
+  slot_axes = sharding_lib.slot_axes(rules)
+  # The table lookup is hand-partitioned (rows, not the table, move) whenever rows are split.
+  lookup = "sharded" if np.prod([mesh.shape[a] for a in slot_axes]) > 1 else "dense"
+  model_cfg = config_lib.model_config(config, vocab_size=vocab_size, lookup=lookup,
+                                      slot_axes=slot_axes)
   if resuming:
     _check_resumable(workdir, model_cfg)
   _save_run_files(workdir, config, model_cfg)
@@ -146,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_iter, make_eval_iter = data_lib.make_mlm_data(
       config.data, tokenizer, seed=config.seed, shard_index=jax.process_index(),
       shard_count=jax.process_count())
-  batch_sharding = NamedSharding(mesh, P("data"))
+  batch_sharding = sharding_lib.batch_sharding(mesh)
 
   def to_device(local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     # Each process holds its rows of the global batch; together they form one global array.
@@ -155,16 +113,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Model and optimizer, created directly with their shardings --------------------------
   tx, schedule = optim_lib.make_optimizer(config.optim, config.train.steps)
+  sparse_tx = None
+  if config.optim.values_optimizer == "sparse_adam" and model_cfg.memory_layers:
+    sparse_tx = sparse_adam.sparse_adam(config.optim.values_lr, b1=config.optim.b1,
+                                        b2=config.optim.b2, eps=config.optim.eps,
+                                        weight_decay=config.optim.values_weight_decay)
 
   def init_state() -> TrainState:
     model = BertForMaskedLM(model_cfg, rngs=nnx.Rngs(params=config.seed))
     _, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
+    sparse = ({str(layer): sparse_tx.init(values_of(params, layer).value)
+               for layer in model_cfg.memory_layers} if sparse_tx else {})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                      opt_state=tx.init(params))
+                      opt_state=tx.init(params), sparse_opt_state=sparse)
 
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: BertForMaskedLM(model_cfg, rngs=nnx.Rngs(0))))
   abstract_state = jax.eval_shape(init_state)
-  state_sharding = _state_shardings(abstract_state, mesh, config)
+  state_sharding = sharding_lib.state_shardings(abstract_state, mesh, rules)
+  if sparse_tx:  # sparse Adam's moments are plain arrays: split their rows like the table's
+    state_sharding.sparse_opt_state = {
+        str(layer): sharding_lib.row_state_shardings(
+            abstract_state.sparse_opt_state[str(layer)],
+            values_of(state_sharding.params, layer).value, model_cfg.memory.n_slots)
+        for layer in model_cfg.memory_layers}
   with jax.set_mesh(mesh):
     state = jax.jit(init_state, out_shardings=state_sharding)()
 
@@ -178,19 +149,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state_sharding)
     restored = ckpt_lib.restore(manager, start_step, abstract_params=abstract.params,
                                 abstract_model_state=abstract.model_state,
-                                abstract_opt_state=abstract.opt_state)
+                                abstract_opt_state=abstract.opt_state,
+                                abstract_sparse_opt_state=abstract.sparse_opt_state)
     state = TrainState(step=jnp.asarray(start_step, jnp.int32), params=restored["params"],
-                       model_state=restored["model_state"], opt_state=restored["opt_state"])
+                       model_state=restored["model_state"], opt_state=restored["opt_state"],
+                       sparse_opt_state=restored["sparse_opt_state"])
     train_iter.set_state(restored["data"])
     print(f"Resuming {workdir} from step {start_step}"
           + (" (init.from is ignored: the latest checkpoint wins)" if config.init["from"] else ""))
-  elif config.init["from"]:
-    state = _init_from_pretrained(config, state, graphdef, tx, state_sharding, mesh)
+  elif pretrained_weights is not None:
+    state = _init_from_pretrained(config.init["from"], *pretrained_weights, state, graphdef, tx,
+                                  sparse_tx, state_sharding, mesh)
 
   # --- Jitted steps ---------------------------------------------------------------------------
-  data_spec = {k: batch_sharding for k in ("input_ids", "attention_mask", "token_type_ids",
-                                           "mlm_labels", "mlm_weights")}
-  train_step = jax.jit(make_train_step(graphdef, tx, schedule, config.seed),
+  data_spec = {k: batch_sharding for k in BATCH_KEYS}
+  train_step = jax.jit(make_train_step(graphdef, model_cfg, tx, schedule, config.seed,
+                                       sparse_tx=sparse_tx,
+                                       grad_accum_steps=config.train.grad_accum_steps),
                        in_shardings=(state_sharding, data_spec),
                        out_shardings=(state_sharding, None, None), donate_argnums=(0,))
   eval_step = jax.jit(eval_lib.make_eval_step(graphdef, model_cfg))
@@ -213,7 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def save(step: int) -> None:
     ckpt_lib.save(manager, step, params=state.params, model_state=state.model_state,
-                  opt_state=state.opt_state, data_state=train_iter.get_state())
+                  opt_state=state.opt_state, sparse_opt_state=state.sparse_opt_state,
+                  data_state=train_iter.get_state())
 
   # --- Loop ---------------------------------------------------------------------------------
   writer = MetricWriter(os.path.join(workdir, "tensorboard"))
@@ -269,24 +245,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return result
 
 
-def _state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
-                     config: ml_collections.ConfigDict) -> TrainState:
-  """Shardings for every leaf of the train state (value tables and their moments by rules)."""
-  from pkm_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  return sharding_lib.train_state_shardings(abstract_state, mesh, config)
-
-
-def _init_from_pretrained(config, state: TrainState, graphdef, tx, state_sharding, mesh
-                          ) -> TrainState:
+def _init_from_pretrained(source: str, src_cfg, src_params, state: TrainState, graphdef, tx,
+                          sparse_tx, state_sharding, mesh) -> TrainState:
   """+Init: copies pretrained dense weights into the fresh model; memory stays new."""
   from pkm_jax import pretrained  # pylint: disable=g-import-not-at-top
-  source = config.init["from"]
-  src_cfg, src_params, _ = pretrained.load_pretrained(source)
   model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.model_state))
   report = pretrained.init_from_pretrained(model, src_params, src_cfg)
   print(f"+Init from {source}: {report.summary()}")
   _, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
+  sparse = {k: sparse_tx.init(values_of(params, int(k)).value)
+            for k in state.sparse_opt_state} if sparse_tx else {}
   new = TrainState(step=state.step, params=params, model_state=model_state,
-                   opt_state=tx.init(params))
+                   opt_state=tx.init(params), sparse_opt_state=sparse)
   with jax.set_mesh(mesh):
     return jax.device_put(new, state_sharding)

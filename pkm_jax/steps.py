@@ -1,0 +1,132 @@
+"""The pure training step: MLM loss, gradients (optionally accumulated over micro-batches),
+the optax update, and -- with `optim.values_optimizer='sparse_adam'` -- row-sparse updates of the
+memory value tables.
+
+Sparse path: each memory layer adds a zero "probe" [B, T, V] to its weighted sum and reads its
+table through stop_gradient, so the dense gradient never holds an [N, V] table; the probe's
+gradient times the softmax weights gives the gradient of exactly the picked rows
+(`sparse_adam.row_gradients`), which `sparse_adam` applies to those rows only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from pkm_jax import metrics as metrics_lib
+from pkm_jax import sharding as sharding_lib
+from pkm_jax import sparse_adam
+from pkm_jax.config import ModelConfig
+
+BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", "mlm_weights")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  model_state: nnx.State  # BatchNorm running statistics of the memory queries
+  opt_state: optax.OptState
+  sparse_opt_state: dict  # str(layer) -> SparseAdamState; empty unless sparse value updates
+
+
+def values_of(params: nnx.State, layer: int) -> nnx.Variable:
+  return params["bert"]["layers"][layer]["memory"]["values"]
+
+
+def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule, seed: int, *,
+                    sparse_tx: sparse_adam.SparseGradientTransformation | None = None,
+                    grad_accum_steps: int = 1) -> Callable:
+  """(TrainState, batch) -> (TrainState, metrics, {layer: MemoryAux}); pure, jit it once."""
+  base_key = jax.random.key(seed)
+  n_slots, v_dim = model_cfg.memory.n_slots, model_cfg.memory.v_dim
+  layers = model_cfg.memory_layers if sparse_tx is not None else ()
+
+  def micro_grads(params, model_state, batch, key):
+    """One micro-batch: (grads, probe grads, sums, aux, new model_state)."""
+    b, t = batch["input_ids"].shape
+    probes = {layer: jnp.zeros((b, t, v_dim), jnp.float32) for layer in layers}
+
+    def loss_fn(params, probes):
+      model = nnx.merge(graphdef, params, model_state, copy=True)
+      logits, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                          rngs=nnx.Rngs(dropout=key), value_probes=probes or None)
+      loss, sums = metrics_lib.mlm_loss_and_metrics(logits, batch["mlm_labels"],
+                                                    batch["mlm_weights"])
+      # Sum, not mean, over micro-batches: the caller divides by the total token count.
+      return loss * sums["count"], (sums, aux, nnx.state(model, nnx.BatchStat))
+
+    (_, (sums, aux, model_state)), (grads, probe_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(params, probes)
+    return grads, probe_grads, sums, aux, model_state
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    # Dropout noise is a function of (seed, step) alone, so a resumed run repeats it exactly.
+    key = jax.random.fold_in(base_key, state.step)
+    if grad_accum_steps == 1:
+      grads, probe_grads, sums, aux, model_state = micro_grads(
+          state.params, state.model_state, batch, key)
+    else:
+      # Micro-batches in sequence (BatchNorm statistics update after each, as in separate steps).
+      micro = jax.tree.map(
+          lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+      def body(carry, xs):
+        grads_acc, model_state = carry
+        mb, i = xs
+        grads, probe_grads, sums, aux, model_state = micro_grads(
+            state.params, model_state, mb, jax.random.fold_in(key, i))
+        return (jax.tree.map(jnp.add, grads_acc, grads), model_state), (probe_grads, sums, aux)
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, model_state), (probe_grads, sums, aux) = jax.lax.scan(
+          body, (zeros, state.model_state), (micro, jnp.arange(grad_accum_steps)))
+      merge = lambda x: x.reshape(-1, *x.shape[2:])  # [micro, b, ...] -> [B, ...]
+      probe_grads, aux = jax.tree.map(merge, probe_grads), jax.tree.map(merge, aux)
+      sums = jax.tree.map(lambda x: x.sum(0), sums)
+    count = jnp.maximum(sums["count"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    sparse_opt_state = dict(state.sparse_opt_state)
+    for layer in layers:
+      # Padding tokens' picks become padding rows: a row read only by padding is not touched.
+      real = batch["attention_mask"][..., None, None] > 0
+      picks = jnp.where(real, aux[layer].indices, n_slots)
+      row_ids, row_grads = sparse_adam.row_gradients(
+          picks, aux[layer].weights, probe_grads[layer] / count, num_rows=n_slots)
+      table = values_of(params, layer)
+      opt = state.sparse_opt_state[str(layer)]
+      if model_cfg.memory.lookup == "sharded":
+        new_table, opt = sharding_lib.sharded_sparse_update(
+            sparse_tx, row_ids, row_grads, opt, table.value, slot_axes=model_cfg.memory.slot_axes)
+      else:
+        row_ids, row_updates, opt = sparse_tx.update(row_ids, row_grads, opt, table.value)
+        new_table = sparse_adam.apply_row_updates(table.value, row_ids, row_updates)
+      params["bert"]["layers"][layer]["memory"]["values"] = table.replace(new_table)
+      sparse_opt_state[str(layer)] = opt
+
+    metrics = {"loss": sums["nll_sum"] / count, "mlm_accuracy": sums["correct"] / count,
+               "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+    new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
+                           opt_state=opt_state, sparse_opt_state=sparse_opt_state)
+    return new_state, metrics, aux
+
+  return train_step
+
+
+def make_usage_accumulator(n_slots: int) -> Callable:
+  """(totals, aux, mask) -> totals + this batch's per-slot counts/weights/top-1 counts."""
+  def accumulate(totals, aux, mask_BxT):
+    return {layer: tuple(t + s for t, s in zip(totals[layer],
+                                                metrics_lib.slot_totals(a, mask_BxT, n_slots)))
+            for layer, a in aux.items()}
+  return accumulate
