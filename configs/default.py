@@ -15,7 +15,7 @@ def get_config():
   config.memory.update(mode="residual", layers=(1, 3), n_keys=128, heads=4, k=16, k_dim=64,
                        query_norm="batchnorm", input_dropout=0.1, query_dropout=0.0,
                        value_dropout=0.1)
-  config.data.update(source="generated", vocab_size=4000, max_len=64, batch_size=32,
+  config.data.update(source="generated", vocab_size=2000, max_len=64, batch_size=32,
                      eval_fraction=0.05)
   config.data.generated.update(num_entities=600, num_docs=6000, seed=0)
   config.optim.update(lr=1e-3, warmup_steps=100, decay="linear", weight_decay=0.01,

@@ -25,6 +25,7 @@ from pkm_jax import config as config_lib
 from pkm_jax import evaluate as eval_lib
 from pkm_jax import metrics as metrics_lib
 from pkm_jax import optim as optim_lib
+from pkm_jax import pretrained as pretrained_lib
 from pkm_jax import sharding as sharding_lib
 from pkm_jax import sparse_adam
 from pkm_jax.steps import (BATCH_KEYS, TrainState, make_train_step, make_usage_accumulator,
@@ -79,12 +80,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pretrained_weights = None
   if config.init["from"]:
     # +Init: sizes (and the tokenizer) come from the pretrained model unless set explicitly.
-    from pkm_jax import pretrained  # pylint: disable=g-import-not-at-top
     if resuming:  # the workdir's own model config; the weights come from its checkpoint
-      config = pretrained.resolve_model_config(config, ckpt_lib.read_model_config(workdir))
+      config = pretrained_lib.resolve_model_config(config, ckpt_lib.read_model_config(workdir))
     else:
-      src_cfg, src_params, _ = pretrained.load_pretrained(config.init["from"])
-      config = pretrained.resolve_model_config(config, src_cfg)
+      src_cfg, src_params, _ = pretrained_lib.load_pretrained(config.init["from"])
+      config = pretrained_lib.resolve_model_config(config, src_cfg)
       pretrained_weights = (src_cfg, src_params)
   tokenizer = data_lib.build_tokenizer(config.data, workdir)
   vocab_size = tokenizer.get_vocab_size()
@@ -119,14 +119,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         b2=config.optim.b2, eps=config.optim.eps,
                                         weight_decay=config.optim.values_weight_decay)
 
-  def init_state() -> TrainState:
+  def init_state(src_params=None) -> TrainState:
     model = BertForMaskedLM(model_cfg, rngs=nnx.Rngs(params=config.seed))
+    if src_params is not None:  # +Init: pretrained dense weights replace the random ones
+      init_reports.append(pretrained_lib.init_from_pretrained(model, src_params,
+                                                              pretrained_weights[0]))
     _, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
     sparse = ({str(layer): sparse_tx.init(values_of(params, layer).value)
                for layer in model_cfg.memory_layers} if sparse_tx else {})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=tx.init(params), sparse_opt_state=sparse)
 
+  init_reports: list = []
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: BertForMaskedLM(model_cfg, rngs=nnx.Rngs(0))))
   abstract_state = jax.eval_shape(init_state)
   state_sharding = sharding_lib.state_shardings(abstract_state, mesh, rules)
@@ -136,10 +140,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             abstract_state.sparse_opt_state[str(layer)],
             values_of(state_sharding.params, layer).value, model_cfg.memory.n_slots)
         for layer in model_cfg.memory_layers}
-  with jax.set_mesh(mesh):
-    state = jax.jit(init_state, out_shardings=state_sharding)()
 
-  # --- Restore, or +Init from pretrained weights --------------------------------------------
+  # --- Restore, or init (+Init: from pretrained weights) straight into the shardings ---------
   manager = ckpt_lib.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
   start_step = 0
   if resuming:
@@ -157,9 +159,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_iter.set_state(restored["data"])
     print(f"Resuming {workdir} from step {start_step}"
           + (" (init.from is ignored: the latest checkpoint wins)" if config.init["from"] else ""))
-  elif pretrained_weights is not None:
-    state = _init_from_pretrained(config.init["from"], *pretrained_weights, state, graphdef, tx,
-                                  sparse_tx, state_sharding, mesh)
+  else:
+    # The pretrained tensors enter as arguments (not constants); memory tables are created
+    # directly in their shards, so the full table never exists on one device.
+    src = ((jax.tree.map(np.asarray, pretrained_weights[1]),)  # host copies: jit places them
+           if pretrained_weights is not None else ())
+    with jax.set_mesh(mesh):
+      state = jax.jit(init_state, out_shardings=state_sharding)(*src)
+    if init_reports:
+      print(f"+Init from {config.init['from']}: {init_reports[0].summary()}")
 
   # --- Jitted steps ---------------------------------------------------------------------------
   data_spec = {k: batch_sharding for k in BATCH_KEYS}
@@ -243,19 +251,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     result = evaluate(config.train.steps)
   result = {"step": config.train.steps, **result}
   return result
-
-
-def _init_from_pretrained(source: str, src_cfg, src_params, state: TrainState, graphdef, tx,
-                          sparse_tx, state_sharding, mesh) -> TrainState:
-  """+Init: copies pretrained dense weights into the fresh model; memory stays new."""
-  from pkm_jax import pretrained  # pylint: disable=g-import-not-at-top
-  model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.model_state))
-  report = pretrained.init_from_pretrained(model, src_params, src_cfg)
-  print(f"+Init from {source}: {report.summary()}")
-  _, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
-  sparse = {k: sparse_tx.init(values_of(params, int(k)).value)
-            for k in state.sparse_opt_state} if sparse_tx else {}
-  new = TrainState(step=state.step, params=params, model_state=model_state,
-                   opt_state=tx.init(params), sparse_opt_state=sparse)
-  with jax.set_mesh(mesh):
-    return jax.device_put(new, state_sharding)

@@ -191,3 +191,24 @@ def test_corrupt_checkpoint_is_reported(reference_run, tmp_path):
           f.write(b"garbage")
   with pytest.raises(ValueError, match="could not be restored"):
     ckpt_lib.restore_model(workdir)
+
+
+def test_init_from_dense_workdir_reproduces_it(tmp_path):
+  # +Init +ResM from a dense run, with zero values and no learning: the memory adds exactly 0,
+  # so the held-out loss equals the dense model's. PKM from the same run drops its FFN tensors.
+  dense_dir, resm_dir = str(tmp_path / "dense"), str(tmp_path / "resm")
+  dense = trainer.train_and_evaluate(tiny_config(**{"memory.mode": "none"}), dense_dir)
+  frozen = {"optim.lr": 0.0, "optim.values_lr": 0.0, "train.steps": 1,
+            "memory.value_zero_init": True}
+  config = tiny_config(**frozen)
+  config.init["from"] = dense_dir
+  resm = trainer.train_and_evaluate(config, resm_dir)
+  assert resm["mlm_loss"] == pytest.approx(dense["mlm_loss"], abs=1e-5)
+  # The ResM run took the dense run's tokenizer and every dense tensor.
+  with open(os.path.join(dense_dir, "tokenizer.json")) as a, \
+       open(os.path.join(resm_dir, "tokenizer.json")) as b:
+    assert a.read() == b.read()
+  dense_params = jax.tree_util.tree_flatten_with_path(final_params(dense_dir))[0]
+  resm_params = dict(jax.tree_util.tree_flatten_with_path(final_params(resm_dir))[0])
+  for path, value in dense_params:
+    np.testing.assert_array_equal(resm_params[path], value)
