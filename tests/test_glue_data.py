@@ -266,7 +266,7 @@ def test_tfds_and_files_give_the_same_examples(glue_dir):
 
 
 def test_tfds_missing_dataset_is_one_line_error(tmp_path):
-  with pytest.raises(ValueError, match=r"^TFDS 'glue/rte' split 'validation' .* cannot be "
+  with pytest.raises(ValueError, match=r"^TFDS dataset 'glue/rte' split 'validation' .* cannot be "
                                        r"read: [^\n]*$"):
     glue.load_glue("rte", "dev", source="tfds", data_dir=str(tmp_path))
 

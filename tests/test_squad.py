@@ -306,6 +306,6 @@ def test_tfds_gives_the_same_examples_as_the_json(tmp_path):
 
   with tfds.testing.mock_data(as_data_source_fn=as_data_source):
     assert squad.load_squad("dev", source="tfds") == _EXPECTED
-  with pytest.raises(ValueError, match=r"^TFDS 'squad/v1.1' split 'validation' .* cannot be "
+  with pytest.raises(ValueError, match=r"^TFDS dataset 'squad/v1.1' split 'validation' .* cannot be "
                                        r"read: [^\n]*$"):
     squad.load_squad("dev", source="tfds", data_dir=str(tmp_path))

@@ -88,14 +88,19 @@ def holdout_split(docs: Sequence[Document], fraction: float
   return ([d for d, h in zip(docs, held) if not h], [d for d, h in zip(docs, held) if h])
 
 
-def _tfds_documents(name: str, split: str, data_dir: str, text_key: str) -> list[Document]:
+def open_tfds(name: str, split: str, data_dir: str = ""):
+  """`tfds.data_source` of a prepared dataset (random access, no TensorFlow, never downloads)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # slow import
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
+    return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
   except Exception as e:  # tfds raises many types (DatasetNotFoundError, AssertionError, ...)
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise ValueError(f"TFDS dataset {name!r} split {split!r} (data_dir={data_dir or 'default'}) "
                      f"cannot be read: {first}") from e
+
+
+def _tfds_documents(name: str, split: str, data_dir: str, text_key: str) -> list[Document]:
+  source = open_tfds(name, split, data_dir)
   docs = []
   for i in range(len(source)):
     example: dict[str, Any] = source[i]

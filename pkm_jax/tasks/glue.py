@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from pkm_jax.data.sources import open_tfds
 from pkm_jax.data.tokenizer import special_token_ids
 from pkm_jax.tasks.metrics import GLUE_TASK_METRICS
 
@@ -194,17 +195,10 @@ def read_glue_tfds(task: str | GlueTask, split: str, data_dir: str | None = None
   spec = get_task(task)
   split = _file_split(spec, split)
   tfds_split = _TFDS_SPLITS[split]
-  # pylint: disable=g-import-not-at-top  # slow imports, only this path needs them
-  import tensorflow_datasets as tfds
-  import tensorflow_datasets.text.glue  # noqa: F401  registers the builder (not automatic w/o TF)
-  # pylint: enable=g-import-not-at-top
+  # Without TensorFlow tfds does not register this builder by itself.
+  import tensorflow_datasets.text.glue  # noqa: F401  pylint: disable=g-import-not-at-top
   name = f"glue/{spec.name}"
-  try:
-    source = tfds.data_source(name, split=tfds_split, data_dir=data_dir or None, download=False)
-  except Exception as e:  # tfds raises many types (DatasetNotFoundError, AssertionError, ...)
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f"TFDS {name!r} split {tfds_split!r} (data_dir={data_dir or 'default'}) "
-                     f"cannot be read: {first}") from e
+  source = open_tfds(name, tfds_split, data_dir)
   examples = []
   for i in range(len(source)):
     row: dict[str, Any] = source[i]

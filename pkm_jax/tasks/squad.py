@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
+from pkm_jax.data.sources import open_tfds
 from pkm_jax.tasks.glue import bare_tokenizer
 
 SQUAD_FILES = {"train": "train-v1.1.json", "dev": "dev-v1.1.json"}
@@ -105,17 +106,10 @@ def read_squad_tfds(split: str, data_dir: str | None = None) -> list[SquadExampl
   if tfds_split not in _FILE_SPLITS:
     raise ValueError(f"SQuAD has no split {split!r}; choose from "
                      f"{[*_TFDS_SPLITS, *_FILE_SPLITS]}")
-  # pylint: disable=g-import-not-at-top  # slow imports, only this path needs them
-  import tensorflow_datasets as tfds
-  import tensorflow_datasets.question_answering.squad  # noqa: F401  registers the builder
-  # pylint: enable=g-import-not-at-top
+  # Without TensorFlow tfds does not register this builder by itself.
+  import tensorflow_datasets.question_answering.squad  # noqa: F401  pylint: disable=g-import-not-at-top
   name = "squad/v1.1"
-  try:
-    source = tfds.data_source(name, split=tfds_split, data_dir=data_dir or None, download=False)
-  except Exception as e:  # tfds raises many types (DatasetNotFoundError, AssertionError, ...)
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f"TFDS {name!r} split {tfds_split!r} (data_dir={data_dir or 'default'}) "
-                     f"cannot be read: {first}") from e
+  source = open_tfds(name, tfds_split, data_dir)
   examples = []
   for i in range(len(source)):
     row: dict[str, Any] = source[i]
