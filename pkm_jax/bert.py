@@ -137,6 +137,10 @@ class Pooler(nnx.Module):
     return jnp.tanh(self.dense(h_BxTxD[:, 0]))
 
 
+def _call_layer(layer: EncoderLayer, h_BxTxD, mask_BxT, rngs, probe):
+  return layer(h_BxTxD, mask_BxT, rngs=rngs, value_probe=probe)
+
+
 class BertModel(nnx.Module):
   """Embeddings + encoder (+ optional pooler). Returns hidden states and memory picks."""
 
@@ -154,9 +158,12 @@ class BertModel(nnx.Module):
       token_type_ids_BxT = jnp.zeros_like(input_ids_BxT)
     h_BxTxD = self.embeddings(input_ids_BxT, token_type_ids_BxT, rngs=rngs)
     aux = {}
+    call = _call_layer
+    if self.cfg.remat:  # activations of each layer are recomputed in the backward pass
+      call = nnx.remat(_call_layer)
     for i, layer in enumerate(self.layers):
       probe = value_probes.get(i) if value_probes else None
-      h_BxTxD, layer_aux = layer(h_BxTxD, attention_mask_BxT, rngs=rngs, value_probe=probe)
+      h_BxTxD, layer_aux = call(layer, h_BxTxD, attention_mask_BxT, rngs, probe)
       if layer_aux is not None:
         aux[i] = layer_aux
     return h_BxTxD, aux

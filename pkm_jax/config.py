@@ -60,6 +60,7 @@ class ModelConfig:
   memory_layers: tuple[int, ...] = ()
   memory: MemoryConfig = MemoryConfig()
   use_pooler: bool = False
+  remat: bool = False  # recompute each encoder layer in the backward pass (less activation memory)
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
 
@@ -80,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
       hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
       max_position_embeddings=512, type_vocab_size=2,
       hidden_dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12,
-      use_pooler=False, dtype="float32", param_dtype="float32"))
+      use_pooler=False, remat=False, dtype="float32", param_dtype="float32"))
 
   c.memory = ml_collections.ConfigDict(dict(
       mode="none", layers=(3, 7),  # "4L/8L" of the paper's tables, 0-based
@@ -190,7 +191,8 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
       hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
       layer_norm_eps=m.layer_norm_eps, memory_mode=mem.mode,
       memory_layers=tuple(mem.layers) if mem.mode != "none" else (),
-      memory=memory, use_pooler=m.use_pooler, dtype=m.dtype, param_dtype=m.param_dtype)
+      memory=memory, use_pooler=m.use_pooler, remat=m.remat, dtype=m.dtype,
+      param_dtype=m.param_dtype)
 
 
 def to_dict(cfg: Any) -> dict:

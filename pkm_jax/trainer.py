@@ -48,10 +48,14 @@ def _save_run_files(workdir: str, config: ml_collections.ConfigDict,
 
 
 def _check_resumable(workdir: str, model_cfg: config_lib.ModelConfig) -> None:
-  saved = ckpt_lib.read_model_config(workdir)
-  if saved != model_cfg:
+  # How the model is computed (remat, compute dtype, table placement) may change on resume;
+  # what it is may not.
+  def structure(cfg):
+    return dataclasses.replace(config_lib.with_lookup(cfg), remat=False, dtype="float32")
+  saved, now = structure(ckpt_lib.read_model_config(workdir)), structure(model_cfg)
+  if saved != now:
     diff = [f.name for f in dataclasses.fields(saved)
-            if getattr(saved, f.name) != getattr(model_cfg, f.name)]
+            if getattr(saved, f.name) != getattr(now, f.name)]
     raise ValueError(f"{workdir} holds checkpoints of a different model ({', '.join(diff)} "
                      "differ); use a new --workdir")
 

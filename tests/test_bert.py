@@ -213,3 +213,28 @@ def test_paper_parameter_counts(name, paper_millions):
   n = count_params(cfg)
   assert n == expected_params(cfg)
   assert abs(n / 1e6 - paper_millions) / paper_millions < 0.01, f"{name}: {n:,}"
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+  cfg = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=2,
+                    intermediate_size=48, max_position_embeddings=16, memory_mode="residual",
+                    memory_layers=(1,), memory=MemoryConfig(n_keys=8, heads=2, k=3, k_dim=8,
+                                                            v_dim=32))
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 9)), jnp.int32)
+  mask = jnp.ones((2, 9), jnp.int32).at[1, 6:].set(0)
+
+  def loss_and_grads(cfg):
+    model = BertForMaskedLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params):
+      logits, _ = nnx.merge(graphdef, params, rest, copy=True)(ids, mask,
+                                                               rngs=nnx.Rngs(dropout=3))
+      return jnp.mean(logits**2)
+    return jax.value_and_grad(loss)(params)
+
+  plain_loss, plain_grads = loss_and_grads(cfg)
+  remat_loss, remat_grads = loss_and_grads(dataclasses.replace(cfg, remat=True))
+  np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
