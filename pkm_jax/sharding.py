@@ -441,3 +441,46 @@ def sharded_sparse_update(tx, row_ids: jax.Array, row_grads: jax.Array, opt_stat
   step = jax.shard_map(local_step, in_specs=(P(), P(), state_specs, row_spec),
                        out_specs=(row_spec, state_specs))
   return step(row_ids, row_grads, opt_state, table)
+
+
+def sharded_sparse_step(tx, indices: jax.Array, weights: jax.Array, grad_out: jax.Array,
+                        opt_state: Any, table: jax.Array, *,
+                        slot_axes: Sequence[str] = (MODEL,), token_axes: Sequence[str] = (DATA,)
+                        ) -> tuple[jax.Array, Any]:
+  """Row gradients and one row-wise optimizer step, both inside each device's row block.
+
+  indices/weights [B, T, H, K] (ids >= N: padding) and grad_out [B, T, V] (d loss / d memory
+  output) are split over `token_axes`; the table [N, V] and the row-wise state over `slot_axes`.
+  Each device all-gathers the picks and output gradients (token-sized) and builds the gradients
+  of the picked rows of its own block only (`sparse_adam.row_gradients`), then steps them with
+  `tx`. Coalescing the picks replicated would instead all-reduce [min(picks, N), V] row
+  gradients -- the whole table once a batch's picks outnumber its rows. -> (table, opt_state).
+  """
+  from pkm_jax import sparse_adam  # pylint: disable=g-import-not-at-top
+
+  slot_axes, token_axes = tuple(slot_axes), tuple(token_axes)
+  mesh = _context_mesh(slot_axes, token_axes, "sharded_sparse_step")
+  n = table.shape[0]
+  blocks = math.prod(mesh.shape[a] for a in slot_axes)
+  if n % blocks:
+    raise ValueError(f"sharded_sparse_step: {n} table rows do not split into {blocks} blocks "
+                     f"over mesh axes {slot_axes}")
+  slot_axes, token_axes = _real_axes(slot_axes, mesh), _real_axes(token_axes, mesh)
+  row_spec, token_spec = P(_axes_entry(slot_axes)), P(_axes_entry(token_axes))
+  state_specs = jax.tree.map(lambda x: row_spec if _is_row_leaf(x, n) else P(), opt_state)
+
+  def local_step(idx, w, g, state, table_block):
+    if token_axes:
+      # Invariant over the token axes: every copy of a block takes the same step.
+      idx, w, g = (jax.lax.all_gather(x, token_axes, axis=0, tiled=True, to="invarying")
+                   for x in (idx, w, g))
+    n_local = table_block.shape[0]
+    local_idx = _to_local_rows(idx, n_local, slot_axes)
+    row_ids, row_grads = sparse_adam.row_gradients(local_idx, w, g, num_rows=n_local)
+    row_ids, updates, state = tx.update(row_ids, row_grads, state, table_block)
+    return sparse_adam.apply_row_updates(table_block, row_ids, updates), state
+
+  step = jax.shard_map(local_step, in_specs=(token_spec, token_spec, token_spec, state_specs,
+                                             row_spec),
+                       out_specs=(row_spec, state_specs))
+  return step(indices, weights, grad_out, opt_state, table)

@@ -24,7 +24,8 @@ Interface (optax in spirit, but on rows):
   table = apply_row_updates(table, row_ids, row_updates)
 row_ids are unique; entries >= N are padding (their gathers read zeros, their scatters drop), so
 every array has a static shape and the step jits once. `sharding.sharded_sparse_update` runs the
-same update on each block of a row-sharded table.
+same update on each block of a row-sharded table; `sharding.sharded_sparse_step` (the trainer's)
+also builds the row gradients inside each block, so no [rows, V] array crosses devices.
 """
 
 from __future__ import annotations
@@ -131,5 +132,9 @@ def row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *
     return acc_RxV.at[inv].add(w.astype(jnp.float32)[..., None] * g_MxV[:, None, :],
                                mode="drop"), None
 
-  row_grads, _ = jax.lax.scan(add_chunk, jnp.zeros((size, v), jnp.float32), (inv_CxMxc, w_CxMxc))
+  # Inside shard_map (sharding.sharded_sparse_step) the carry must vary over the mesh axes its
+  # inputs vary over.
+  init = sharding._zeros_varying(  # pylint: disable=protected-access
+      (size, v), jnp.float32, inverse, weights, grad_out)
+  row_grads, _ = jax.lax.scan(add_chunk, init, (inv_CxMxc, w_CxMxc))
   return row_ids.astype(jnp.int32), row_grads.astype(grad_out.dtype)

@@ -101,14 +101,17 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
       # Padding tokens' picks become padding rows: a row read only by padding is not touched.
       real = batch["attention_mask"][..., None, None] > 0
       picks = jnp.where(real, aux[layer].indices, n_slots)
-      row_ids, row_grads = sparse_adam.row_gradients(
-          picks, aux[layer].weights, probe_grads[layer] / count, num_rows=n_slots)
+      grad_out = probe_grads[layer] / count
       table = values_of(params, layer)
       opt = state.sparse_opt_state[str(layer)]
       if model_cfg.memory.lookup == "sharded":
-        new_table, opt = sharding_lib.sharded_sparse_update(
-            sparse_tx, row_ids, row_grads, opt, table.value, slot_axes=model_cfg.memory.slot_axes)
+        # Row gradients are built inside each table block: only token-sized arrays move.
+        new_table, opt = sharding_lib.sharded_sparse_step(
+            sparse_tx, picks, aux[layer].weights, grad_out, opt, table.value,
+            slot_axes=model_cfg.memory.slot_axes)
       else:
+        row_ids, row_grads = sparse_adam.row_gradients(picks, aux[layer].weights, grad_out,
+                                                       num_rows=n_slots)
         row_ids, row_updates, opt = sparse_tx.update(row_ids, row_grads, opt, table.value)
         new_table = sparse_adam.apply_row_updates(table.value, row_ids, row_updates)
       params["bert"]["layers"][layer]["memory"]["values"] = table.replace(new_table)

@@ -67,6 +67,75 @@ def _memory_images(writer: MetricWriter, step: int, usage: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The jitted program: mesh, state shardings, init and train step, from the config alone
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+  """What `train_and_evaluate` runs; tests and benchmarks lower or time this very step."""
+
+  mesh: jax.sharding.Mesh
+  model_cfg: config_lib.ModelConfig
+  graphdef: nnx.GraphDef
+  init_state: Callable[..., TrainState]  # ([pretrained params]) -> TrainState; jit it
+  abstract_state: TrainState  # ShapeDtypeStructs
+  state_sharding: TrainState  # NamedShardings: the step's in/out shardings
+  batch_sharding: jax.sharding.NamedSharding
+  train_step: Callable  # jitted (state, batch) -> (state, metrics, aux), state donated
+  init_reports: list  # +Init reports, appended when init_state traces with pretrained params
+
+
+def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
+                        pretrained_cfg: config_lib.ModelConfig | None = None) -> TrainProgram:
+  """Mesh (config.mesh), rules, optimizers and the jitted train step for a validated config."""
+  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model)
+  rules = sharding_lib.rules_from_config(config)
+  slot_axes = sharding_lib.slot_axes(rules)
+  # The table lookup is hand-partitioned (rows, not the table, move) whenever rows are split.
+  lookup = "sharded" if np.prod([mesh.shape[a] for a in slot_axes]) > 1 else "dense"
+  model_cfg = config_lib.model_config(config, vocab_size=vocab_size, lookup=lookup,
+                                      slot_axes=slot_axes)
+  tx, schedule = optim_lib.make_optimizer(config.optim, config.train.steps)
+  sparse_tx = None
+  if config.optim.values_optimizer == "sparse_adam" and model_cfg.memory_layers:
+    sparse_tx = sparse_adam.sparse_adam(config.optim.values_lr, b1=config.optim.b1,
+                                        b2=config.optim.b2, eps=config.optim.eps,
+                                        weight_decay=config.optim.values_weight_decay)
+  init_reports: list = []
+
+  def init_state(src_params=None) -> TrainState:
+    model = BertForMaskedLM(model_cfg, rngs=nnx.Rngs(params=config.seed))
+    if src_params is not None:  # +Init: pretrained dense weights replace the random ones
+      init_reports.append(pretrained_lib.init_from_pretrained(model, src_params, pretrained_cfg))
+    _, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
+    sparse = ({str(layer): sparse_tx.init(values_of(params, layer).value)
+               for layer in model_cfg.memory_layers} if sparse_tx else {})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                      opt_state=tx.init(params), sparse_opt_state=sparse)
+
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: BertForMaskedLM(model_cfg, rngs=nnx.Rngs(0))))
+  abstract_state = jax.eval_shape(init_state)
+  state_sharding = sharding_lib.state_shardings(abstract_state, mesh, rules)
+  if sparse_tx:  # sparse Adam's moments are plain arrays: split their rows like the table's
+    state_sharding.sparse_opt_state = {
+        str(layer): sharding_lib.row_state_shardings(
+            abstract_state.sparse_opt_state[str(layer)],
+            values_of(state_sharding.params, layer).value, model_cfg.memory.n_slots)
+        for layer in model_cfg.memory_layers}
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(graphdef, model_cfg, tx, schedule, config.seed,
+                                       sparse_tx=sparse_tx,
+                                       grad_accum_steps=config.train.grad_accum_steps),
+                       in_shardings=(state_sharding, {k: batch_sharding for k in BATCH_KEYS}),
+                       out_shardings=(state_sharding, None, None), donate_argnums=(0,))
+  return TrainProgram(mesh=mesh, model_cfg=model_cfg, graphdef=graphdef, init_state=init_state,
+                      abstract_state=abstract_state, state_sharding=state_sharding,
+                      batch_sharding=batch_sharding, train_step=train_step,
+                      init_reports=init_reports)
+
+
+# ---------------------------------------------------------------------------------------------
 # Main entry point
 # ---------------------------------------------------------------------------------------------
 
@@ -94,13 +163,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   vocab_size = tokenizer.get_vocab_size()
   config_lib.validate(config, vocab_size=vocab_size)
 
-  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model)
-  rules = sharding_lib.rules_from_config(config)
-  slot_axes = sharding_lib.slot_axes(rules)
-  # The table lookup is hand-partitioned (rows, not the table, move) whenever rows are split.
-  lookup = "sharded" if np.prod([mesh.shape[a] for a in slot_axes]) > 1 else "dense"
-  model_cfg = config_lib.model_config(config, vocab_size=vocab_size, lookup=lookup,
-                                      slot_axes=slot_axes)
+  program = build_train_program(config, vocab_size,
+                                pretrained_weights[0] if pretrained_weights else None)
+  mesh, model_cfg, graphdef = program.mesh, program.model_cfg, program.graphdef
+  abstract_state, state_sharding = program.abstract_state, program.state_sharding
   if resuming:
     _check_resumable(workdir, model_cfg)
   _save_run_files(workdir, config, model_cfg)
@@ -108,42 +174,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_iter, make_eval_iter = data_lib.make_mlm_data(
       config.data, tokenizer, seed=config.seed, shard_index=jax.process_index(),
       shard_count=jax.process_count())
-  batch_sharding = sharding_lib.batch_sharding(mesh)
+  batch_sharding = program.batch_sharding
 
   def to_device(local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     # Each process holds its rows of the global batch; together they form one global array.
     return {k: jax.make_array_from_process_local_data(batch_sharding, v)
             for k, v in local_batch.items()}
-
-  # --- Model and optimizer, created directly with their shardings --------------------------
-  tx, schedule = optim_lib.make_optimizer(config.optim, config.train.steps)
-  sparse_tx = None
-  if config.optim.values_optimizer == "sparse_adam" and model_cfg.memory_layers:
-    sparse_tx = sparse_adam.sparse_adam(config.optim.values_lr, b1=config.optim.b1,
-                                        b2=config.optim.b2, eps=config.optim.eps,
-                                        weight_decay=config.optim.values_weight_decay)
-
-  def init_state(src_params=None) -> TrainState:
-    model = BertForMaskedLM(model_cfg, rngs=nnx.Rngs(params=config.seed))
-    if src_params is not None:  # +Init: pretrained dense weights replace the random ones
-      init_reports.append(pretrained_lib.init_from_pretrained(model, src_params,
-                                                              pretrained_weights[0]))
-    _, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
-    sparse = ({str(layer): sparse_tx.init(values_of(params, layer).value)
-               for layer in model_cfg.memory_layers} if sparse_tx else {})
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                      opt_state=tx.init(params), sparse_opt_state=sparse)
-
-  init_reports: list = []
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: BertForMaskedLM(model_cfg, rngs=nnx.Rngs(0))))
-  abstract_state = jax.eval_shape(init_state)
-  state_sharding = sharding_lib.state_shardings(abstract_state, mesh, rules)
-  if sparse_tx:  # sparse Adam's moments are plain arrays: split their rows like the table's
-    state_sharding.sparse_opt_state = {
-        str(layer): sharding_lib.row_state_shardings(
-            abstract_state.sparse_opt_state[str(layer)],
-            values_of(state_sharding.params, layer).value, model_cfg.memory.n_slots)
-        for layer in model_cfg.memory_layers}
 
   # --- Restore, or init (+Init: from pretrained weights) straight into the shardings ---------
   manager = ckpt_lib.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
@@ -157,7 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                 abstract_model_state=abstract.model_state,
                                 abstract_opt_state=abstract.opt_state,
                                 abstract_sparse_opt_state=abstract.sparse_opt_state)
-    state = TrainState(step=jnp.asarray(start_step, jnp.int32), params=restored["params"],
+    step0 = jax.device_put(jnp.asarray(start_step, jnp.int32), state_sharding.step)
+    state = TrainState(step=step0, params=restored["params"],
                        model_state=restored["model_state"], opt_state=restored["opt_state"],
                        sparse_opt_state=restored["sparse_opt_state"])
     train_iter.set_state(restored["data"])
@@ -169,17 +206,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     src = ((jax.tree.map(np.asarray, pretrained_weights[1]),)  # host copies: jit places them
            if pretrained_weights is not None else ())
     with jax.set_mesh(mesh):
-      state = jax.jit(init_state, out_shardings=state_sharding)(*src)
-    if init_reports:
-      print(f"+Init from {config.init['from']}: {init_reports[0].summary()}")
+      state = jax.jit(program.init_state, out_shardings=state_sharding)(*src)
+    if program.init_reports:
+      print(f"+Init from {config.init['from']}: {program.init_reports[0].summary()}")
 
   # --- Jitted steps ---------------------------------------------------------------------------
-  data_spec = {k: batch_sharding for k in BATCH_KEYS}
-  train_step = jax.jit(make_train_step(graphdef, model_cfg, tx, schedule, config.seed,
-                                       sparse_tx=sparse_tx,
-                                       grad_accum_steps=config.train.grad_accum_steps),
-                       in_shardings=(state_sharding, data_spec),
-                       out_shardings=(state_sharding, None, None), donate_argnums=(0,))
+  train_step = program.train_step
   eval_step = jax.jit(eval_lib.make_eval_step(graphdef, model_cfg))
   accumulate = jax.jit(make_usage_accumulator(model_cfg.memory.n_slots), donate_argnums=(0,))
 

@@ -1,0 +1,41 @@
+"""BERT-large + ResM pretraining on a TPU pod slice or several GPU hosts.
+
+The model is configs/bert_large_resm.py's (875M parameters, two 512**2 x 1024 value tables at
+layers 11 and 19); what changes is how it is laid out and run:
+- mesh: the batch over 'data' (all devices / 8), the value-table rows over 'model' (8 ways), so
+  each device holds 1/8 of each table and of its Adam moments (0.75 GiB for both layers). A lookup
+  moves token-sized partial sums, never table rows; a step all-reduces each table's [N/8, V]
+  gradient block over 'data' (its data-parallel copies) and nothing larger.
+  FSDP-style, --config.mesh.rules='(("slots", ("model", "data")),)' splits the rows over every
+  device instead (no copies, no table all-reduce), but every device then sees every token's
+  picks: better for small global batches, worse for this one.
+- bfloat16 compute; parameters, optimizer state and the product-key search stay float32.
+- values trained by dense Adam (XLM's): this batch makes 1024 * 128 * 4 * 32 = 16.8M picks per
+  step, 64 per slot, so a step touches nearly every row and sparse updates would save nothing.
+  --config.optim.values_optimizer=sparse_adam pays off once picks per step << 262,144 slots
+  (small batches, or much larger tables).
+- global batch 1024 x 128 tokens (as many tokens as BERT's 256 x 512); each host reads its own
+  share of it. --config.train.grad_accum_steps=N splits it into N sequential micro-batches if a
+  step does not fit in memory; --config.model.remat=True trades compute for activation memory.
+
+Launch: every host runs the same command; the workdir must be a filesystem all hosts share.
+  TPU pod slice (jax finds the other hosts itself):
+    gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="cd pkm-jax && \
+      python train.py --config configs/bert_large_resm_pod.py --workdir /mnt/shared/resm_large \
+      --multihost"
+  GPU hosts (one process per host, driving all of its GPUs):
+    python train.py --config configs/bert_large_resm_pod.py --workdir /mnt/shared/resm_large \
+      --coordinator_address=$HOST0:12345 --num_processes=$NUM_HOSTS --process_id=$HOST_RANK
+"""
+
+from configs import bert_large_resm
+
+
+def get_config():
+  config = bert_large_resm.get_config()
+  config.mesh.update(data=-1, model=8)
+  config.model.dtype = "bfloat16"
+  config.optim.values_optimizer = "adam"
+  config.data.update(batch_size=1024, max_len=128)
+  config.train.update(log_every=100, memory_stats_every=1000, eval_batches=50)
+  return config

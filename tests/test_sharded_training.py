@@ -1,0 +1,149 @@
+"""Sharded training (8 virtual CPU devices) against the same run on one device.
+
+References: `train_and_evaluate` on a 1x1 mesh (the same config, data and seed) for the final
+parameters and held-out loss of runs on 4x2, 1x8, 8x1 and FSDP-style meshes; the run without
+gradient accumulation for one with it; and, for the communication claim, the compiled HLO of the
+trainer's own jitted train step (`trainer.build_train_program`), whose collectives must never
+carry a value table, with a replicated-table data-parallel step as the positive control.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from pkm_jax import trainer  # noqa: E402
+from pkm_jax.steps import BATCH_KEYS  # noqa: E402
+from test_sharding import collective_sizes  # noqa: E402
+from test_trainer import final_params, tiny_config  # noqa: E402
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+
+FSDP = (("slots", ("model", "data")),)
+# Few steps, one eval and one checkpoint at the end, no usage stats: the runs are compile-bound.
+SHORT = {"train.steps": 5, "train.log_every": 5, "train.eval_every": 5,
+         "train.checkpoint_every": 5, "train.memory_stats_every": 0, "train.eval_batches": 2}
+# float32 sums over devices / micro-batches associate differently: ~1e-7 measured. atol covers
+# biases that BatchNorm / softmax make gradient-free (|p| ~1e-8, Adam turns rounding into steps).
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Memoised runs: run(**overrides) -> (eval loss, final params, saved model config)."""
+  cache = {}
+
+  def run(**overrides):
+    key = tuple(sorted((k, repr(v)) for k, v in overrides.items()))
+    if key not in cache:
+      workdir = str(tmp_path_factory.mktemp("run"))
+      result = trainer.train_and_evaluate(tiny_config(**SHORT, **overrides), workdir)
+      with open(os.path.join(workdir, "model_config.json")) as f:
+        cache[key] = (result["mlm_loss"], final_params(workdir), json.load(f))
+    return cache[key]
+
+  return run
+
+
+def assert_params_close(got, want):
+  flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+  flat_got = jax.tree_util.tree_flatten_with_path(got)[0]
+  assert len(flat_got) == len(flat_want)
+  for path, value in flat_got:
+    np.testing.assert_allclose(value, flat_want[path], rtol=RTOL, atol=ATOL,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+# PKM with dense Adam keeps BatchNorm queries and dropout (statistics and dropout masks must not
+# depend on the mesh). ResM with sparse updates is deterministic with LayerNorm queries, so its
+# one-device run is also the reference for gradient accumulation (BatchNorm statistics of a
+# micro-batch differ from the full batch's by design).
+GROUPS = {
+    "pkm_adam": {"memory.mode": "replace", "optim.values_optimizer": "adam"},
+    "resm_sparse": {"memory.mode": "residual", "optim.values_optimizer": "sparse_adam",
+                    "memory.query_norm": "layernorm", "model.hidden_dropout": 0.0,
+                    "model.attention_dropout": 0.0, "memory.input_dropout": 0.0,
+                    "memory.query_dropout": 0.0, "memory.value_dropout": 0.0},
+}
+
+
+@pytest.mark.parametrize("group, data, model, rules", [
+    ("pkm_adam", 4, 2, ()),
+    ("pkm_adam", 1, 8, ()),
+    ("resm_sparse", 8, 1, ()),  # pure data parallel: rows not split, dense lookup
+    ("resm_sparse", 4, 2, ()),  # row blocks copied over 'data'
+    ("resm_sparse", 4, 2, FSDP),  # rows over all 8 devices
+])
+def test_sharded_training_matches_one_device(runs, group, data, model, rules):
+  want_loss, want_params, _ = runs(**GROUPS[group], **{"mesh.data": 1, "mesh.model": 1})
+  got_loss, got_params, model_cfg = runs(**GROUPS[group], **{
+      "mesh.data": data, "mesh.model": model, "mesh.rules": rules})
+  # The sharded run really split the table (else it is the one-device program again).
+  slot_ways = model * (data if rules else 1)
+  assert model_cfg["memory"]["lookup"] == ("sharded" if slot_ways > 1 else "dense")
+  assert got_loss == pytest.approx(want_loss, rel=1e-5)
+  assert_params_close(got_params, want_params)
+
+
+def test_grad_accumulation_matches_full_batch(runs):
+  # Two micro-batches of 4, themselves split over 'data' (2x4 mesh), against one batch of 8 on
+  # one device: the summed gradients, the sparse row updates and the loss must all agree.
+  want_loss, want_params, _ = runs(**GROUPS["resm_sparse"], **{"mesh.data": 1, "mesh.model": 1})
+  got_loss, got_params, _ = runs(**GROUPS["resm_sparse"], **{
+      "train.grad_accum_steps": 2, "mesh.data": 2, "mesh.model": 4})
+  assert got_loss == pytest.approx(want_loss, rel=1e-5)
+  assert_params_close(got_params, want_params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Communication of the real train step
+# ---------------------------------------------------------------------------------------------
+
+VOCAB = 400
+
+
+def compiled_train_step_hlo(**overrides) -> tuple[str, int]:
+  """The optimised HLO of the trainer's jitted train step, and the value table's size."""
+  # One layer (the memory layer) keeps the compiles short; the step is the trainer's all the same.
+  config = tiny_config(**{"model.num_layers": 1, "memory.layers": (0,), "memory.n_keys": 64,
+                          "data.max_len": 16, **overrides})
+  program = trainer.build_train_program(config, VOCAB)
+  b, t = config.data.batch_size, config.data.max_len
+  batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "mlm_weights" else jnp.int32)
+           for k in BATCH_KEYS}
+  with jax.set_mesh(program.mesh):
+    hlo = program.train_step.lower(program.abstract_state, batch).compile().as_text()
+  return hlo, program.model_cfg.memory.n_slots * program.model_cfg.memory.v_dim
+
+
+# Tables of 4096 x 32 (64 sub-keys, 128 tokens x 8 picks = 1024 picks per step) and 1024 x 32
+# (32 sub-keys, 256 tokens: 2048 picks, more than the rows -- every row may be touched, so
+# coalesced row gradients would be table-sized). The largest other tensor is the 400 x 32 word
+# embedding, all-reduced as any data-parallel gradient.
+@pytest.mark.parametrize("data, model, rules, values_optimizer, n_keys, seq", [
+    (1, 8, (), "adam", 64, 16),  # the table gradient exists, split like the table
+    (4, 2, (), "sparse_adam", 32, 32),  # row blocks copied over 'data'; picks outnumber rows
+    (4, 2, FSDP, "sparse_adam", 32, 32),  # rows over all devices; picks outnumber rows
+])
+def test_train_step_moves_no_value_table(data, model, rules, values_optimizer, n_keys, seq):
+  hlo, table = compiled_train_step_hlo(**{"mesh.data": data, "mesh.model": model,
+                                          "mesh.rules": rules, "memory.n_keys": n_keys,
+                                          "data.max_len": seq,
+                                          "optim.values_optimizer": values_optimizer})
+  sizes = collective_sizes(hlo)
+  assert sizes, "expected the lookup's partial sums to cross devices"
+  assert max(sizes) < table, (max(sizes), table)
+
+
+def test_replicated_table_step_all_reduces_the_table():
+  """Positive control for the check above: data-parallel training with the table replicated
+  (dense Adam) all-reduces its [N, V] gradient, and the parser sees it."""
+  hlo, table = compiled_train_step_hlo(**{"mesh.data": 4, "mesh.model": 2,
+                                          "mesh.rules": (("slots", None),)})
+  assert max(collective_sizes(hlo)) >= table
