@@ -1,0 +1,162 @@
+"""TensorBoard event files -> numbers, and the reproduction's figures (matplotlib, Agg backend).
+
+TensorBoard itself is not a dependency: an event file is a sequence of TFRecords (u64 length,
+masked CRC-32C of the length, the serialised `Event` proto, masked CRC-32C of the data), read
+here with the protos and the CRC that tensorboardX already ships. A record whose checksum fails
+(a file cut short by a killed run) ends the reading of that file, as TensorBoard does.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import struct
+from typing import Iterator, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tensorboardX.proto import event_pb2  # noqa: E402
+from tensorboardX.record_writer import masked_crc32c  # noqa: E402
+
+Series = list[tuple[int, float]]  # (step, value), in the order written
+
+
+def _records(path: str) -> Iterator[bytes]:
+  with open(path, "rb") as f:
+    while True:
+      header = f.read(12)
+      if len(header) < 12:
+        return
+      (length,), (length_crc,) = struct.unpack("<Q", header[:8]), struct.unpack("<I", header[8:])
+      if masked_crc32c(header[:8]) != length_crc:
+        return
+      data, footer = f.read(length), f.read(4)
+      if len(data) < length or len(footer) < 4 or (
+          masked_crc32c(data) != struct.unpack("<I", footer)[0]):
+        return
+      yield data
+
+
+def event_files(logdir: str) -> list[str]:
+  files = sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")))
+  if not files:
+    raise FileNotFoundError(f"no TensorBoard event files in {logdir}")
+  return files
+
+
+def read_events(logdir: str) -> tuple[dict[str, Series], dict[str, list[tuple[int, bytes]]]]:
+  """(scalars, images) of every event file in `logdir`: tag -> [(step, value | PNG bytes)].
+
+  A resumed run appends a second event file; a step logged twice keeps its last value.
+  """
+  scalars: dict[str, dict[int, float]] = {}
+  images: dict[str, dict[int, bytes]] = {}
+  for path in event_files(logdir):
+    for record in _records(path):
+      event = event_pb2.Event.FromString(record)
+      for value in event.summary.value:
+        if value.HasField("simple_value"):
+          scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+        elif value.HasField("image"):
+          images.setdefault(value.tag, {})[event.step] = value.image.encoded_image_string
+  as_series = lambda d: {t: sorted(s.items()) for t, s in d.items()}  # noqa: E731
+  return as_series(scalars), as_series(images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures. `runs`: one dict per variant with 'label', 'scalars' (read_events' first result) and
+# 'offset' (the global step its step 0 is: +Init runs continue where their source stopped).
+# ---------------------------------------------------------------------------------------------
+
+_COLORS = {"a": "#000000", "b": "#7f7f7f", "c": "#1f77b4", "d": "#2ca02c", "e": "#ff7f0e",
+           "f": "#d62728"}
+
+
+def _style(run: dict) -> dict:
+  return dict(color=_COLORS.get(run["key"]), linestyle="--" if run["key"] in "ef" else "-")
+
+
+def plot_loss_curves(runs: Sequence[dict], path: str) -> None:
+  """Training MLM loss (left) and held-out MLM loss (right) against the global step."""
+  fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for run in runs:
+    train = run["scalars"].get("train/loss", [])
+    if train:
+      steps, values = np.asarray(train).T
+      ax_train.plot(steps + run["offset"], values, label=run["label"], lw=1.2, **_style(run))
+    held = run["scalars"].get("eval/mlm_loss", [])
+    if held:
+      steps, values = np.asarray(held).T
+      ax_eval.plot(steps + run["offset"], values, marker="o", ms=4, label=run["label"],
+                   **_style(run))
+  for ax, title in ((ax_train, "training MLM loss (per-step batches)"),
+                    (ax_eval, "held-out MLM loss")):
+    ax.set_xlabel("global step (+Init runs start at the end of (a))")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  ax_eval.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_memory_usage(runs: Sequence[dict], layers: Sequence[int], path: str) -> None:
+  """Per memory layer (columns): top-1 MU, KL_u and KL_w over training (rows) per variant.
+
+  From the train/memory/* scalars: each point covers the training batches since the previous
+  one (train.memory_stats_every steps), so it shows how the memory is used as it is learnt.
+  """
+  rows = (("top1_usage", "top-1 MU (%)"), ("kl_uniform", "KL_u"), ("kl_weighted", "KL_w"))
+  fig, axes = plt.subplots(len(rows), len(layers), figsize=(5.5 * len(layers), 8.5),
+                           squeeze=False)
+  for col, layer in enumerate(layers):
+    for row, (stat, name) in enumerate(rows):
+      ax = axes[row][col]
+      for run in runs:
+        series = run["scalars"].get(f"train/memory/layer{layer}/{stat}", [])
+        if series:
+          steps, values = np.asarray(series).T
+          ax.plot(steps + run["offset"], values, marker=".", label=run["label"], **_style(run))
+      ax.set_title(f"layer {layer + 1} (index {layer}): {name}", fontsize=10)
+      ax.grid(alpha=0.3)
+      if row == len(rows) - 1:
+        ax.set_xlabel("global step")
+  axes[0][0].legend(fontsize=8)
+  fig.suptitle("memory usage during training (lower KL = more even use of the slots)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_usage_maps(maps: dict[str, dict[int, np.ndarray]], path: str) -> None:
+  """One heat map per (variant row, memory layer column): `evaluate.usage_histogram` grids.
+
+  `maps[label][layer]` is [sqrt(N), sqrt(N)] in [0, 1] (log-scaled selection counts over the
+  held-out split; row = first sub-key index, column = second). Black = never selected.
+  """
+  labels = list(maps)
+  layers = sorted({layer for m in maps.values() for layer in m})
+  fig, axes = plt.subplots(len(labels), len(layers), squeeze=False, layout="constrained",
+                           figsize=(3.3 * len(layers) + 1.2, 3.1 * len(labels)))
+  image = None
+  for r, label in enumerate(labels):
+    for c, layer in enumerate(layers):
+      ax = axes[r][c]
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if layer in maps[label]:
+        image = ax.imshow(maps[label][layer], cmap="magma", vmin=0, vmax=1,
+                          interpolation="nearest")
+      if c == 0:
+        ax.set_ylabel(label, fontsize=10)
+      if r == 0:
+        ax.set_title(f"layer {layer + 1} (index {layer})", fontsize=10)
+  if image is not None:
+    fig.colorbar(image, ax=axes, shrink=0.6, label="log(1 + count) / max")
+  fig.suptitle("slot usage on the held-out split (sub-key 1 = row, sub-key 2 = column)")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
