@@ -237,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Loop ---------------------------------------------------------------------------------
   writer = MetricWriter(os.path.join(workdir, "tensorboard"))
-  usage, usage_steps = zero_usage(), 0
+  usage = zero_usage()
   stats_every = config.train.memory_stats_every if model_cfg.memory_layers else 0
   result: dict[str, Any] = {}
   t0, steps_timed, metrics = time.perf_counter(), 0, None
@@ -250,7 +250,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, metrics, aux = train_step(state, batch)
         if stats_every:
           usage = accumulate(usage, aux, batch["attention_mask"])
-          usage_steps += 1
       done = step + 1
       steps_timed += 1
       if done % config.train.log_every == 0 or done == config.train.steps:
@@ -271,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  for k, v in metrics_lib.memory_usage_stats(c, w, t).items()}
         writer.scalars(done, stats, prefix="train/")
         _memory_images(writer, done, host_usage)
-        usage, usage_steps = zero_usage(), 0
+        usage = zero_usage()
       if done % config.train.eval_every == 0 or done == config.train.steps:
         result = evaluate(done)
       if done % config.train.checkpoint_every == 0 or done == config.train.steps:
