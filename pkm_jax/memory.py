@@ -7,6 +7,7 @@ product keys lies inside the k x k grid of the per-half top-k: the exact search 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -17,7 +18,8 @@ from flax import nnx
 from pkm_jax.config import MemoryConfig
 
 # Above this many bytes the gathered [tokens, picks, V] block is built in chunks of picks, so the
-# dense lookup never materialises all B*T*H*K rows at once (it would be ~13 GB at BERT-base sizes).
+# dense lookup never materialises all B*T*H*K rows at once (it would be ~13 GB at BERT-base sizes);
+# the search's backward chunks its picked sub-key rows the same way.
 _GATHER_CHUNK_BYTES = 1 << 28
 
 
@@ -26,6 +28,58 @@ class MemoryAux(NamedTuple):
 
   indices: jax.Array  # [B, T, H, K] int32 slot ids, best first
   weights: jax.Array  # [B, T, H, K] softmax weights
+
+
+def _pick_chunk(picks: int, bytes_per_pick: int) -> int:
+  """The largest divisor of `picks` whose gathered block stays under _GATHER_CHUNK_BYTES."""
+  chunk = max(1, min(picks, _GATHER_CHUNK_BYTES // max(bytes_per_pick, 1)))
+  while picks % chunk:
+    chunk -= 1
+  return chunk
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def subkey_topk(q_HxMxD: jax.Array, keys_HxNxD: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Top-k sub-keys of each query, per head: q [H, M, D], keys [H, n, D] -> scores, ids [H, M, k].
+
+  Head-major, so the [H, M, n] scores come out of the batched matmul in the layout top_k reads.
+  The backward touches only the k picked sub-keys of each query (see `_subkey_topk_bwd`).
+  """
+  scores, ids = jax.lax.top_k(jnp.einsum("hmd,hnd->hmn", q_HxMxD, keys_HxNxD), k)
+  return scores, ids
+
+
+def _subkey_topk_fwd(q_HxMxD, keys_HxNxD, k):
+  scores, ids = subkey_topk(q_HxMxD, keys_HxNxD, k)
+  return (scores, ids), (q_HxMxD, keys_HxNxD, ids)
+
+
+def _subkey_topk_bwd(k, res, cotangents):
+  """score[h, m, j] = q[h, m] . keys[h, ids[h, m, j]], so the gradients are gathered from / added
+  into the picked rows only: O(H M k D) work, where autodiff of top_k would fill a dense
+  [H, M, n] score gradient and run two matmuls over it -- growing with n_keys, i.e. with sqrt(N).
+  Picks go in chunks so that a gathered [H, M, chunk, D] block stays bounded at large batches."""
+  q_HxMxD, keys_HxNxD, ids_HxMxk = res
+  g_HxMxk = cotangents[0].astype(q_HxMxD.dtype)
+  h, m, d = q_HxMxD.shape
+  chunk = _pick_chunk(k, h * m * d * q_HxMxD.dtype.itemsize)
+  to_chunks = lambda x: x.reshape(h, m, k // chunk, chunk).transpose(2, 0, 1, 3)
+  take_rows = jax.vmap(lambda keys_NxD, ids: keys_NxD[ids])  # over heads
+  add_rows = jax.vmap(lambda g_NxD, ids, upd: g_NxD.at[ids.reshape(-1)].add(upd.reshape(-1, d)))
+
+  def add_chunk(carry, xs):
+    g_q, g_keys = carry
+    ids_HxMxc, g_HxMxc = xs
+    g_q = g_q + jnp.einsum("hmc,hmcd->hmd", g_HxMxc, take_rows(keys_HxNxD, ids_HxMxc))
+    g_keys = add_rows(g_keys, ids_HxMxc, g_HxMxc[..., None] * q_HxMxD[:, :, None, :])
+    return (g_q, g_keys), None
+
+  init = (jnp.zeros_like(q_HxMxD), jnp.zeros_like(keys_HxNxD))
+  (g_q, g_keys), _ = jax.lax.scan(add_chunk, init, (to_chunks(ids_HxMxk), to_chunks(g_HxMxk)))
+  return g_q, g_keys
+
+
+subkey_topk.defvjp(_subkey_topk_fwd, _subkey_topk_bwd)
 
 
 def product_key_topk(query: jax.Array, sub_keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -37,15 +91,19 @@ def product_key_topk(query: jax.Array, sub_keys: jax.Array, k: int) -> tuple[jax
   n = sub_keys.shape[2]
   if k > n:
     raise ValueError(f"product_key_topk: k={k} exceeds n_keys={n}")
-  q1, q2 = jnp.split(query, 2, axis=-1)
-  s1 = jnp.einsum("...hd,hnd->...hn", q1, sub_keys[:, 0])
-  s2 = jnp.einsum("...hd,hnd->...hn", q2, sub_keys[:, 1])
-  v1, i1 = jax.lax.top_k(s1, k)  # [..., H, k]
-  v2, i2 = jax.lax.top_k(s2, k)
+  *lead, h, kd = query.shape
+  # Only the small [..., H, Kd] queries and [..., H, k] results are transposed, never the
+  # [..., H, n] scores (the search's largest arrays).
+  q_HxMxK = query.reshape(-1, h, kd).transpose(1, 0, 2)
+  q1, q2 = jnp.split(q_HxMxK, 2, axis=-1)
+  v1, i1 = subkey_topk(q1, sub_keys[:, 0], k)  # [H, M, k]
+  v2, i2 = subkey_topk(q2, sub_keys[:, 1], k)
   cand_scores = (v1[..., :, None] + v2[..., None, :]).reshape(*v1.shape[:-1], k * k)
   cand_slots = (i1[..., :, None] * n + i2[..., None, :]).reshape(*i1.shape[:-1], k * k)
   scores, pos = jax.lax.top_k(cand_scores, k)
-  return scores, jnp.take_along_axis(cand_slots, pos, axis=-1)
+  slots = jnp.take_along_axis(cand_slots, pos, axis=-1)
+  to_lead = lambda x: x.transpose(1, 0, 2).reshape(*lead, h, k)
+  return to_lead(scores), to_lead(slots)
 
 
 def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
@@ -57,10 +115,7 @@ def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Arra
   picks = indices.shape[-2] * indices.shape[-1]
   idx_MxP = indices.reshape(-1, picks)
   w_MxP = weights.reshape(-1, picks).astype(values_NxV.dtype)
-  row_bytes = idx_MxP.shape[0] * values_NxV.shape[1] * values_NxV.dtype.itemsize
-  chunk = max(1, min(picks, _GATHER_CHUNK_BYTES // max(row_bytes, 1)))
-  while picks % chunk:
-    chunk -= 1
+  chunk = _pick_chunk(picks, idx_MxP.shape[0] * values_NxV.shape[1] * values_NxV.dtype.itemsize)
   if chunk == picks:
     out_MxV = jnp.einsum("mp,mpv->mv", w_MxP, values_NxV[idx_MxP])
   else:
