@@ -8,11 +8,13 @@ batch is fixed and small enough that the picks (batch * seq * heads * k = 16,384
 the smallest table, so every configuration updates the same number of rows and only N varies.
 
 Each configuration runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own.
-Timed: the median of --steps jitted steps after --warmup untimed ones (compilation), each ended by
-block_until_ready; data are random ids made once, outside the timing. The usage accumulators
+Timed: --steps jitted steps after --warmup untimed ones (compilation), each ended by
+block_until_ready; data are random ids made once, outside the timing. With --rounds R every
+configuration runs R times, round-robin (so a slow spell of a shared machine hits all of them
+alike), and its figures are the median (min) over all R * steps timed steps. The usage accumulators
 (train.memory_stats_every, [N]-sized) are not part of the step and are not run.
 
-  python benchmarks/memory_scaling.py                 # ~5 minutes on 2 CPU cores
+  python benchmarks/memory_scaling.py                 # ~10 minutes on 2 CPU cores
   python benchmarks/memory_scaling.py --n_keys 128,1024 --optimizers sparse_adam
 Writes benchmarks/results/memory_scaling.json and prints a markdown table.
 """
@@ -44,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--seq", type=int, default=32)
   p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+  p.add_argument("--rounds", type=int, default=2,
+                 help="fresh runs of every configuration, interleaved")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_scaling.json"))
   p.add_argument("--child", default="", help=argparse.SUPPRESS)  # "n_keys,optimizer"
   args = p.parse_args(argv)
@@ -52,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   bad = set(args.optimizers) - {"adam", "sparse_adam"}
   if bad:
     p.error(f"--optimizers: unknown {sorted(bad)} (use adam, sparse_adam)")
-  if args.steps < 1 or args.warmup < 1:
-    p.error("--steps and --warmup must be >= 1")
+  if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
+    p.error("--steps, --warmup and --rounds must be >= 1")
   return args
 
 
@@ -115,11 +119,24 @@ def measure(n_keys: int, values_optimizer: str, args: argparse.Namespace) -> dic
     raise FloatingPointError(f"loss is {float(metrics['loss'])} (n_keys={n_keys})")
   mem = program.model_cfg.memory
   return {"n_keys": n_keys, "slots": mem.n_slots, "values_optimizer": values_optimizer,
-          "table_mib": mem.n_slots * mem.v_dim * 4 / 2**20,
-          "step_ms_median": 1e3 * statistics.median(times),
-          "step_ms_min": 1e3 * min(times), "step_cpu_ms_median": 1e3 * statistics.median(cpu_times),
-          "xla_temp_mib": temp_mib, "init_s": init_s, "peak_rss_after_init_mib": peak_init_mib,
-          "peak_rss_mib": _peak_rss_mib()}
+          "table_mib": mem.n_slots * mem.v_dim * 4 / 2**20, "step_s": times,
+          "step_cpu_s": cpu_times, "xla_temp_mib": temp_mib, "init_s": init_s,
+          "peak_rss_after_init_mib": peak_init_mib, "peak_rss_mib": _peak_rss_mib()}
+
+
+def summarize(runs: list[dict]) -> dict:
+  """The rounds of one configuration -> one row: times pooled over rounds, memory at its worst."""
+  times = [t for r in runs for t in r["step_s"]]
+  cpu_times = [t for r in runs for t in r["step_cpu_s"]]
+  row = {k: v for k, v in runs[0].items() if k not in ("step_s", "step_cpu_s")}
+  row.update(
+      rounds=len(runs), step_ms_median=1e3 * statistics.median(times), step_ms_min=1e3 * min(times),
+      step_ms_round_medians=[1e3 * statistics.median(r["step_s"]) for r in runs],
+      step_cpu_ms_median=1e3 * statistics.median(cpu_times),
+      init_s=max(r["init_s"] for r in runs),
+      peak_rss_after_init_mib=max(r["peak_rss_after_init_mib"] for r in runs),
+      peak_rss_mib=max(r["peak_rss_mib"] for r in runs))
+  return row
 
 
 def _peak_rss_mib() -> float:
@@ -168,15 +185,19 @@ def main(argv: list[str] | None = None) -> None:
     n_keys, opt = args.child.split(",")
     print(json.dumps(measure(int(n_keys), opt, args)))
     return
-  rows = []
-  for opt in args.optimizers:
-    for n in args.n_keys:
-      rows.append(run_child(n, opt, args))
-      r = rows[-1]
-      print(f"  {opt:12s} {r['slots']:>9,} slots: {r['step_ms_median']:.1f} ms/step, "
-            f"{r['peak_rss_mib']:.0f} MiB peak", file=sys.stderr, flush=True)
+  configs = [(opt, n) for opt in args.optimizers for n in args.n_keys]
+  runs = {c: [] for c in configs}
+  for i in range(args.rounds):
+    for opt, n in configs:
+      r = run_child(n, opt, args)
+      runs[opt, n].append(r)
+      print(f"  round {i + 1}/{args.rounds} {opt:12s} {r['slots']:>9,} slots: "
+            f"{1e3 * statistics.median(r['step_s']):.1f} ms/step, {r['peak_rss_mib']:.0f} MiB peak",
+            file=sys.stderr, flush=True)
+  rows = [summarize(runs[c]) for c in configs]
   result = {"setup": {"batch": args.batch, "seq": args.seq, "steps": args.steps,
-                      "warmup": args.warmup, "hidden": 128, "layers": 2, "memory_layers": [1],
+                      "warmup": args.warmup, "rounds": args.rounds, "hidden": 128, "layers": 2,
+                      "memory_layers": [1],
                       "mem_heads": 4, "k": 16, "picks_per_step": args.batch * args.seq * 64,
                       "devices": "1 CPU device"},
             "rows": rows, "target_sparse_ratio": TARGET_RATIO,
