@@ -36,6 +36,9 @@ class MemoryConfig:
   value_zero_init: bool = False  # ResM then starts as exactly the dense model (+Init)
   lookup: str = "dense"  # 'sharded': value table rows split over `slot_axes` of the mesh
   slot_axes: tuple[str, ...] = ("model",)
+  # Mesh axes the tokens are split over; non-empty: each device searches its own tokens' keys
+  # (sharding.sharded_product_key_topk).
+  token_axes: tuple[str, ...] = ()
 
   @property
   def n_slots(self) -> int:
@@ -172,7 +175,8 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
 
 
 def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
-                 lookup: str = "dense", slot_axes: tuple[str, ...] = ("model",)) -> ModelConfig:
+                 lookup: str = "dense", slot_axes: tuple[str, ...] = ("model",),
+                 token_axes: tuple[str, ...] = ()) -> ModelConfig:
   """The frozen ModelConfig for `config` (vocab size from the tokenizer when model's is 0)."""
   m, mem = config.model, config.memory
   vocab = m.vocab_size or vocab_size
@@ -183,7 +187,7 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
       v_dim=mem.v_dim or m.hidden_size, query_norm=mem.query_norm,
       input_dropout=mem.input_dropout, query_dropout=mem.query_dropout,
       value_dropout=mem.value_dropout, value_zero_init=mem.value_zero_init, lookup=lookup,
-      slot_axes=tuple(slot_axes))
+      slot_axes=tuple(slot_axes), token_axes=tuple(token_axes))
   return ModelConfig(
       vocab_size=vocab, hidden_size=m.hidden_size, num_layers=m.num_layers,
       num_heads=m.num_heads, intermediate_size=m.intermediate_size,
@@ -200,10 +204,11 @@ def to_dict(cfg: Any) -> dict:
   return dataclasses.asdict(cfg)
 
 
-def with_lookup(cfg: ModelConfig, lookup: str = "dense",
-                slot_axes: tuple[str, ...] = ("model",)) -> ModelConfig:
-  """The same model with another value-table placement (it does not change the function)."""
-  memory = dataclasses.replace(cfg.memory, lookup=lookup, slot_axes=tuple(slot_axes))
+def with_lookup(cfg: ModelConfig, lookup: str = "dense", slot_axes: tuple[str, ...] = ("model",),
+                token_axes: tuple[str, ...] = ()) -> ModelConfig:
+  """The same model with another placement of its memory on the mesh (the function is the same)."""
+  memory = dataclasses.replace(cfg.memory, lookup=lookup, slot_axes=tuple(slot_axes),
+                               token_axes=tuple(token_axes))
   return dataclasses.replace(cfg, memory=memory)
 
 
@@ -211,6 +216,7 @@ def from_dict(d: dict) -> ModelConfig:
   d = dict(d)
   d["memory"] = dict(d["memory"])
   d["memory"]["slot_axes"] = tuple(d["memory"].get("slot_axes", ("model",)))
+  d["memory"]["token_axes"] = tuple(d["memory"].get("token_axes", ()))
   d["memory"] = MemoryConfig(**d["memory"])
   d["memory_layers"] = tuple(d["memory_layers"])
   return ModelConfig(**d)

@@ -192,7 +192,13 @@ class ProductKeyMemory(nnx.Module):
     q_BxTxQ = self.query_dropout(q_BxTxQ, deterministic=not train, rngs=rngs)
     q_BxTxHxK = q_BxTxQ.reshape(b, t, cfg.heads, cfg.k_dim).astype(jnp.float32)
     # The search runs in float32 even under bf16 compute: near-ties decide which rows are read.
-    scores, indices = product_key_topk(q_BxTxHxK, self.keys.value.astype(jnp.float32), cfg.k)
+    keys = self.keys.value.astype(jnp.float32)
+    if cfg.token_axes:
+      from pkm_jax import sharding  # pylint: disable=g-import-not-at-top
+      scores, indices = sharding.sharded_product_key_topk(q_BxTxHxK, keys, cfg.k,
+                                                          token_axes=cfg.token_axes)
+    else:
+      scores, indices = product_key_topk(q_BxTxHxK, keys, cfg.k)
     weights = jax.nn.softmax(scores, axis=-1)
     values = self.values.value
     if value_probe is not None:

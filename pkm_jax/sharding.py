@@ -33,6 +33,8 @@ import ml_collections
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from pkm_jax.memory import product_key_topk
+
 DATA, MODEL = "data", "model"
 MESH_AXES = (DATA, MODEL)
 
@@ -224,6 +226,36 @@ def _is_row_leaf(x, num_rows: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Sharded lookup
 # ---------------------------------------------------------------------------------------------
+
+
+def sharded_product_key_topk(query: jax.Array, sub_keys: jax.Array, k: int, *,
+                             token_axes: Sequence[str] = (DATA,)) -> tuple[jax.Array, jax.Array]:
+  """`memory.product_key_topk` with the tokens split over `token_axes` of the current mesh.
+
+  query [B, ..., H, Kd] (B split over token_axes), sub_keys [H, 2, n, Kd/2] (replicated) ->
+  scores, indices [B, ..., H, k], split like the query. Each device searches its own tokens; the
+  only collective is the all-reduce of the sub-keys' gradient. (Left to XLA's partitioner, top_k
+  all-gathers its [B, ..., H, n] scores and every device searches the whole global batch.)
+  """
+  token_axes = tuple(token_axes)
+  mesh = _context_mesh((), token_axes, "sharded_product_key_topk")
+  token_axes = _real_axes(token_axes, mesh)
+  if not token_axes:
+    return product_key_topk(query, sub_keys, k)
+  ways = math.prod(mesh.shape[a] for a in token_axes)
+  if query.shape[0] % ways:
+    raise ValueError(f"sharded_product_key_topk: batch {query.shape[0]} does not split over mesh "
+                     f"axes {token_axes} of size {ways}")
+
+  def local_search(q, keys):
+    # The keys enter each device's search as its own copy; the transpose of this cast is the
+    # psum of their gradient over the token axes.
+    return product_key_topk(q, jax.lax.pcast(keys, token_axes, to="varying"), k)
+
+  spec = P(_axes_entry(token_axes))
+  return jax.shard_map(local_search, in_specs=(spec, P()), out_specs=(spec, spec))(query, sub_keys)
+
+
 
 
 def _context_mesh(slot_axes: tuple[str, ...], token_axes: tuple[str, ...], caller: str):

@@ -94,8 +94,10 @@ def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
   slot_axes = sharding_lib.slot_axes(rules)
   # The table lookup is hand-partitioned (rows, not the table, move) whenever rows are split.
   lookup = "sharded" if np.prod([mesh.shape[a] for a in slot_axes]) > 1 else "dense"
+  # The search is hand-partitioned over the batch whenever the batch is split.
+  token_axes = (sharding_lib.DATA,) if mesh.shape[sharding_lib.DATA] > 1 else ()
   model_cfg = config_lib.model_config(config, vocab_size=vocab_size, lookup=lookup,
-                                      slot_axes=slot_axes)
+                                      slot_axes=slot_axes, token_axes=token_axes)
   tx, schedule = optim_lib.make_optimizer(config.optim, config.train.steps)
   sparse_tx = None
   if config.optim.values_optimizer == "sparse_adam" and model_cfg.memory_layers:

@@ -18,9 +18,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from pkm_jax import trainer  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from pkm_jax import sharding, trainer  # noqa: E402
+from pkm_jax.memory import product_key_topk  # noqa: E402
 from pkm_jax.steps import BATCH_KEYS  # noqa: E402
-from test_sharding import collective_sizes  # noqa: E402
+from test_sharding import COLLECTIVE, SHAPE, collective_sizes  # noqa: E402
 from test_trainer import final_params, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
@@ -139,6 +142,45 @@ def test_train_step_moves_no_value_table(data, model, rules, values_optimizer, n
   sizes = collective_sizes(hlo)
   assert sizes, "expected the lookup's partial sums to cross devices"
   assert max(sizes) < table, (max(sizes), table)
+
+
+def collective_shapes(hlo_text: str) -> list[tuple[int, ...]]:
+  return [tuple(int(d) for d in dims.split(",") if d)
+          for line in hlo_text.splitlines() if COLLECTIVE.search(line)
+          for dims in SHAPE.findall(line.split("metadata=")[0])]
+
+
+def score_collectives(hlo_text: str, n_keys: int, keys_shape: tuple[int, ...]) -> list:
+  """Collectives on arrays with an n_keys-sized axis, other than the sub-keys (their gradient)."""
+  return [s for s in collective_shapes(hlo_text) if n_keys in s and s != keys_shape]
+
+
+@pytest.mark.parametrize("data, model, values_optimizer", [
+    (8, 1, "adam"), (4, 2, "sparse_adam")])
+def test_train_step_searches_each_devices_tokens(data, model, values_optimizer):
+  """The product-key search runs on each device's own tokens: no [.., H, n_keys] scores cross
+  devices, only the sub-keys' gradient is all-reduced."""
+  n_keys = 48  # no other dimension of the model or the batch is 48
+  hlo, _ = compiled_train_step_hlo(**{"mesh.data": data, "mesh.model": model,
+                                      "memory.n_keys": n_keys,
+                                      "optim.values_optimizer": values_optimizer})
+  cfg = tiny_config().memory
+  keys_shape = (cfg.heads, 2, n_keys, cfg.k_dim // 2)
+  assert keys_shape in collective_shapes(hlo)  # the check sees the sub-keys' gradient
+  assert not score_collectives(hlo, n_keys, keys_shape)
+
+
+def test_partitioner_alone_all_gathers_the_scores():
+  """Positive control for the check above: the search left to XLA's partitioner (batch split
+  over 'data', no shard_map) all-gathers the scores before top_k."""
+  n_keys, heads, half = 48, 2, 8
+  mesh = sharding.make_mesh(8, 1)
+  query = jax.ShapeDtypeStruct((16, 4, heads, 2 * half), jnp.float32,
+                               sharding=NamedSharding(mesh, P("data")))
+  keys = jax.ShapeDtypeStruct((heads, 2, n_keys, half), jnp.float32)
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(lambda q, k: product_key_topk(q, k, 4)).lower(query, keys).compile().as_text()
+  assert score_collectives(hlo, n_keys, (heads, 2, n_keys, half))
 
 
 def test_replicated_table_step_all_reduces_the_table():

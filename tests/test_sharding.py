@@ -19,7 +19,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from pkm_jax import sharding  # noqa: E402
-from pkm_jax.memory import weighted_lookup  # noqa: E402
+from pkm_jax.memory import product_key_topk, weighted_lookup  # noqa: E402
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 
@@ -91,6 +91,42 @@ def test_sharded_lookup_needs_mesh_and_divisible_rows():
   with jax.set_mesh(sharding.make_mesh(1, 8)):
     with pytest.raises(ValueError, match="do not split into 8 blocks"):
       sharding.sharded_weighted_lookup(values[:60], idx % 60, weights)
+
+
+@pytest.mark.parametrize("data,model", [(8, 1), (4, 2), (2, 4)])
+def test_sharded_search_matches_one_device(data, model):
+  """Each device's search of its own tokens = the search of the whole batch on one device, in
+  scores, picks and the gradients of queries and sub-keys (the latter summed over devices)."""
+  r = np.random.default_rng(data)
+  query = jnp.asarray(r.normal(size=(8, 3, 2, 8)), jnp.float32)
+  sub_keys = jnp.asarray(r.normal(size=(2, 2, 16, 4)), jnp.float32)
+  cot = jnp.asarray(r.normal(size=(8, 3, 2, 5)), jnp.float32)
+
+  def loss(search):
+    return lambda q, keys: jnp.sum(jnp.sin(search(q, keys)[0]) * cot)
+
+  dense = lambda q, keys: product_key_topk(q, keys, 5)
+  sharded = lambda q, keys: sharding.sharded_product_key_topk(q, keys, 5)
+  want, want_grads = dense(query, sub_keys), jax.grad(loss(dense), (0, 1))(query, sub_keys)
+  mesh = sharding.make_mesh(data, model)
+  with jax.set_mesh(mesh):
+    q = jax.device_put(query, NamedSharding(mesh, P("data")))
+    got, got_grads = jax.jit(sharded)(q, sub_keys), jax.jit(jax.grad(loss(sharded), (0, 1)))(
+        q, sub_keys)
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+  np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6, atol=1e-6)
+  for g, g_want in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_want), rtol=1e-5, atol=1e-6)
+  assert got[1].sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 4)
+
+
+def test_sharded_search_needs_mesh_and_divisible_batch():
+  query, sub_keys = jnp.zeros((6, 2, 1, 4)), jnp.zeros((1, 2, 8, 2))
+  with pytest.raises(ValueError, match="needs a device mesh"):
+    sharding.sharded_product_key_topk(query, sub_keys, 2)
+  with jax.set_mesh(sharding.make_mesh(4, 2)):
+    with pytest.raises(ValueError, match="batch 6 does not split over mesh axes"):
+      sharding.sharded_product_key_topk(query, sub_keys, 2)
 
 
 def _compiled_grad_hlo(mesh, slot_axes, lookup, n=8192, v=32, b=8, t=4, h=2, k=4) -> str:

@@ -244,7 +244,8 @@ def run_task(config: ml_collections.ConfigDict, task_dir: str, task: TaskData,
       raise ValueError(f"config.{key}={config[key]} is not divisible by the {mesh.shape['data']} "
                        "data-parallel devices (set --config.mesh.data)")
   model_cfg = dataclasses.replace(model_cfg, memory=dataclasses.replace(
-      model_cfg.memory, lookup="sharded" if mesh.shape["model"] > 1 else "dense"))
+      model_cfg.memory, lookup="sharded" if mesh.shape["model"] > 1 else "dense",
+      token_axes=(sharding_lib.DATA,) if mesh.shape[sharding_lib.DATA] > 1 else ()))
   n_train = len(task.train["input_ids"])
   total = config.steps or max(1, math.ceil(config.epochs * n_train / config.batch_size))
   tx, schedule = make_optimizer(config, total)
