@@ -37,7 +37,7 @@ class MemoryConfig:
   lookup: str = "dense"  # 'sharded': value table rows split over `slot_axes` of the mesh
   slot_axes: tuple[str, ...] = ("model",)
   # Mesh axes the tokens are split over; non-empty: each device searches its own tokens' keys
-  # (sharding.sharded_product_key_topk).
+  # (sharded_memory.sharded_product_key_topk).
   token_axes: tuple[str, ...] = ()
 
   @property

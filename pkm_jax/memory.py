@@ -194,8 +194,8 @@ class ProductKeyMemory(nnx.Module):
     # The search runs in float32 even under bf16 compute: near-ties decide which rows are read.
     keys = self.keys.value.astype(jnp.float32)
     if cfg.token_axes:
-      from pkm_jax import sharding  # pylint: disable=g-import-not-at-top
-      scores, indices = sharding.sharded_product_key_topk(q_BxTxHxK, keys, cfg.k,
+      from pkm_jax import sharded_memory  # pylint: disable=g-import-not-at-top
+      scores, indices = sharded_memory.sharded_product_key_topk(q_BxTxHxK, keys, cfg.k,
                                                           token_axes=cfg.token_axes)
     else:
       scores, indices = product_key_topk(q_BxTxHxK, keys, cfg.k)
@@ -204,8 +204,8 @@ class ProductKeyMemory(nnx.Module):
     if value_probe is not None:
       values = jax.lax.stop_gradient(values)
     if cfg.lookup == "sharded":
-      from pkm_jax import sharding  # pylint: disable=g-import-not-at-top
-      out_BxTxV = sharding.sharded_weighted_lookup(values, indices, weights,
+      from pkm_jax import sharded_memory  # pylint: disable=g-import-not-at-top
+      out_BxTxV = sharded_memory.sharded_weighted_lookup(values, indices, weights,
                                                    slot_axes=cfg.slot_axes)
     else:
       out_BxTxV = weighted_lookup(values, indices, weights)

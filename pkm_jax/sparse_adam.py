@@ -23,8 +23,8 @@ Interface (optax in spirit, but on rows):
   row_ids, row_updates, state = tx.update(row_ids, row_grads, state, table)
   table = apply_row_updates(table, row_ids, row_updates)
 row_ids are unique; entries >= N are padding (their gathers read zeros, their scatters drop), so
-every array has a static shape and the step jits once. `sharding.sharded_sparse_update` runs the
-same update on each block of a row-sharded table; `sharding.sharded_sparse_step` (the trainer's)
+every array has a static shape and the step jits once. `sharded_memory.sharded_sparse_update` runs the
+same update on each block of a row-sharded table; `sharded_memory.sharded_sparse_step` (the trainer's)
 also builds the row gradients inside each block, so no [rows, V] array crosses devices.
 """
 
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pkm_jax import sharding
+from pkm_jax import sharded_memory
 
 
 class SparseAdamState(NamedTuple):
@@ -121,9 +121,9 @@ def row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *
   size = min(m * picks, num_rows)
   row_ids, inverse = jnp.unique(idx_MxP, size=size, fill_value=num_rows, return_inverse=True)
   if pick_chunk is None:
-    pick_chunk = sharding.default_pick_chunk(m, picks, v)
+    pick_chunk = sharded_memory.default_pick_chunk(m, picks, v)
   # Padding picks of the last chunk point at `size`, past the end: their scatters drop.
-  inv_CxMxc, w_CxMxc = sharding.chunk_picks(
+  inv_CxMxc, w_CxMxc = sharded_memory.chunk_picks(
       inverse.reshape(m, picks), weights.reshape(m, picks), max(1, min(pick_chunk, picks)), size)
   g_MxV = grad_out.reshape(m, v).astype(jnp.float32)
 
@@ -132,9 +132,9 @@ def row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *
     return acc_RxV.at[inv].add(w.astype(jnp.float32)[..., None] * g_MxV[:, None, :],
                                mode="drop"), None
 
-  # Inside shard_map (sharding.sharded_sparse_step) the carry must vary over the mesh axes its
+  # Inside shard_map (sharded_memory.sharded_sparse_step) the carry must vary over the mesh axes its
   # inputs vary over.
-  init = sharding._zeros_varying(  # pylint: disable=protected-access
+  init = sharded_memory.zeros_varying(
       (size, v), jnp.float32, inverse, weights, grad_out)
   row_grads, _ = jax.lax.scan(add_chunk, init, (inv_CxMxc, w_CxMxc))
   return row_ids.astype(jnp.int32), row_grads.astype(grad_out.dtype)

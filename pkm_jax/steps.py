@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from pkm_jax import metrics as metrics_lib
-from pkm_jax import sharding as sharding_lib
+from pkm_jax import sharded_memory
 from pkm_jax import sparse_adam
 from pkm_jax.config import ModelConfig
 
@@ -106,7 +106,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
       opt = state.sparse_opt_state[str(layer)]
       if model_cfg.memory.lookup == "sharded":
         # Row gradients are built inside each table block: only token-sized arrays move.
-        new_table, opt = sharding_lib.sharded_sparse_step(
+        new_table, opt = sharded_memory.sharded_sparse_step(
             sparse_tx, picks, aux[layer].weights, grad_out, opt, table.value,
             slot_axes=model_cfg.memory.slot_axes)
       else:

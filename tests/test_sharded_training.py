@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from pkm_jax import sharding, trainer  # noqa: E402
 from pkm_jax.memory import product_key_topk  # noqa: E402
 from pkm_jax.steps import BATCH_KEYS  # noqa: E402
-from test_sharding import COLLECTIVE, SHAPE, collective_sizes  # noqa: E402
+from test_sharded_memory import COLLECTIVE, SHAPE, collective_sizes  # noqa: E402
 from test_trainer import final_params, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")

@@ -14,7 +14,7 @@ import optax  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from pkm_jax import sharding  # noqa: E402
+from pkm_jax import sharded_memory, sharding  # noqa: E402
 from pkm_jax import sparse_adam as sa  # noqa: E402
 from pkm_jax.memory import weighted_lookup  # noqa: E402
 
@@ -136,7 +136,7 @@ def test_sharded_update_equals_unsharded(data, model, slot_axes):
   state0 = tx.init(table0)
   state_sharding = sharding.row_state_shardings(state0, table_sharding, n)
   sharded_step = jax.jit(
-      lambda ids, g, s, tb: sharding.sharded_sparse_update(tx, ids, g, s, tb, slot_axes=slot_axes),
+      lambda ids, g, s, tb: sharded_memory.sharded_sparse_update(tx, ids, g, s, tb, slot_axes=slot_axes),
       out_shardings=(table_sharding, state_sharding))
   table, state = table0, state0
   s_table = jax.device_put(table0, table_sharding)
