@@ -231,7 +231,7 @@ def test_remat_gives_the_same_loss_and_gradients():
       logits, _ = nnx.merge(graphdef, params, rest, copy=True)(ids, mask,
                                                                rngs=nnx.Rngs(dropout=3))
       return jnp.mean(logits**2)
-    return jax.value_and_grad(loss)(params)
+    return jax.jit(jax.value_and_grad(loss))(params)
 
   plain_loss, plain_grads = loss_and_grads(cfg)
   remat_loss, remat_grads = loss_and_grads(dataclasses.replace(cfg, remat=True))
