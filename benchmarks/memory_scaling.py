@@ -88,7 +88,7 @@ def measure(n_keys: int, values_optimizer: str, args: argparse.Namespace) -> dic
   program = trainer.build_train_program(config, vocab)
   t0 = time.perf_counter()
   with jax.set_mesh(program.mesh):
-    state = jax.jit(program.init_state, out_shardings=program.state_sharding)()
+    state = program.init_state()
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
   peak_init_mib = _peak_rss_mib()

@@ -14,6 +14,7 @@ import ml_collections
 MEMORY_MODES = ("none", "replace", "residual")
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 LOOKUPS = ("dense", "sharded")
+DECAYS = ("linear", "cosine", "constant")
 
 
 class ConfigError(ValueError):
@@ -172,6 +173,50 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
                       f"data.batch_size={config.data.batch_size}")
   if config.train.steps <= 0:
     raise ConfigError(f"train.steps={config.train.steps} must be positive")
+  for key in ("log_every", "eval_every", "checkpoint_every"):
+    if config.train[key] <= 0:
+      raise ConfigError(f"train.{key}={config.train[key]} must be positive")
+  if config.train.memory_stats_every < 0:
+    raise ConfigError(f"train.memory_stats_every={config.train.memory_stats_every} must be >= 0 "
+                      "(0: off)")
+  o = config.optim
+  for key in ("lr", "values_lr"):
+    if not o[key] >= 0:  # also catches NaN
+      raise ConfigError(f"optim.{key}={o[key]} must be a number >= 0")
+  if o.decay not in DECAYS:
+    raise ConfigError(f"optim.decay={o.decay!r} is not one of {DECAYS}")
+  _check_mesh(config)
+
+
+def _check_mesh(config: ml_collections.ConfigDict) -> None:
+  """Mesh sizes and rules that can be checked without devices (the trainer checks the rest)."""
+  from pkm_jax import sharding  # pylint: disable=g-import-not-at-top
+
+  mesh = config.mesh
+  for key in ("data", "model"):
+    if mesh[key] == 0 or mesh[key] < -1:
+      raise ConfigError(f"mesh.{key}={mesh[key]} must be positive or -1 (all remaining devices)")
+  for rule in mesh.rules or ():
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ConfigError(f"mesh.rules entry {rule!r} is not a (logical axis, mesh axes) pair")
+    axes = rule[1]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    unknown = [a for a in axes if a not in sharding.MESH_AXES]
+    if unknown:
+      raise ConfigError(f"mesh.rules maps {rule[0]!r} to unknown mesh axes {unknown}; the mesh "
+                        f"axes are {sharding.MESH_AXES}")
+  if mesh.data > 0 and not any(rule[0] == "batch" for rule in mesh.rules or ()):
+    check_batch_split(config, mesh.data)
+
+
+def check_batch_split(config: ml_collections.ConfigDict, data_ways: int) -> None:
+  """Each micro-batch must split evenly over the devices the batch is split over."""
+  micro_batch = config.data.batch_size // config.train.grad_accum_steps
+  if micro_batch % data_ways:
+    raise ConfigError(f"data.batch_size={config.data.batch_size} / train.grad_accum_steps="
+                      f"{config.train.grad_accum_steps} = {micro_batch} sequences per "
+                      f"micro-batch do not split over the {data_ways} devices of the batch "
+                      "axes (mesh.data)")
 
 
 def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,

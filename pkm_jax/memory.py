@@ -196,7 +196,7 @@ class ProductKeyMemory(nnx.Module):
     if cfg.token_axes:
       from pkm_jax import sharded_memory  # pylint: disable=g-import-not-at-top
       scores, indices = sharded_memory.sharded_product_key_topk(q_BxTxHxK, keys, cfg.k,
-                                                          token_axes=cfg.token_axes)
+                                                                token_axes=cfg.token_axes)
     else:
       scores, indices = product_key_topk(q_BxTxHxK, keys, cfg.k)
     weights = jax.nn.softmax(scores, axis=-1)
@@ -206,7 +206,8 @@ class ProductKeyMemory(nnx.Module):
     if cfg.lookup == "sharded":
       from pkm_jax import sharded_memory  # pylint: disable=g-import-not-at-top
       out_BxTxV = sharded_memory.sharded_weighted_lookup(values, indices, weights,
-                                                   slot_axes=cfg.slot_axes)
+                                                         slot_axes=cfg.slot_axes,
+                                                         token_axes=cfg.token_axes)
     else:
       out_BxTxV = weighted_lookup(values, indices, weights)
     if value_probe is not None:

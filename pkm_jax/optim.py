@@ -49,7 +49,7 @@ def _decay_mask(params):
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The full optimizer (global-norm clipping first) and the network's schedule, for logging."""
+  """The params' optimizer (network AdamW + values Adam) and the network's schedule."""
   schedule = learning_rate_schedule(optim, total_steps)
   network = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                         weight_decay=optim.weight_decay, mask=_decay_mask)
@@ -59,7 +59,6 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
   else:
     # 'sparse_adam' updates the table outside optax (pkm_jax.sparse_adam); here it is frozen.
     values = optax.set_to_zero()
-  tx = optax.multi_transform({DEFAULT: network, VALUES: values}, param_labels)
-  if optim.grad_clip and optim.grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
-  return tx, schedule
+  # Gradient clipping (optim.grad_clip) happens in the train step, whose global norm also
+  # covers the row gradients of sparse value updates, which never pass through this optimizer.
+  return optax.multi_transform({DEFAULT: network, VALUES: values}, param_labels), schedule

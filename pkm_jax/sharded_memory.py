@@ -1,4 +1,4 @@
-"""The memory layer's hand-partitioned ops: search, table lookup and sparse optimizer step.
+"""The memory layer's hand-partitioned ops: search, table lookup and sparse value updates.
 
 Each is one `jax.shard_map` over the ('data', 'model') mesh of `sharding.py`, so what crosses
 devices is written here rather than left to XLA's partitioner.
@@ -13,12 +13,16 @@ weights and sums them, and the blocks' partial [tokens, V] sums are reduced acro
 the wire carries token-sized partials and picks, never table rows. With the FSDP-style rule
 ('slots', ('model', 'data')) the table is split over every device; the picks are then all-gathered
 over 'data' and the partials reduce-scattered back, so a dense table gradient is never all-reduced.
+
+Sparse value updates: each device builds the gradients of the picked rows of its own block from
+all-gathered picks and output gradients (`sharded_row_gradients`; one scalar psum for the global
+gradient norm), then steps those rows in place (`sharded_row_update`; no collective).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +30,9 @@ from jax.sharding import PartitionSpec as P
 
 from pkm_jax.memory import product_key_topk
 from pkm_jax.sharding import DATA, MODEL, is_row_leaf
+
+if TYPE_CHECKING:  # sparse_adam imports this module
+  from pkm_jax.sparse_adam import SparseGradientTransformation
 
 # Bytes of gathered rows [tokens, chunk, V] per loop step of the local lookup.
 _GATHER_CHUNK_BYTES = 1 << 27
@@ -64,8 +71,6 @@ def sharded_product_key_topk(query: jax.Array, sub_keys: jax.Array, k: int, *,
   return jax.shard_map(local_search, in_specs=(spec, P()), out_specs=(spec, spec))(query, sub_keys)
 
 
-
-
 def _context_mesh(slot_axes: tuple[str, ...], token_axes: tuple[str, ...], caller: str):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -94,7 +99,8 @@ def _to_local_rows(ids: jax.Array, n_local: int, slot_axes: tuple[str, ...]) -> 
   return jnp.where((local >= 0) & (local < n_local), local, n_local)
 
 
-def chunk_picks(idx_MxP: jax.Array, w_MxP: jax.Array, chunk: int, pad_id: int):
+def chunk_picks(idx_MxP: jax.Array, w_MxP: jax.Array, chunk: int, pad_id: int
+                ) -> tuple[jax.Array, jax.Array]:
   """[M, P] -> [C, M, chunk] for a scan over pick chunks; padding picks point nowhere (pad_id)
   with weight 0."""
   m, p = idx_MxP.shape
@@ -110,7 +116,7 @@ def default_pick_chunk(tokens: int, picks: int, v_dim: int, itemsize: int = 4) -
   return max(1, min(picks, _GATHER_CHUNK_BYTES // max(tokens * v_dim * itemsize, 1)))
 
 
-def zeros_varying(shape, dtype, *like: jax.Array) -> jax.Array:
+def zeros_varying(shape: tuple[int, ...], dtype: Any, *like: jax.Array) -> jax.Array:
   """Zeros that vary over the same manual mesh axes as `like` (a scan carry must keep its type
   inside shard_map, and the loop body makes it vary over every axis its inputs vary over)."""
   vma = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in like))
@@ -175,7 +181,8 @@ def _make_lookup(slot_axes: tuple[str, ...], token_axes: tuple[str, ...], chunk:
     b, s, p = idx.shape
     lidx = _to_local_rows(idx.reshape(b * s, p), values_nxV.shape[0], slot_axes)
     out_MxV = _local_lookup(values_nxV, lidx, w.reshape(b * s, p), chunk)
-    return combine(out_MxV.reshape(b, s, -1).astype(values_nxV.dtype))
+    # Partials are summed across blocks in float32, whatever the table's dtype.
+    return combine(out_MxV.reshape(b, s, -1)).astype(values_nxV.dtype)
 
   def bwd_local(values_nxV, idx_BxSxP, w_BxSxP, g_BxSxV):
     idx, w, g = gather_tokens(idx_BxSxP, w_BxSxP, g_BxSxV)
@@ -251,76 +258,75 @@ def sharded_weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: 
 # ---------------------------------------------------------------------------------------------
 
 
-def sharded_sparse_update(tx, row_ids: jax.Array, row_grads: jax.Array, opt_state: Any,
-                          table: jax.Array, *, slot_axes: Sequence[str] = (MODEL,)
-                          ) -> tuple[jax.Array, Any]:
+def _check_row_split(n: int, slot_axes: tuple[str, ...], mesh, caller: str) -> None:
+  blocks = math.prod(mesh.shape[a] for a in slot_axes)
+  if n % blocks:
+    raise ValueError(f"{caller}: {n} table rows do not split into {blocks} blocks over mesh "
+                     f"axes {slot_axes}")
+
+
+def sharded_row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *,
+                          num_rows: int, slot_axes: Sequence[str] = (MODEL,),
+                          token_axes: Sequence[str] = (DATA,)
+                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """d loss / d table at the picked rows, built inside each device's row block.
+
+  indices/weights [B, T, H, K] (ids >= num_rows: padding) and grad_out [B, T, V] (d loss / d
+  memory output), split over `token_axes` -> row_ids [blocks * R] (ids local to their block,
+  padding = block size), row_grads [blocks * R, V] (both split over `slot_axes`, R rows per
+  block, as `sparse_adam.row_gradients` makes them) and the squared norm of all row gradients
+  [] (replicated, for global-norm clipping). Each device all-gathers the picks and output
+  gradients (token-sized) and coalesces only the picks that land in its own block: coalescing
+  replicated would all-reduce [min(picks, N), V] row gradients -- the whole table once a
+  batch's picks outnumber its rows.
+  """
+  from pkm_jax import sparse_adam  # pylint: disable=g-import-not-at-top
+
+  slot_axes, token_axes = tuple(slot_axes), tuple(token_axes)
+  mesh = _context_mesh(slot_axes, token_axes, "sharded_row_gradients")
+  _check_row_split(num_rows, slot_axes, mesh, "sharded_row_gradients")
+  slot_axes, token_axes = _real_axes(slot_axes, mesh), _real_axes(token_axes, mesh)
+  n_local = num_rows // math.prod(mesh.shape[a] for a in slot_axes)
+  row_spec, token_spec = P(_axes_entry(slot_axes)), P(_axes_entry(token_axes))
+
+  def local_rows(idx, w, g):
+    if token_axes:
+      # Invariant over the token axes: every copy of a block builds the same rows.
+      idx, w, g = (jax.lax.all_gather(x, token_axes, axis=0, tiled=True, to="invarying")
+                   for x in (idx, w, g))
+    row_ids, row_grads = sparse_adam.row_gradients(_to_local_rows(idx, n_local, slot_axes), w,
+                                                   g, num_rows=n_local)
+    sq_norm = jnp.sum(jnp.square(row_grads.astype(jnp.float32)))
+    return row_ids, row_grads, jax.lax.psum(sq_norm, slot_axes) if slot_axes else sq_norm
+
+  return jax.shard_map(local_rows, in_specs=(token_spec,) * 3,
+                       out_specs=(row_spec, row_spec, P()))(indices, weights, grad_out)
+
+
+def sharded_row_update(tx: SparseGradientTransformation, row_ids: jax.Array,
+                       row_grads: jax.Array, opt_state: Any, table: jax.Array, *,
+                       slot_axes: Sequence[str] = (MODEL,)) -> tuple[jax.Array, Any]:
   """One row-wise optimizer step (e.g. `sparse_adam`) on a table split over `slot_axes`.
 
-  row_ids [R] (unique; ids >= N are padding) and row_grads [R, V] are replicated; each device
-  maps the ids into its own row block (others become padding) and applies `tx` there, so a step
-  touches only R rows per device and moves no table data. -> (table, opt_state).
+  row_ids [blocks * R] (block-local, unique within a block; ids >= block size are padding) and
+  row_grads [blocks * R, V], split over `slot_axes` as `sharded_row_gradients` returns them; the
+  table [N, V] and the row-wise state split the same way. Each device steps its own rows: no
+  collective at all. -> (table, opt_state).
   """
   from pkm_jax import sparse_adam  # pylint: disable=g-import-not-at-top
 
   slot_axes = tuple(slot_axes)
-  mesh = _context_mesh(slot_axes, (), "sharded_sparse_update")
+  mesh = _context_mesh(slot_axes, (), "sharded_row_update")
   n = table.shape[0]
-  blocks = math.prod(mesh.shape[a] for a in slot_axes)
-  if n % blocks:
-    raise ValueError(f"sharded_sparse_update: {n} table rows do not split into {blocks} blocks "
-                     f"over mesh axes {slot_axes}")
+  _check_row_split(n, slot_axes, mesh, "sharded_row_update")
   slot_axes = _real_axes(slot_axes, mesh)
   row_spec = P(_axes_entry(slot_axes))
   state_specs = jax.tree.map(lambda x: row_spec if is_row_leaf(x, n) else P(), opt_state)
 
   def local_step(ids, grads, state, table_block):
-    local_ids = _to_local_rows(ids, table_block.shape[0], slot_axes)
-    local_ids, updates, state = tx.update(local_ids, grads, state, table_block)
-    return sparse_adam.apply_row_updates(table_block, local_ids, updates), state
+    ids, updates, state = tx.update(ids, grads, state, table_block)
+    return sparse_adam.apply_row_updates(table_block, ids, updates), state
 
-  step = jax.shard_map(local_step, in_specs=(P(), P(), state_specs, row_spec),
+  step = jax.shard_map(local_step, in_specs=(row_spec, row_spec, state_specs, row_spec),
                        out_specs=(row_spec, state_specs))
   return step(row_ids, row_grads, opt_state, table)
-
-
-def sharded_sparse_step(tx, indices: jax.Array, weights: jax.Array, grad_out: jax.Array,
-                        opt_state: Any, table: jax.Array, *,
-                        slot_axes: Sequence[str] = (MODEL,), token_axes: Sequence[str] = (DATA,)
-                        ) -> tuple[jax.Array, Any]:
-  """Row gradients and one row-wise optimizer step, both inside each device's row block.
-
-  indices/weights [B, T, H, K] (ids >= N: padding) and grad_out [B, T, V] (d loss / d memory
-  output) are split over `token_axes`; the table [N, V] and the row-wise state over `slot_axes`.
-  Each device all-gathers the picks and output gradients (token-sized) and builds the gradients
-  of the picked rows of its own block only (`sparse_adam.row_gradients`), then steps them with
-  `tx`. Coalescing the picks replicated would instead all-reduce [min(picks, N), V] row
-  gradients -- the whole table once a batch's picks outnumber its rows. -> (table, opt_state).
-  """
-  from pkm_jax import sparse_adam  # pylint: disable=g-import-not-at-top
-
-  slot_axes, token_axes = tuple(slot_axes), tuple(token_axes)
-  mesh = _context_mesh(slot_axes, token_axes, "sharded_sparse_step")
-  n = table.shape[0]
-  blocks = math.prod(mesh.shape[a] for a in slot_axes)
-  if n % blocks:
-    raise ValueError(f"sharded_sparse_step: {n} table rows do not split into {blocks} blocks "
-                     f"over mesh axes {slot_axes}")
-  slot_axes, token_axes = _real_axes(slot_axes, mesh), _real_axes(token_axes, mesh)
-  row_spec, token_spec = P(_axes_entry(slot_axes)), P(_axes_entry(token_axes))
-  state_specs = jax.tree.map(lambda x: row_spec if is_row_leaf(x, n) else P(), opt_state)
-
-  def local_step(idx, w, g, state, table_block):
-    if token_axes:
-      # Invariant over the token axes: every copy of a block takes the same step.
-      idx, w, g = (jax.lax.all_gather(x, token_axes, axis=0, tiled=True, to="invarying")
-                   for x in (idx, w, g))
-    n_local = table_block.shape[0]
-    local_idx = _to_local_rows(idx, n_local, slot_axes)
-    row_ids, row_grads = sparse_adam.row_gradients(local_idx, w, g, num_rows=n_local)
-    row_ids, updates, state = tx.update(row_ids, row_grads, state, table_block)
-    return sparse_adam.apply_row_updates(table_block, row_ids, updates), state
-
-  step = jax.shard_map(local_step, in_specs=(token_spec, token_spec, token_spec, state_specs,
-                                             row_spec),
-                       out_specs=(row_spec, state_specs))
-  return step(indices, weights, grad_out, opt_state, table)

@@ -17,8 +17,9 @@ table get the table's logical axes -- and thus its sharding -- from the same rul
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
+
 from absl import logging
-from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -75,9 +76,9 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | No
                        devices=devices)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over 'data', the rest replicated."""
-  return NamedSharding(mesh, P(DATA))
+def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+  """Leading (batch) dimension split as the 'batch' rule says (default: over 'data')."""
+  return NamedSharding(mesh, logical_to_spec(("batch",), rules))
 
 
 def rules_from_config(config: ml_collections.ConfigDict) -> Rules:
@@ -86,10 +87,15 @@ def rules_from_config(config: ml_collections.ConfigDict) -> Rules:
   return tuple((name, _as_axes(axes)) for name, axes in rules) + DEFAULT_RULES
 
 
+def rule_axes(logical: str, rules: Rules) -> tuple[str, ...]:
+  """The mesh axes a logical axis is split over under `rules`, e.g. 'slots' -> ('model',)."""
+  axes = logical_to_spec((logical,), rules)[0]
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def slot_axes(rules: Rules) -> tuple[str, ...]:
   """The mesh axes the value tables' rows are split over under `rules`."""
-  axes = logical_to_spec(("slots",), rules)[0]
-  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return rule_axes("slots", rules)
 
 
 def _as_axes(axes) -> MeshAxes:
@@ -133,18 +139,6 @@ def logical_to_spec(logical: Sequence[str | None], rules: Rules,
   return P(*entries)
 
 
-def _is_logical(x) -> bool:
-  return isinstance(x, P) or (isinstance(x, tuple)
-                              and all(a is None or isinstance(a, str) for a in x))
-
-
-def logical_to_sharding(logical_spec_tree: Any, mesh: Mesh, rules: Rules) -> Any:
-  """A tree whose leaves are logical-name tuples (None: replicated) -> NamedShardings."""
-  def to_sharding(logical):
-    return NamedSharding(mesh, P() if logical is None else logical_to_spec(logical, rules))
-  return jax.tree.map(to_sharding, logical_spec_tree, is_leaf=lambda x: x is None or _is_logical(x))
-
-
 def _variable_logical_axes(var: nnx.Variable) -> tuple | None:
   meta = var.get_metadata()
   # Our params use `logical_axes`; flax's own nnx.with_partitioning spells it `out_sharding`.
@@ -176,24 +170,6 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULE
 
   return jax.tree_util.tree_map_with_path(leaf, abstract_state,
                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def train_state_shardings(abstract_state: Any, mesh: Mesh,
-                          config: ml_collections.ConfigDict) -> Any:
-  """`state_shardings` with the rules the config asks for (see `rules_from_config`)."""
-  return state_shardings(abstract_state, mesh, rules_from_config(config))
-
-
-def sharded_init(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules = DEFAULT_RULES
-                 ) -> tuple[Any, Any]:
-  """Runs `init_fn` (-> tree of Variables / arrays) straight into its shardings.
-
-  jit with out_shardings lets XLA create each shard on its device (jax's random bits are
-  partitionable), so no device ever holds a whole table. Returns (state, shardings).
-  """
-  shardings = state_shardings(jax.eval_shape(init_fn), mesh, rules)
-  with jax.set_mesh(mesh):
-    return jax.jit(init_fn, out_shardings=shardings)(), shardings
 
 
 def row_state_shardings(abstract_state: Any, table_sharding: NamedSharding, num_rows: int) -> Any:

@@ -23,9 +23,10 @@ Interface (optax in spirit, but on rows):
   row_ids, row_updates, state = tx.update(row_ids, row_grads, state, table)
   table = apply_row_updates(table, row_ids, row_updates)
 row_ids are unique; entries >= N are padding (their gathers read zeros, their scatters drop), so
-every array has a static shape and the step jits once. `sharded_memory.sharded_sparse_update` runs the
-same update on each block of a row-sharded table; `sharded_memory.sharded_sparse_step` (the trainer's)
-also builds the row gradients inside each block, so no [rows, V] array crosses devices.
+every array has a static shape and the step jits once. On a row-sharded table,
+`sharded_memory.sharded_row_gradients` builds each block's row gradients inside that block and
+`sharded_memory.sharded_row_update` runs this update there, so no [rows, V] array crosses devices.
+The train step clips row gradients together with the dense ones, by their joint global norm.
 """
 
 from __future__ import annotations
@@ -107,9 +108,10 @@ def row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *
   """d loss / d values, only at picked rows, from d loss / d (memory output).
 
   indices/weights [B, T, H, K], grad_out [B, T, V] -> row_ids [R] (unique, sorted, padded with
-  num_rows), row_grads [R, V], R = min(B*T*H*K, num_rows). Row r gets the sum over picks with
-  index r of weight * grad_out. Coalescing is a fixed-size jnp.unique plus a segment sum done as
-  a scan of in-place scatter-adds over pick chunks, so [B, T, H, K, V] is never built.
+  num_rows), row_grads [R, V] (zeros at padding), R = min(B*T*H*K, num_rows). Row r gets the sum
+  over picks with index r of weight * grad_out; picks with ids >= num_rows are dropped.
+  Coalescing is a fixed-size jnp.unique plus a segment sum done as a scan of in-place
+  scatter-adds over pick chunks, so [B, T, H, K, V] is never built.
   """
   if indices.shape != weights.shape or grad_out.shape[:-1] != indices.shape[:-2]:
     raise ValueError(f"row_gradients: indices {indices.shape}, weights {weights.shape} and "
@@ -132,9 +134,12 @@ def row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *
     return acc_RxV.at[inv].add(w.astype(jnp.float32)[..., None] * g_MxV[:, None, :],
                                mode="drop"), None
 
-  # Inside shard_map (sharded_memory.sharded_sparse_step) the carry must vary over the mesh axes its
-  # inputs vary over.
+  # Inside shard_map (sharded_memory.sharded_row_gradients) the carry must vary over the mesh
+  # axes its inputs vary over.
   init = sharded_memory.zeros_varying(
       (size, v), jnp.float32, inverse, weights, grad_out)
   row_grads, _ = jax.lax.scan(add_chunk, init, (inv_CxMxc, w_CxMxc))
+  # Padding picks coalesce into the padding id itself; its gradient is zeroed so that the rows'
+  # norm (for clipping) counts real rows only.
+  row_grads = jnp.where((row_ids < num_rows)[:, None], row_grads, 0.0)
   return row_ids.astype(jnp.int32), row_grads.astype(grad_out.dtype)

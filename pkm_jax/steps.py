@@ -43,8 +43,13 @@ def values_of(params: nnx.State, layer: int) -> nnx.Variable:
 def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, seed: int, *,
                     sparse_tx: sparse_adam.SparseGradientTransformation | None = None,
-                    grad_accum_steps: int = 1) -> Callable:
-  """(TrainState, batch) -> (TrainState, metrics, {layer: MemoryAux}); pure, jit it once."""
+                    grad_accum_steps: int = 1, grad_clip: float = 0.0) -> Callable:
+  """(TrainState, batch) -> (TrainState, metrics, {layer: MemoryAux}); pure, jit it once.
+
+  `tx` updates the params from their dense gradients, `sparse_tx` (if given) the memory value
+  tables from the gradients of their picked rows; with grad_clip > 0 both are first clipped by
+  their joint global norm.
+  """
   base_key = jax.random.key(seed)
   n_slots, v_dim = model_cfg.memory.n_slots, model_cfg.memory.v_dim
   layers = model_cfg.memory_layers if sparse_tx is not None else ()
@@ -74,9 +79,11 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
       grads, probe_grads, sums, aux, model_state = micro_grads(
           state.params, state.model_state, batch, key)
     else:
-      # Micro-batches in sequence (BatchNorm statistics update after each, as in separate steps).
-      micro = jax.tree.map(
-          lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+      # Micro-batch i takes rows i, i + G, i + 2G, ...: every device keeps its own rows (a
+      # contiguous split would put each micro-batch on a few devices and reshuffle the batch).
+      # They run in sequence; BatchNorm statistics update after each, as in separate steps.
+      n_micro = grad_accum_steps
+      micro = jax.tree.map(lambda x: x.reshape(-1, n_micro, *x.shape[1:]).swapaxes(0, 1), batch)
 
       def body(carry, xs):
         grads_acc, model_state = carry
@@ -87,38 +94,58 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, model_state), (probe_grads, sums, aux) = jax.lax.scan(
-          body, (zeros, state.model_state), (micro, jnp.arange(grad_accum_steps)))
-      merge = lambda x: x.reshape(-1, *x.shape[2:])  # [micro, b, ...] -> [B, ...]
-      probe_grads, aux = jax.tree.map(merge, probe_grads), jax.tree.map(merge, aux)
+          body, (zeros, state.model_state), (micro, jnp.arange(n_micro)))
+      unmix = lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:])  # [G, B/G, ...] -> [B, ...]
+      probe_grads, aux = jax.tree.map(unmix, probe_grads), jax.tree.map(unmix, aux)
       sums = jax.tree.map(lambda x: x.sum(0), sums)
     count = jnp.maximum(sums["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
 
-    sparse_opt_state = dict(state.sparse_opt_state)
+    # Sparse path: the gradients of the picked rows of every table (built inside each row block
+    # when the table is split). They join the global norm the dense gradients are clipped by.
+    rows, rows_sq_norm = {}, jnp.zeros((), jnp.float32)
     for layer in layers:
       # Padding tokens' picks become padding rows: a row read only by padding is not touched.
       real = batch["attention_mask"][..., None, None] > 0
       picks = jnp.where(real, aux[layer].indices, n_slots)
       grad_out = probe_grads[layer] / count
-      table = values_of(params, layer)
-      opt = state.sparse_opt_state[str(layer)]
       if model_cfg.memory.lookup == "sharded":
-        # Row gradients are built inside each table block: only token-sized arrays move.
-        new_table, opt = sharded_memory.sharded_sparse_step(
-            sparse_tx, picks, aux[layer].weights, grad_out, opt, table.value,
-            slot_axes=model_cfg.memory.slot_axes)
+        row_ids, row_grads, sq_norm = sharded_memory.sharded_row_gradients(
+            picks, aux[layer].weights, grad_out, num_rows=n_slots,
+            slot_axes=model_cfg.memory.slot_axes, token_axes=model_cfg.memory.token_axes)
       else:
         row_ids, row_grads = sparse_adam.row_gradients(picks, aux[layer].weights, grad_out,
                                                        num_rows=n_slots)
+        sq_norm = jnp.sum(jnp.square(row_grads.astype(jnp.float32)))
+      rows[layer] = (row_ids, row_grads)
+      rows_sq_norm = rows_sq_norm + sq_norm
+    grad_norm = jnp.sqrt(jnp.square(optax.global_norm(grads)) + rows_sq_norm)
+    if grad_clip > 0:
+      # As optax.clip_by_global_norm, over dense and row-sparse gradients together.
+      scale = jnp.where(grad_norm < grad_clip, 1.0, grad_clip / grad_norm)
+      grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+      rows = {layer: (ids, (g * scale).astype(g.dtype)) for layer, (ids, g) in rows.items()}
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    sparse_opt_state = dict(state.sparse_opt_state)
+    for layer, (row_ids, row_grads) in rows.items():
+      table, opt = values_of(params, layer), state.sparse_opt_state[str(layer)]
+      if model_cfg.memory.lookup == "sharded":
+        new_table, opt = sharded_memory.sharded_row_update(
+            sparse_tx, row_ids, row_grads, opt, table.value, slot_axes=model_cfg.memory.slot_axes)
+      else:
         row_ids, row_updates, opt = sparse_tx.update(row_ids, row_grads, opt, table.value)
         new_table = sparse_adam.apply_row_updates(table.value, row_ids, row_updates)
       params["bert"]["layers"][layer]["memory"]["values"] = table.replace(new_table)
       sparse_opt_state[str(layer)] = opt
 
-    metrics = {"loss": sums["nll_sum"] / count, "mlm_accuracy": sums["correct"] / count,
-               "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+    loss, lr = sums["nll_sum"] / count, schedule(state.step)
+    metrics = {"loss": loss, "mlm_accuracy": sums["correct"] / count, "grad_norm": grad_norm,
+               "learning_rate": lr,
+               # False once anything that moves the params is NaN/inf: this step's update
+               # may already have spoilt them, although its loss (computed before) is finite.
+               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)}
     new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
                            opt_state=opt_state, sparse_opt_state=sparse_opt_state)
     return new_state, metrics, aux

@@ -47,9 +47,19 @@ def _save_run_files(workdir: str, config: ml_collections.ConfigDict,
   ckpt_lib.write_json(os.path.join(workdir, "model_config.json"), config_lib.to_dict(model_cfg))
 
 
-def _check_resumable(workdir: str, model_cfg: config_lib.ModelConfig) -> None:
+def _check_resumable(workdir: str, config: ml_collections.ConfigDict,
+                     model_cfg: config_lib.ModelConfig) -> None:
   # How the model is computed (remat, compute dtype, table placement) may change on resume;
-  # what it is may not.
+  # what it is, and the layout of its optimizer state, may not.
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      saved_optimizer = json.load(f).get("optim", {}).get("values_optimizer")
+    if saved_optimizer not in (None, config.optim.values_optimizer):
+      raise ValueError(f"{workdir} was trained with optim.values_optimizer={saved_optimizer!r}, "
+                       f"not {config.optim.values_optimizer!r} (its optimizer state has another "
+                       "layout); use a new --workdir")
+
   def structure(cfg):
     return dataclasses.replace(config_lib.with_lookup(cfg), remat=False, dtype="float32")
   saved, now = structure(ckpt_lib.read_model_config(workdir)), structure(model_cfg)
@@ -78,7 +88,9 @@ class TrainProgram:
   mesh: jax.sharding.Mesh
   model_cfg: config_lib.ModelConfig
   graphdef: nnx.GraphDef
-  init_state: Callable[..., TrainState]  # ([pretrained params]) -> TrainState; jit it
+  # ([pretrained params]) -> TrainState, jitted with out_shardings: every array is created in
+  # its shards, so no device ever holds a whole value table.
+  init_state: Callable[..., TrainState]
   abstract_state: TrainState  # ShapeDtypeStructs
   state_sharding: TrainState  # NamedShardings: the step's in/out shardings
   batch_sharding: jax.sharding.NamedSharding
@@ -95,7 +107,8 @@ def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
   # The table lookup is hand-partitioned (rows, not the table, move) whenever rows are split.
   lookup = "sharded" if np.prod([mesh.shape[a] for a in slot_axes]) > 1 else "dense"
   # The search is hand-partitioned over the batch whenever the batch is split.
-  token_axes = (sharding_lib.DATA,) if mesh.shape[sharding_lib.DATA] > 1 else ()
+  token_axes = tuple(a for a in sharding_lib.rule_axes("batch", rules) if mesh.shape[a] > 1)
+  config_lib.check_batch_split(config, int(np.prod([mesh.shape[a] for a in token_axes])))
   model_cfg = config_lib.model_config(config, vocab_size=vocab_size, lookup=lookup,
                                       slot_axes=slot_axes, token_axes=token_axes)
   tx, schedule = optim_lib.make_optimizer(config.optim, config.train.steps)
@@ -125,13 +138,15 @@ def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
             abstract_state.sparse_opt_state[str(layer)],
             values_of(state_sharding.params, layer).value, model_cfg.memory.n_slots)
         for layer in model_cfg.memory_layers}
-  batch_sharding = sharding_lib.batch_sharding(mesh)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   train_step = jax.jit(make_train_step(graphdef, model_cfg, tx, schedule, config.seed,
                                        sparse_tx=sparse_tx,
-                                       grad_accum_steps=config.train.grad_accum_steps),
+                                       grad_accum_steps=config.train.grad_accum_steps,
+                                       grad_clip=config.optim.grad_clip or 0.0),
                        in_shardings=(state_sharding, {k: batch_sharding for k in BATCH_KEYS}),
                        out_shardings=(state_sharding, None, None), donate_argnums=(0,))
-  return TrainProgram(mesh=mesh, model_cfg=model_cfg, graphdef=graphdef, init_state=init_state,
+  return TrainProgram(mesh=mesh, model_cfg=model_cfg, graphdef=graphdef,
+                      init_state=jax.jit(init_state, out_shardings=state_sharding),
                       abstract_state=abstract_state, state_sharding=state_sharding,
                       batch_sharding=batch_sharding, train_step=train_step,
                       init_reports=init_reports)
@@ -170,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh, model_cfg, graphdef = program.mesh, program.model_cfg, program.graphdef
   abstract_state, state_sharding = program.abstract_state, program.state_sharding
   if resuming:
-    _check_resumable(workdir, model_cfg)
+    _check_resumable(workdir, config, model_cfg)
   _save_run_files(workdir, config, model_cfg)
 
   train_iter, make_eval_iter = data_lib.make_mlm_data(
@@ -208,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     src = ((jax.tree.map(np.asarray, pretrained_weights[1]),)  # host copies: jit places them
            if pretrained_weights is not None else ())
     with jax.set_mesh(mesh):
-      state = jax.jit(program.init_state, out_shardings=state_sharding)(*src)
+      state = program.init_state(*src)
     if program.init_reports:
       print(f"+Init from {config.init['from']}: {program.init_reports[0].summary()}")
 
@@ -241,8 +256,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = MetricWriter(os.path.join(workdir, "tensorboard"))
   usage = zero_usage()
   stats_every = config.train.memory_stats_every if model_cfg.memory_layers else 0
+  every = lambda n, done: done % n == 0 or done == config.train.steps
+  # The first step whose loss, gradients or learning rate were not finite (-1: none), kept on
+  # device so that watching every step costs no host sync.
+  first_bad = jnp.asarray(-1, jnp.int32)
+  note_bad = jax.jit(lambda first, finite, step: jnp.where((first < 0) & ~finite, step, first))
+
+  def stop_if_diverged(done: int, loss: float) -> None:
+    bad = int(first_bad)
+    if bad >= 0:
+      raise FloatingPointError(
+          f"training diverged at step {bad} (NaN/inf loss, gradients or learning rate; loss at "
+          f"step {done} is {loss}); stopping without saving (the last checkpoint, step "
+          f"{manager.latest_step()}, is kept)")
+
   result: dict[str, Any] = {}
-  t0, steps_timed, metrics = time.perf_counter(), 0, None
+  t0, steps_timed = time.perf_counter(), 0
   bar = tqdm(range(start_step, config.train.steps), initial=start_step, total=config.train.steps,
              desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
   try:
@@ -250,18 +279,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch = to_device(next(train_iter))
       with jax.set_mesh(mesh):
         state, metrics, aux = train_step(state, batch)
+        first_bad = note_bad(first_bad, metrics["finite"], step + 1)
         if stats_every:
           usage = accumulate(usage, aux, batch["attention_mask"])
       done = step + 1
       steps_timed += 1
-      if done % config.train.log_every == 0 or done == config.train.steps:
+      if step == start_step:  # the first step compiles: throughput is timed from its end on
+        jax.block_until_ready(state.step)
+        t0, steps_timed = time.perf_counter(), 0
+      if every(config.train.log_every, done):
         host = jax.device_get(metrics)
-        if not np.isfinite(host["loss"]):
-          raise FloatingPointError(
-              f"loss is {host['loss']} at step {done}; stopping without saving (the last "
-              f"checkpoint, step {manager.latest_step()}, is kept)")
-        elapsed = time.perf_counter() - t0
-        host["sequences_per_sec"] = steps_timed * config.data.batch_size / elapsed
+        stop_if_diverged(done, host["loss"])
+        # Time since the last log, less evals and saves (their time restarts the clock).
+        if steps_timed:
+          host["sequences_per_sec"] = steps_timed * config.data.batch_size / (
+              time.perf_counter() - t0)
+        host.pop("finite")
         writer.scalars(done, host, prefix="train/")
         bar.set_postfix(loss=f"{host['loss']:.3f}", acc=f"{host['mlm_accuracy']:.3f}")
         t0, steps_timed = time.perf_counter(), 0
@@ -273,13 +306,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.scalars(done, stats, prefix="train/")
         _memory_images(writer, done, host_usage)
         usage = zero_usage()
-      if done % config.train.eval_every == 0 or done == config.train.steps:
-        result = evaluate(done)
-      if done % config.train.checkpoint_every == 0 or done == config.train.steps:
-        loss = float(jax.device_get(metrics["loss"]))
-        if not np.isfinite(loss):
-          raise FloatingPointError(f"loss is {loss} at step {done}; checkpoint not written")
-        save(done)
+      if every(config.train.eval_every, done) or every(config.train.checkpoint_every, done):
+        stop_if_diverged(done, float(jax.device_get(metrics["loss"])))
+        if every(config.train.eval_every, done):
+          result = evaluate(done)
+        if every(config.train.checkpoint_every, done):
+          save(done)
+        t0, steps_timed = time.perf_counter(), 0
   finally:
     bar.close()
     manager.wait_until_finished()

@@ -125,23 +125,30 @@ def compiled_train_step_hlo(**overrides) -> tuple[str, int]:
   return hlo, program.model_cfg.memory.n_slots * program.model_cfg.memory.v_dim
 
 
-# Tables of 4096 x 32 (64 sub-keys, 128 tokens x 8 picks = 1024 picks per step) and 1024 x 32
-# (32 sub-keys, 256 tokens: 2048 picks, more than the rows -- every row may be touched, so
-# coalesced row gradients would be table-sized). The largest other tensor is the 400 x 32 word
-# embedding, all-reduced as any data-parallel gradient.
-@pytest.mark.parametrize("data, model, rules, values_optimizer, n_keys, seq", [
-    (1, 8, (), "adam", 64, 16),  # the table gradient exists, split like the table
-    (4, 2, (), "sparse_adam", 32, 32),  # row blocks copied over 'data'; picks outnumber rows
-    (4, 2, FSDP, "sparse_adam", 32, 32),  # rows over all devices; picks outnumber rows
+# What must never cross devices is a table block (or its gradient): with data-parallel copies of
+# each block, dense Adam all-reduces that block's gradient over 'data', and sparse updates would
+# too if row gradients were coalesced anywhere but inside the block. So every collective must be
+# smaller than one block. Sizes are chosen so that the largest legitimate ones -- the 400 x 32
+# word embedding's gradient, the [tokens, 32] lookup partials and output gradients -- are
+# smaller than a block: 64^2 rows / 8 blocks for dense Adam; 72^2 = 5184 rows in 2 or 8 blocks for
+# sparse updates, with 16 x 32 tokens x 2 heads x 8 picks = 8192 picks per step, more than the
+# rows, so every row may be touched and coalesced row gradients would be table-sized.
+SPARSE_SIZES = {"memory.n_keys": 72, "memory.k": 8, "data.batch_size": 16, "data.max_len": 32}
+
+
+@pytest.mark.parametrize("data, model, rules, values_optimizer, sizes", [
+    (1, 8, (), "adam", {"memory.n_keys": 64, "data.max_len": 16}),
+    (4, 2, (), "sparse_adam", SPARSE_SIZES),  # row blocks copied over 'data'
+    (4, 2, FSDP, "sparse_adam", SPARSE_SIZES),  # rows over all devices
 ])
-def test_train_step_moves_no_value_table(data, model, rules, values_optimizer, n_keys, seq):
+def test_train_step_moves_no_table_block(data, model, rules, values_optimizer, sizes):
   hlo, table = compiled_train_step_hlo(**{"mesh.data": data, "mesh.model": model,
-                                          "mesh.rules": rules, "memory.n_keys": n_keys,
-                                          "data.max_len": seq,
+                                          "mesh.rules": rules, **sizes,
                                           "optim.values_optimizer": values_optimizer})
+  block = table // (model * (data if rules else 1))
   sizes = collective_sizes(hlo)
   assert sizes, "expected the lookup's partial sums to cross devices"
-  assert max(sizes) < table, (max(sizes), table)
+  assert max(sizes) < block, (max(sizes), block)
 
 
 def collective_shapes(hlo_text: str) -> list[tuple[int, ...]]:
@@ -189,3 +196,23 @@ def test_replicated_table_step_all_reduces_the_table():
   hlo, table = compiled_train_step_hlo(**{"mesh.data": 4, "mesh.model": 2,
                                           "mesh.rules": (("slots", None),)})
   assert max(collective_sizes(hlo)) >= table
+
+
+@pytest.mark.parametrize("data, model, rules, values_optimizer", [
+    (1, 8, (), "adam"),  # table + Adam moments, rows over 'model'
+    (4, 2, FSDP, "sparse_adam"),  # table + row-wise moments, rows over every device
+])
+def test_trainer_init_never_holds_a_whole_table(data, model, rules, values_optimizer):
+  """The trainer's jitted init creates each array in its shards: the largest array anywhere in
+  the compiled, partitioned init program is one table block (the plain jit holds the table)."""
+  config = tiny_config(**{"model.num_layers": 1, "memory.layers": (0,), "memory.n_keys": 64,
+                          "mesh.data": data, "mesh.model": model, "mesh.rules": rules,
+                          "optim.values_optimizer": values_optimizer})
+  program = trainer.build_train_program(config, VOCAB)
+  mem = program.model_cfg.memory
+  with jax.set_mesh(program.mesh):
+    hlo = program.init_state.lower().compile().as_text()
+  biggest = max(int(np.prod([int(d) for d in s.split(",") if d])) for s in SHAPE.findall(hlo))
+  assert biggest == mem.n_slots * mem.v_dim // 8
+  plain = jax.jit(program.init_state.__wrapped__).lower().compile().as_text()
+  assert f"f32[{mem.n_slots},{mem.v_dim}]" in plain

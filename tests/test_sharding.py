@@ -35,19 +35,18 @@ def test_make_mesh_fills_and_validates():
     sharding.make_mesh(-1, 3)
 
 
-def test_logical_to_sharding_rules():
-  mesh = sharding.make_mesh(4, 2)
-  tree = {"values": ("slots", "value_embed"), "kernel": ("embed", "mlp"), "count": None}
-  got = sharding.logical_to_sharding(tree, mesh, sharding.DEFAULT_RULES)
-  assert got["values"].spec == P("model", None)
-  assert got["kernel"].spec == P(None, None)
-  assert got["count"].spec == P()
-  fsdp = sharding.logical_to_sharding(tree, mesh, sharding.FSDP_SLOT_RULES)
-  assert fsdp["values"].spec == P(("model", "data"), None)
+def test_logical_rules_to_specs():
+  rules = sharding.DEFAULT_RULES
+  assert sharding.logical_to_spec(("slots", "value_embed"), rules) == P("model", None)
+  assert sharding.logical_to_spec(("embed", "mlp"), rules) == P(None, None)
+  assert sharding.logical_to_spec(("slots", None), sharding.FSDP_SLOT_RULES) == P(
+      ("model", "data"), None)
+  assert sharding.rule_axes("batch", rules) == ("data",)
+  assert sharding.slot_axes(sharding.FSDP_SLOT_RULES) == ("model", "data")
   with pytest.raises(ValueError, match="'typo' has no rule"):
-    sharding.logical_to_sharding({"x": ("typo",)}, mesh, sharding.DEFAULT_RULES)
+    sharding.logical_to_spec(("typo",), rules)
   with pytest.raises(ValueError, match="used twice"):
-    sharding.logical_to_sharding({"x": ("batch", "batch")}, mesh, sharding.DEFAULT_RULES)
+    sharding.logical_to_spec(("batch", "batch"), rules)
 
 
 class TinyMemoryModel(nnx.Module):
@@ -82,11 +81,14 @@ def _init_state(n, v):
     (1, 8, sharding.DEFAULT_RULES, P("model", None)),
     (4, 2, sharding.FSDP_SLOT_RULES, P(("model", "data"), None)),
 ])
-def test_sharded_init_splits_table_and_its_moments(data, model, rules, spec):
+def test_state_shardings_split_table_and_its_moments(data, model, rules, spec):
   n, v = 4096, 16
   mesh = sharding.make_mesh(data, model)
   init = _init_state(n, v)
-  (params, opt_state), shardings = sharding.sharded_init(init, mesh, rules)
+  # What the trainer does: shardings from the abstract state, then init straight into them.
+  shardings = sharding.state_shardings(jax.eval_shape(init), mesh, rules)
+  with jax.set_mesh(mesh):
+    params, opt_state = jax.jit(init, out_shardings=shardings)()
 
   # Every array of the table's shape -- the table and Adam's mu/nu of it -- is split by rows.
   leaves = jax.tree.leaves((params, opt_state))

@@ -126,8 +126,10 @@ def test_row_gradients_equal_dense_table_gradient(pick_chunk):
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 @pytest.mark.parametrize("data,model,slot_axes", [(1, 8, ("model",)), (4, 2, ("model", "data")),
                                                   (4, 2, ("model",))])
-def test_sharded_update_equals_unsharded(data, model, slot_axes):
-  n, v, r = 64, 4, 10
+def test_sharded_rows_and_update_equal_unsharded(data, model, slot_axes):
+  # Row gradients built inside each device's row block, then stepped there, against the same
+  # three steps on one device: picks with duplicates and every block's first/last row, padding.
+  n, v, b, t, h, k = 64, 4, 8, 3, 2, 4
   rng = np.random.default_rng(3)
   table0 = jnp.asarray(rng.normal(size=(n, v)), jnp.float32)
   tx = sa.sparse_adam(1e-2, B1, B2, EPS, weight_decay=0.01)
@@ -135,21 +137,35 @@ def test_sharded_update_equals_unsharded(data, model, slot_axes):
   table_sharding = NamedSharding(mesh, P(slot_axes, None))
   state0 = tx.init(table0)
   state_sharding = sharding.row_state_shardings(state0, table_sharding, n)
-  sharded_step = jax.jit(
-      lambda ids, g, s, tb: sharded_memory.sharded_sparse_update(tx, ids, g, s, tb, slot_axes=slot_axes),
-      out_shardings=(table_sharding, state_sharding))
+  tokens = NamedSharding(mesh, P("data"))
+
+  def sharded_step(idx, w, g, state, table):
+    ids, grads, sq_norm = sharded_memory.sharded_row_gradients(idx, w, g, num_rows=n,
+                                                               slot_axes=slot_axes)
+    table, state = sharded_memory.sharded_row_update(tx, ids, grads, state, table,
+                                                     slot_axes=slot_axes)
+    return table, state, sq_norm
+
+  sharded_step = jax.jit(sharded_step, in_shardings=(tokens, tokens, tokens, state_sharding,
+                                                     table_sharding),
+                         out_shardings=(table_sharding, state_sharding, None))
   table, state = table0, state0
   s_table = jax.device_put(table0, table_sharding)
   s_state = jax.device_put(state0, state_sharding)
   for _ in range(3):
-    # Unique ids, including every block's first/last row, padded with n as row_gradients does.
-    ids = np.concatenate([np.unique(np.r_[rng.integers(0, n, size=r - 4), 0, 7, 8, 63]), [n, n]])
-    ids = jnp.asarray(ids, jnp.int32)
-    grads = jnp.asarray(rng.normal(size=(len(ids), v)), jnp.float32)
-    ids_u, updates, state = tx.update(ids, grads, state, table)
-    table = sa.apply_row_updates(table, ids_u, updates)
+    idx = rng.integers(0, n, size=(b, t, h, k))
+    idx[0, 0, 0, :] = [0, 7, 8, 63]
+    idx[1, 1, 1, :] = 8  # one token picks the same row four times
+    idx[2, 2] = n  # a padding token
+    idx = jnp.asarray(idx, jnp.int32)
+    w = jnp.asarray(rng.random(size=(b, t, h, k)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(b, t, v)), jnp.float32)
+    ids, grads = sa.row_gradients(idx, w, g, num_rows=n)
+    ids, updates, state = tx.update(ids, grads, state, table)
+    table = sa.apply_row_updates(table, ids, updates)
     with jax.set_mesh(mesh):
-      s_table, s_state = sharded_step(ids, grads, s_state, s_table)
+      s_table, s_state, sq_norm = sharded_step(idx, w, g, s_state, s_table)
+    np.testing.assert_allclose(sq_norm, np.sum(np.square(grads)), rtol=1e-5)
   assert s_table.sharding.is_equivalent_to(table_sharding, 2)
   assert s_state.mu.sharding.is_equivalent_to(table_sharding, 2)
   # Separately compiled programs may fuse differently (FMA): equal to float32 rounding.

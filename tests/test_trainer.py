@@ -69,6 +69,16 @@ def reference_run(tmp_path_factory):
   return workdir, result
 
 
+SPARSE = {"optim.values_optimizer": "sparse_adam"}
+
+
+@pytest.fixture(scope="module")
+def sparse_reference_run(tmp_path_factory):
+  """The reference run with sparse value updates (row-wise optimizer state in the checkpoint)."""
+  workdir = str(tmp_path_factory.mktemp("ref_sparse"))
+  return workdir, trainer.train_and_evaluate(tiny_config(**SPARSE), workdir)
+
+
 def test_run_writes_checkpoints_and_metrics(reference_run):
   workdir, result = reference_run
   assert sorted(ckpt_lib.make_manager(workdir, read_only=True).all_steps()) == [6, 12]
@@ -81,14 +91,25 @@ def test_run_writes_checkpoints_and_metrics(reference_run):
   assert 0 <= stats["kl_uniform"] <= np.log(16**2)
 
 
-def test_resume_from_checkpoint_is_exact(reference_run, tmp_path):
-  ref_dir, _ = reference_run
+@pytest.mark.parametrize("run, overrides", [("reference_run", {}),
+                                           ("sparse_reference_run", SPARSE)])
+def test_resume_from_checkpoint_is_exact(request, run, overrides, tmp_path):
+  ref_dir, _ = request.getfixturevalue(run)
   # Pretend the run died after step 6: drop the final checkpoint and run the same config again.
   workdir = str(tmp_path / "resumed")
   shutil.copytree(ref_dir, workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
-  trainer.train_and_evaluate(tiny_config(), workdir)
+  trainer.train_and_evaluate(tiny_config(**overrides), workdir)
   assert_trees_equal(final_params(workdir), final_params(ref_dir))
+
+
+def test_resume_with_another_values_optimizer_is_refused(reference_run, tmp_path):
+  ref_dir, _ = reference_run
+  workdir = str(tmp_path / "switched")
+  shutil.copytree(ref_dir, workdir)
+  with pytest.raises(ValueError, match="values_optimizer='adam', not 'sparse_adam'"):
+    trainer.train_and_evaluate(tiny_config(**SPARSE, **{"train.steps": 14}), workdir)
+  assert sorted(ckpt_lib.make_manager(workdir, read_only=True).all_steps()) == [6, 12]
 
 
 def test_training_lowers_loss(tmp_path):
@@ -118,8 +139,10 @@ def test_sigkill_after_checkpoint_then_rerun_matches(reference_run, tmp_path):
   while not os.path.isdir(first_ckpt) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  assert proc.wait() == -signal.SIGKILL, "the run ended before it was killed"
   assert os.path.isdir(first_ckpt), "the run never wrote its first checkpoint"
+  killed_at = ckpt_lib.make_manager(workdir, read_only=True).all_steps()
+  assert 12 not in killed_at, "the run had finished before the kill: nothing was resumed"
   done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   assert_trees_equal(final_params(workdir), final_params(ref_dir))
@@ -150,14 +173,19 @@ def test_eval_of_an_earlier_step_and_missing_step(reference_run):
     evaluate.evaluate_workdir(config, workdir, step=7)
 
 
-def test_nan_loss_stops_without_overwriting(reference_run, tmp_path):
+@pytest.mark.parametrize("checkpoint_every", [6, 1])
+def test_divergence_stops_without_overwriting(reference_run, tmp_path, checkpoint_every):
   ref_dir, _ = reference_run
   workdir = str(tmp_path / "nan")
   shutil.copytree(ref_dir, workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
   before = final_params(workdir)
-  with pytest.raises(FloatingPointError, match="loss is nan"):
-    trainer.train_and_evaluate(tiny_config(**{"optim.lr": float("nan")}), workdir)
+  # A learning rate that overflows float32: step 7's update turns the params into inf/NaN while
+  # its own loss (computed before the update) is still finite. With checkpoint_every=1 step 7
+  # is a checkpoint step, so a loss-only check would save the spoilt params.
+  overflow = {"optim.lr": 1e39, "train.checkpoint_every": checkpoint_every}
+  with pytest.raises(FloatingPointError, match="diverged at step 7"):
+    trainer.train_and_evaluate(tiny_config(**overflow), workdir)
   assert sorted(ckpt_lib.make_manager(workdir, read_only=True).all_steps()) == [6]
   assert_trees_equal(final_params(workdir), before)
 
@@ -167,6 +195,11 @@ def test_nan_loss_stops_without_overwriting(reference_run, tmp_path):
     ("--config.memory.layers=(0,9)", "memory.layers"),
     ("--config.memory.k=999", "memory.k"),
     ("--config.memory.mode=residul", "memory.mode"),
+    ("--config.train.log_every=0", "train.log_every"),
+    ("--config.optim.decay=linaer", "optim.decay"),
+    ("--config.optim.lr=-1", "optim.lr"),
+    ("--config.mesh.rules=(('slots','modle'),)", "unknown mesh axes ['modle']"),
+    ("--config.data.batch_size=6", "do not split over the 8 devices"),
 ])
 def test_cli_config_errors_are_one_line(tmp_path, flag, message):
   workdir = tmp_path / "bad"
