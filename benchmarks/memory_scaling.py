@@ -8,13 +8,13 @@ batch is fixed and small enough that the picks (batch * seq * heads * k = 16,384
 the smallest table, so every configuration updates the same number of rows and only N varies.
 
 Each configuration runs in a fresh subprocess, so its peak resident memory (ru_maxrss) is its own.
-Timed: --steps jitted steps after --warmup untimed ones (compilation), each ended by
-block_until_ready; data are random ids made once, outside the timing. With --rounds R every
+Timed: --steps jitted steps after --warmup untimed ones (the step is compiled before them), each
+ended by block_until_ready; data are random ids made once, outside the timing. With --rounds R every
 configuration runs R times, round-robin (so a slow spell of a shared machine hits all of them
 alike), and its figures are the median (min) over all R * steps timed steps. The usage accumulators
 (train.memory_stats_every, [N]-sized) are not part of the step and are not run.
 
-  python benchmarks/memory_scaling.py                 # ~10 minutes on 2 CPU cores
+  python benchmarks/memory_scaling.py                 # ~3 minutes on 2 CPU cores
   python benchmarks/memory_scaling.py --n_keys 128,1024 --optimizers sparse_adam
 Writes benchmarks/results/memory_scaling.json and prints a markdown table.
 """
@@ -34,6 +34,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script
 TARGET_RATIO = 1.3  # sparse updates: step time at the largest table <= 1.3 x at the smallest
+MEM_HEADS, MEM_K = 4, 16
+PICKS_PER_TOKEN = MEM_HEADS * MEM_K
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.error(f"--optimizers: unknown {sorted(bad)} (use adam, sparse_adam)")
   if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
     p.error("--steps, --warmup and --rounds must be >= 1")
+  picks = args.batch * args.seq * PICKS_PER_TOKEN
+  if picks > min(args.n_keys) ** 2:
+    p.error(f"--batch x --seq x {PICKS_PER_TOKEN} = {picks} picks per step exceed the smallest "
+            f"table ({min(args.n_keys)}^2 slots): sizes would differ in rows updated, not only N")
   return args
 
 
@@ -67,7 +73,8 @@ def bench_config(n_keys: int, values_optimizer: str, args: argparse.Namespace):
   config = default_config.get_config()
   config.model.update(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
                       max_position_embeddings=max(64, args.seq))
-  config.memory.update(mode="residual", layers=(1,), n_keys=n_keys, heads=4, k=16, k_dim=64)
+  config.memory.update(mode="residual", layers=(1,), n_keys=n_keys, heads=MEM_HEADS, k=MEM_K,
+                       k_dim=64)
   config.data.update(batch_size=args.batch, max_len=args.seq)
   config.optim.values_optimizer = values_optimizer
   config.train.memory_stats_every = 0
@@ -198,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
   result = {"setup": {"batch": args.batch, "seq": args.seq, "steps": args.steps,
                       "warmup": args.warmup, "rounds": args.rounds, "hidden": 128, "layers": 2,
                       "memory_layers": [1],
-                      "mem_heads": 4, "k": 16, "picks_per_step": args.batch * args.seq * 64,
+                      "mem_heads": MEM_HEADS, "k": MEM_K,
+                      "picks_per_step": args.batch * args.seq * PICKS_PER_TOKEN,
                       "devices": "1 CPU device"},
             "rows": rows, "target_sparse_ratio": TARGET_RATIO,
             "ratio_largest_to_smallest": {key: ratios(rows, key) for key in (

@@ -229,8 +229,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Jitted steps ---------------------------------------------------------------------------
   train_step = program.train_step
-  eval_step = jax.jit(eval_lib.make_eval_step(graphdef, model_cfg))
-  accumulate = jax.jit(make_usage_accumulator(model_cfg.memory.n_slots), donate_argnums=(0,))
+  # Sums and per-slot usage totals come back replicated: every host reads the same numbers.
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  eval_step = jax.jit(eval_lib.make_eval_step(graphdef, model_cfg),
+                      in_shardings=(state_sharding.params, state_sharding.model_state,
+                                    batch_sharding),
+                      out_shardings=replicated)
+  accumulate = jax.jit(make_usage_accumulator(model_cfg.memory.n_slots),
+                       out_shardings=replicated, donate_argnums=(0,))
 
   def zero_usage():
     z = lambda: jnp.zeros((model_cfg.memory.n_slots,), jnp.float32)

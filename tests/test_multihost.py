@@ -2,9 +2,10 @@
 
 `train.py --coordinator_address/--num_processes/--process_id` runs twice (gloo CPU collectives),
 each process feeding only its half of every global batch into one 4x2 ('data' x 'model') mesh
-that spans both, and orbax writing one checkpoint from both. The reference is the same config
-trained in this 8-device test process: the multi-host run must end with the same parameters
-(read back with `restore_model`) and the same held-out loss. A hang (a process waiting on its
+that spans both, and orbax writing one checkpoint from both; then both resume from a middle
+checkpoint, each restoring its own shards. The reference is the same config trained in this
+8-device test process: the multi-host run must end with the same parameters (read back with
+`restore_model`) and the same held-out loss, both times. A hang (a process waiting on its
 peer) is bounded by a deadline after which both processes are killed.
 """
 
@@ -13,6 +14,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import re  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -41,7 +43,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two_hosts(workdir: str, logdir) -> list[str]:
+def run_two_hosts(workdir: str, logdir, **overrides) -> list[str]:
   """Runs both processes to completion (or kills both); returns their outputs."""
   address = f"127.0.0.1:{free_port()}"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -53,7 +55,7 @@ def run_two_hosts(workdir: str, logdir) -> list[str]:
       logs.append(log)
       cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}",
              f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
-             *flags_for({**TINY, **OVERRIDES})]
+             *flags_for({**TINY, **OVERRIDES, **overrides})]
       procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
                                     stderr=subprocess.STDOUT))
     deadline = time.time() + DEADLINE_S
@@ -76,17 +78,28 @@ def run_two_hosts(workdir: str, logdir) -> list[str]:
   return outputs
 
 
-def test_two_hosts_train_like_one(tmp_path):
+def test_two_hosts_train_and_resume_like_one(tmp_path):
   ref_dir, multi_dir = str(tmp_path / "one_host"), str(tmp_path / "two_hosts")
   want = trainer.train_and_evaluate(tiny_config(**OVERRIDES), ref_dir)
-  outputs = run_two_hosts(multi_dir, tmp_path)
+  steps, middle = OVERRIDES["train.steps"], 3
+  # Checkpoints at 3 and 5; the run's results do not depend on when it saves.
+  ckpt = {"train.checkpoint_every": middle}
 
-  steps = OVERRIDES["train.steps"]
-  for out in outputs:  # both hosts computed the same global eval
-    match = FINISHED.search(out)
-    assert match, out[-2000:]
-    assert int(match.group(1)) == steps
-    assert float(match.group(2)) == pytest.approx(want["mlm_loss"], abs=1e-4)  # printed to 4 dp
-  # One checkpoint, written by both processes together, readable here on one device.
-  assert ckpt_lib.make_manager(multi_dir, read_only=True).all_steps() == [steps]
-  assert_params_close(final_params(multi_dir), final_params(ref_dir))
+  def check(outputs):
+    for out in outputs:  # both hosts computed the same global eval
+      match = FINISHED.search(out)
+      assert match, out[-2000:]
+      assert int(match.group(1)) == steps
+      assert float(match.group(2)) == pytest.approx(want["mlm_loss"], abs=1e-4)  # 4 dp printed
+    # Checkpoints written by both processes together, readable here on one device.
+    assert ckpt_lib.make_manager(multi_dir, read_only=True).all_steps() == [middle, steps]
+    assert_params_close(final_params(multi_dir), final_params(ref_dir))
+
+  check(run_two_hosts(multi_dir, tmp_path, **ckpt))
+  # As if both hosts died after step 3: both restore their shards of that checkpoint (state and
+  # data iterator) and must finish exactly as the uninterrupted one-process run did.
+  shutil.rmtree(os.path.join(multi_dir, "checkpoints", str(steps)))
+  outputs = run_two_hosts(multi_dir, tmp_path, **ckpt)
+  resumed = f"Resuming {multi_dir} from step {middle}"
+  assert all(resumed in out for out in outputs), outputs[0][-2000:]
+  check(outputs)
