@@ -144,8 +144,10 @@ class ProductKeyMemory(nnx.Module):
     self.dtype = dtype
     h, kd = cfg.heads, cfg.k_dim
     self.input_dropout = nnx.Dropout(cfg.input_dropout)
+    # The whole query path runs in float32 even under bf16 compute: near-ties between product
+    # keys decide which rows are read, and the projection is a small part of the layer's cost.
     self.query_proj = nnx.Linear(
-        d_in, h * kd, dtype=dtype, param_dtype=param_dtype,
+        d_in, h * kd, dtype=jnp.float32, param_dtype=param_dtype,
         kernel_init=nnx.with_metadata(nnx.initializers.lecun_normal(),
                                       logical_axes=("embed", "mem_query")),
         bias_init=nnx.with_metadata(nnx.initializers.zeros, logical_axes=("mem_query",)),
@@ -191,7 +193,6 @@ class ProductKeyMemory(nnx.Module):
       q_BxTxQ = self.query_norm(q_BxTxQ)
     q_BxTxQ = self.query_dropout(q_BxTxQ, deterministic=not train, rngs=rngs)
     q_BxTxHxK = q_BxTxQ.reshape(b, t, cfg.heads, cfg.k_dim).astype(jnp.float32)
-    # The search runs in float32 even under bf16 compute: near-ties decide which rows are read.
     keys = self.keys.value.astype(jnp.float32)
     if cfg.token_axes:
       from pkm_jax import sharded_memory  # pylint: disable=g-import-not-at-top

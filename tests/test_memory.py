@@ -355,3 +355,24 @@ def test_value_zero_init_outputs_zero():
   out, aux = mem(jnp.ones((2, 3, 10)), jnp.ones((2, 3)))
   assert not np.any(np.asarray(out))
   np.testing.assert_allclose(np.asarray(aux.weights).sum(-1), 1.0, rtol=1e-6)
+
+
+def test_bfloat16_memory_searches_in_float32():
+  # Under bf16 compute the whole query path (projection, norm, scores) stays float32, so the
+  # picks are those of the float32 layer on the same (bf16-rounded) input.
+  cfg = dict(n_keys=64, heads=2, k=8, k_dim=32, v_dim=16, query_norm="layernorm")
+  mem32 = ProductKeyMemory(48, MemoryConfig(**cfg), rngs=nnx.Rngs(0))
+  mem16 = ProductKeyMemory(48, MemoryConfig(**cfg), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x16 = jnp.asarray(np.random.default_rng(0).normal(size=(16, 32, 48)), jnp.bfloat16)
+  mask = jnp.ones((16, 32), jnp.int32)
+  out16, aux16 = mem16(x16, mask)
+  _, aux32 = mem32(x16.astype(jnp.float32), mask)
+  assert out16.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(aux16.indices), np.asarray(aux32.indices))
+  np.testing.assert_allclose(np.asarray(aux16.weights), np.asarray(aux32.weights), rtol=1e-6)
+  # Control: a bf16 projection (what the check guards against) changes some of the picks.
+  proj = mem32.query_proj
+  q16 = (x16 @ proj.kernel.value.astype(jnp.bfloat16) + proj.bias.value.astype(jnp.bfloat16))
+  q = mem32.query_norm(q16.astype(jnp.float32)).reshape(16, 32, 2, 32)
+  _, bf16_picks = product_key_topk(q, mem32.keys.value, 8)
+  assert np.any(np.asarray(bf16_picks) != np.asarray(aux32.indices))
