@@ -15,12 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pkm_jax import chunks
 from pkm_jax.config import MemoryConfig
-
-# Above this many bytes the gathered [tokens, picks, V] block is built in chunks of picks, so the
-# dense lookup never materialises all B*T*H*K rows at once (it would be ~13 GB at BERT-base sizes);
-# the search's backward chunks its picked sub-key rows the same way.
-_GATHER_CHUNK_BYTES = 1 << 28
 
 
 class MemoryAux(NamedTuple):
@@ -28,14 +24,6 @@ class MemoryAux(NamedTuple):
 
   indices: jax.Array  # [B, T, H, K] int32 slot ids, best first
   weights: jax.Array  # [B, T, H, K] softmax weights
-
-
-def _pick_chunk(picks: int, bytes_per_pick: int) -> int:
-  """The largest divisor of `picks` whose gathered block stays under _GATHER_CHUNK_BYTES."""
-  chunk = max(1, min(picks, _GATHER_CHUNK_BYTES // max(bytes_per_pick, 1)))
-  while picks % chunk:
-    chunk -= 1
-  return chunk
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -58,14 +46,17 @@ def _subkey_topk_bwd(k, res, cotangents):
   """score[h, m, j] = q[h, m] . keys[h, ids[h, m, j]], so the gradients are gathered from / added
   into the picked rows only: O(H M k D) work, where autodiff of top_k would fill a dense
   [H, M, n] score gradient and run two matmuls over it -- growing with n_keys, i.e. with sqrt(N).
-  Picks go in chunks so that a gathered [H, M, chunk, D] block stays bounded at large batches."""
+  Picks go in chunks (`pkm_jax.chunks`) so that a gathered [H, M, chunk, D] block stays bounded
+  at large batches."""
   q_HxMxD, keys_HxNxD, ids_HxMxk = res
   g_HxMxk = cotangents[0].astype(q_HxMxD.dtype)
   h, m, d = q_HxMxD.shape
-  chunk = _pick_chunk(k, h * m * d * q_HxMxD.dtype.itemsize)
-  to_chunks = lambda x: x.reshape(h, m, k // chunk, chunk).transpose(2, 0, 1, 3)
-  take_rows = jax.vmap(lambda keys_NxD, ids: keys_NxD[ids])  # over heads
-  add_rows = jax.vmap(lambda g_NxD, ids, upd: g_NxD.at[ids.reshape(-1)].add(upd.reshape(-1, d)))
+  n = keys_HxNxD.shape[1]
+  chunk = chunks.pick_chunk(k, h * m * d * q_HxMxD.dtype.itemsize)
+  take_rows = jax.vmap(  # over heads; padding ids (n) read zeros
+      lambda keys_NxD, ids: jnp.take(keys_NxD, ids, axis=0, mode="fill", fill_value=0))
+  add_rows = jax.vmap(lambda g_NxD, ids, upd: g_NxD.at[ids.reshape(-1)].add(
+      upd.reshape(-1, d), mode="drop"))
 
   def add_chunk(carry, xs):
     g_q, g_keys = carry
@@ -75,7 +66,8 @@ def _subkey_topk_bwd(k, res, cotangents):
     return (g_q, g_keys), None
 
   init = (jnp.zeros_like(q_HxMxD), jnp.zeros_like(keys_HxNxD))
-  (g_q, g_keys), _ = jax.lax.scan(add_chunk, init, (to_chunks(ids_HxMxk), to_chunks(g_HxMxk)))
+  xs = (chunks.to_chunks(ids_HxMxk, chunk, n), chunks.to_chunks(g_HxMxk, chunk, 0))
+  (g_q, g_keys), _ = jax.lax.scan(add_chunk, init, xs)
   return g_q, g_keys
 
 
@@ -115,19 +107,20 @@ def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Arra
   picks = indices.shape[-2] * indices.shape[-1]
   idx_MxP = indices.reshape(-1, picks)
   w_MxP = weights.reshape(-1, picks).astype(values_NxV.dtype)
-  chunk = _pick_chunk(picks, idx_MxP.shape[0] * values_NxV.shape[1] * values_NxV.dtype.itemsize)
+  chunk = chunks.pick_chunk(picks, idx_MxP.shape[0] * values_NxV.shape[1] *
+                            values_NxV.dtype.itemsize)
   if chunk == picks:
     out_MxV = jnp.einsum("mp,mpv->mv", w_MxP, values_NxV[idx_MxP])
   else:
-    idx_CxMxc = idx_MxP.reshape(-1, picks // chunk, chunk).transpose(1, 0, 2)
-    w_CxMxc = w_MxP.reshape(-1, picks // chunk, chunk).transpose(1, 0, 2)
-
+    # Padding picks read row N, past the end: zeros, and their gradient scatters are dropped.
     def add_chunk(acc_MxV, xs):
       idx, w = xs
-      return acc_MxV + jnp.einsum("mc,mcv->mv", w, values_NxV[idx]), None
+      rows = jnp.take(values_NxV, idx, axis=0, mode="fill", fill_value=0)
+      return acc_MxV + jnp.einsum("mc,mcv->mv", w, rows), None
 
     init = jnp.zeros((idx_MxP.shape[0], values_NxV.shape[1]), values_NxV.dtype)
-    out_MxV, _ = jax.lax.scan(add_chunk, init, (idx_CxMxc, w_CxMxc))
+    xs = (chunks.to_chunks(idx_MxP, chunk, values_NxV.shape[0]), chunks.to_chunks(w_MxP, chunk, 0))
+    out_MxV, _ = jax.lax.scan(add_chunk, init, xs)
   return out_MxV.reshape(*lead, values_NxV.shape[1])
 
 

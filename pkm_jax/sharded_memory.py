@@ -22,20 +22,16 @@ gradient norm), then steps those rows in place (`sharded_row_update`; no collect
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from pkm_jax import chunks
+from pkm_jax import sparse_adam
 from pkm_jax.memory import product_key_topk
 from pkm_jax.sharding import DATA, MODEL, is_row_leaf
-
-if TYPE_CHECKING:  # sparse_adam imports this module
-  from pkm_jax.sparse_adam import SparseGradientTransformation
-
-# Bytes of gathered rows [tokens, chunk, V] per loop step of the local lookup.
-_GATHER_CHUNK_BYTES = 1 << 27
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,34 +95,10 @@ def _to_local_rows(ids: jax.Array, n_local: int, slot_axes: tuple[str, ...]) -> 
   return jnp.where((local >= 0) & (local < n_local), local, n_local)
 
 
-def chunk_picks(idx_MxP: jax.Array, w_MxP: jax.Array, chunk: int, pad_id: int
-                ) -> tuple[jax.Array, jax.Array]:
-  """[M, P] -> [C, M, chunk] for a scan over pick chunks; padding picks point nowhere (pad_id)
-  with weight 0."""
-  m, p = idx_MxP.shape
-  pad = -p % chunk
-  idx = jnp.pad(idx_MxP, ((0, 0), (0, pad)), constant_values=pad_id)
-  w = jnp.pad(w_MxP, ((0, 0), (0, pad)))
-  to_chunks = lambda x: x.reshape(m, -1, chunk).transpose(1, 0, 2)
-  return to_chunks(idx), to_chunks(w)
-
-
-def default_pick_chunk(tokens: int, picks: int, v_dim: int, itemsize: int = 4) -> int:
-  """Picks per loop step so that a step's gathered rows [tokens, chunk, V] stay ~128 MiB."""
-  return max(1, min(picks, _GATHER_CHUNK_BYTES // max(tokens * v_dim * itemsize, 1)))
-
-
-def zeros_varying(shape: tuple[int, ...], dtype: Any, *like: jax.Array) -> jax.Array:
-  """Zeros that vary over the same manual mesh axes as `like` (a scan carry must keep its type
-  inside shard_map, and the loop body makes it vary over every axis its inputs vary over)."""
-  vma = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in like))
-  zeros = jnp.zeros(shape, dtype)
-  return jax.lax.pcast(zeros, tuple(sorted(vma)), to="varying") if vma else zeros
-
-
 def _local_lookup(values_nxV, lidx_MxP, w_MxP, chunk):
   """sum_p w * values[lidx] over picks, scanning `chunk` picks at a time; -> [M, V] float32."""
-  idx_CxMxc, w_CxMxc = chunk_picks(lidx_MxP, w_MxP, chunk, values_nxV.shape[0])
+  idx_CxMxc = chunks.to_chunks(lidx_MxP, chunk, values_nxV.shape[0])
+  w_CxMxc = chunks.to_chunks(w_MxP, chunk, 0)
 
   def add_chunk(acc_MxV, xs):
     idx, w = xs
@@ -134,16 +106,16 @@ def _local_lookup(values_nxV, lidx_MxP, w_MxP, chunk):
     return acc_MxV + jnp.einsum("mc,mcv->mv", w.astype(rows_Mxcxv.dtype), rows_Mxcxv,
                                 preferred_element_type=jnp.float32), None
 
-  init = zeros_varying((lidx_MxP.shape[0], values_nxV.shape[1]), jnp.float32, values_nxV,
-                        lidx_MxP, w_MxP)
+  init = chunks.zeros_varying((lidx_MxP.shape[0], values_nxV.shape[1]), jnp.float32,
+                              values_nxV, lidx_MxP, w_MxP)
   return jax.lax.scan(add_chunk, init, (idx_CxMxc, w_CxMxc))[0]
 
 
 def _local_lookup_grads(values_nxV, lidx_MxP, w_MxP, g_MxV, chunk):
   """Gradients of `_local_lookup`: d values (scatter-add into the carried block, in place) and
   d weights (<row, g>), chunk by chunk, so [M, P, V] is never built."""
-  m, p = lidx_MxP.shape
-  idx_CxMxc, w_CxMxc = chunk_picks(lidx_MxP, w_MxP, chunk, values_nxV.shape[0])
+  idx_CxMxc = chunks.to_chunks(lidx_MxP, chunk, values_nxV.shape[0])
+  w_CxMxc = chunks.to_chunks(w_MxP, chunk, 0)
   g_MxV = g_MxV.astype(jnp.float32)
 
   def chunk_grads(g_values_nxV, xs):
@@ -153,9 +125,9 @@ def _local_lookup_grads(values_nxV, lidx_MxP, w_MxP, g_MxV, chunk):
     upd_Mxcxv = w.astype(jnp.float32)[..., None] * g_MxV[:, None, :]
     return g_values_nxV.at[idx].add(upd_Mxcxv, mode="drop"), g_w_Mxc
 
-  init = zeros_varying(values_nxV.shape, jnp.float32, values_nxV, lidx_MxP, w_MxP, g_MxV)
+  init = chunks.zeros_varying(values_nxV.shape, jnp.float32, values_nxV, lidx_MxP, w_MxP, g_MxV)
   g_values, g_w_CxMxc = jax.lax.scan(chunk_grads, init, (idx_CxMxc, w_CxMxc))
-  g_w_MxP = g_w_CxMxc.transpose(1, 0, 2).reshape(m, -1)[:, :p]
+  g_w_MxP = chunks.from_chunks(g_w_CxMxc, lidx_MxP.shape[1])
   return g_values.astype(values_nxV.dtype), g_w_MxP.astype(w_MxP.dtype)
 
 
@@ -223,7 +195,7 @@ def sharded_weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: 
   values [N, V] (rows in contiguous blocks over slot_axes), indices/weights [B, ..., H, K]
   (B split over token_axes) -> [B, ..., V]. Differentiable in values and weights; the gradient
   of each table block is that device's own scatter-add. `pick_chunk` picks are gathered per loop
-  step (default: ~128 MiB of rows), so [B, T, H, K, V] is never materialised.
+  step (default: `chunks.GATHER_CHUNK_BYTES` of rows), so [B, T, H, K, V] is never built.
   """
   slot_axes, token_axes = tuple(slot_axes), tuple(token_axes)
   mesh = _context_mesh(slot_axes, token_axes, "sharded_weighted_lookup")
@@ -246,7 +218,7 @@ def sharded_weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: 
   if pick_chunk is None:
     # Tokens a device sees: its batch shard, or the whole batch if picks are gathered.
     seen = b // token_ways * math.prod(mesh.shape[a] for a in token_axes if a in slot_axes)
-    pick_chunk = default_pick_chunk(seen * idx_BxSxP.shape[1], picks, v)
+    pick_chunk = chunks.pick_chunk(picks, seen * idx_BxSxP.shape[1] * v * 4)
   # Size-1 axes are dropped: a collective over one device is still an op in the program.
   lookup = _make_lookup(_real_axes(slot_axes, mesh), _real_axes(token_axes, mesh),
                         max(1, min(int(pick_chunk), picks)))
@@ -280,8 +252,6 @@ def sharded_row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.
   replicated would all-reduce [min(picks, N), V] row gradients -- the whole table once a
   batch's picks outnumber its rows.
   """
-  from pkm_jax import sparse_adam  # pylint: disable=g-import-not-at-top
-
   slot_axes, token_axes = tuple(slot_axes), tuple(token_axes)
   mesh = _context_mesh(slot_axes, token_axes, "sharded_row_gradients")
   _check_row_split(num_rows, slot_axes, mesh, "sharded_row_gradients")
@@ -303,7 +273,7 @@ def sharded_row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.
                        out_specs=(row_spec, row_spec, P()))(indices, weights, grad_out)
 
 
-def sharded_row_update(tx: SparseGradientTransformation, row_ids: jax.Array,
+def sharded_row_update(tx: sparse_adam.SparseGradientTransformation, row_ids: jax.Array,
                        row_grads: jax.Array, opt_state: Any, table: jax.Array, *,
                        slot_axes: Sequence[str] = (MODEL,)) -> tuple[jax.Array, Any]:
   """One row-wise optimizer step (e.g. `sparse_adam`) on a table split over `slot_axes`.
@@ -313,8 +283,6 @@ def sharded_row_update(tx: SparseGradientTransformation, row_ids: jax.Array,
   table [N, V] and the row-wise state split the same way. Each device steps its own rows: no
   collective at all. -> (table, opt_state).
   """
-  from pkm_jax import sparse_adam  # pylint: disable=g-import-not-at-top
-
   slot_axes = tuple(slot_axes)
   mesh = _context_mesh(slot_axes, (), "sharded_row_update")
   n = table.shape[0]

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pkm_jax import sharded_memory
+from pkm_jax import chunks
 
 
 class SparseAdamState(NamedTuple):
@@ -123,10 +123,11 @@ def row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *
   size = min(m * picks, num_rows)
   row_ids, inverse = jnp.unique(idx_MxP, size=size, fill_value=num_rows, return_inverse=True)
   if pick_chunk is None:
-    pick_chunk = sharded_memory.default_pick_chunk(m, picks, v)
+    pick_chunk = chunks.pick_chunk(picks, m * v * 4)
+  chunk = max(1, min(pick_chunk, picks))
   # Padding picks of the last chunk point at `size`, past the end: their scatters drop.
-  inv_CxMxc, w_CxMxc = sharded_memory.chunk_picks(
-      inverse.reshape(m, picks), weights.reshape(m, picks), max(1, min(pick_chunk, picks)), size)
+  inv_CxMxc = chunks.to_chunks(inverse.reshape(m, picks), chunk, size)
+  w_CxMxc = chunks.to_chunks(weights.reshape(m, picks), chunk, 0)
   g_MxV = grad_out.reshape(m, v).astype(jnp.float32)
 
   def add_chunk(acc_RxV, xs):
@@ -136,8 +137,7 @@ def row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *
 
   # Inside shard_map (sharded_memory.sharded_row_gradients) the carry must vary over the mesh
   # axes its inputs vary over.
-  init = sharded_memory.zeros_varying(
-      (size, v), jnp.float32, inverse, weights, grad_out)
+  init = chunks.zeros_varying((size, v), jnp.float32, inverse, weights, grad_out)
   row_grads, _ = jax.lax.scan(add_chunk, init, (inv_CxMxc, w_CxMxc))
   # Padding picks coalesce into the padding id itself; its gradient is zeroed so that the rows'
   # norm (for clipping) counts real rows only.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pkm_jax import memory as memory_lib
+from pkm_jax import chunks
 from pkm_jax.config import MemoryConfig
 from pkm_jax.memory import ProductKeyMemory, product_key_topk, weighted_lookup
 
@@ -125,12 +125,13 @@ def _full_key_topk(query, sub_keys, k):
     ((2, 5), 2, 12, 8, 4, None),
     ((3,), 3, 9, 6, 9, None),  # k == n_keys
     ((2, 3), 2, 16, 8, 6, 200),  # 6 tokens x 2 heads x 4 dims x 4 B = 192 B a pick: chunks of 1
+    ((2, 3), 2, 16, 8, 6, 800),  # chunks of 4 of the 6 picks: the last one padded
     ((4,), 1, 10, 4, 4, 64),  # 4 x 1 x 2 x 4 = 32 B a pick: chunks of 2
 ])
 def test_topk_gradient_equals_full_key_autodiff(lead, heads, n, k_dim, k, chunk_bytes,
                                                 monkeypatch):
   if chunk_bytes is not None:
-    monkeypatch.setattr(memory_lib, "_GATHER_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(chunks, "GATHER_CHUNK_BYTES", chunk_bytes)
   r = np.random.default_rng(n + k)
   query = jnp.asarray(r.normal(size=lead + (heads, k_dim)), jnp.float32)
   sub_keys = jnp.asarray(r.normal(size=(heads, 2, n, k_dim // 2)), jnp.float32)
@@ -215,7 +216,7 @@ def test_weighted_lookup_equals_loop(chunked, monkeypatch):
   values, indices, weights = _lookup_inputs()
   if chunked:
     # 6 tokens x 4 dims x 4 bytes = 96 B per pick column: a 200 B budget forces chunks of picks.
-    monkeypatch.setattr(memory_lib, "_GATHER_CHUNK_BYTES", 200)
+    monkeypatch.setattr(chunks, "GATHER_CHUNK_BYTES", 200)
   assert _traced_lookup_has_scan(values, indices, weights) == chunked
   out = weighted_lookup(jnp.asarray(values), jnp.asarray(indices), jnp.asarray(weights))
   np.testing.assert_allclose(np.asarray(out), loop_lookup(values, indices, weights),
@@ -230,7 +231,8 @@ def test_chunked_lookup_gradient_equals_einsum(monkeypatch):
     return lambda v, w: jnp.sum(jnp.sin(lookup(v, indices, w)) * cot)
 
   ref_grads = jax.grad(loss(_einsum_lookup), argnums=(0, 1))(values, weights)
-  monkeypatch.setattr(memory_lib, "_GATHER_CHUNK_BYTES", 100)  # chunks of 4 of the 12 picks
+  # 6 tokens x 4 dims x 4 B = 96 B a pick: chunks of 5 of the 12 picks, the last one padded.
+  monkeypatch.setattr(chunks, "GATHER_CHUNK_BYTES", 500)
   assert _traced_lookup_has_scan(values, indices, weights)
   grads = jax.grad(loss(lambda *a: weighted_lookup(*a)), argnums=(0, 1))(values, weights)
   for g, ref in zip(grads, ref_grads):
