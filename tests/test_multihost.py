@@ -32,7 +32,9 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual
 
 # Rows over 'model' (2 ways, each pair of devices inside one process) and the batch over 'data'
 # (4 ways, two per process); sparse value updates and BatchNorm statistics over the global batch.
-OVERRIDES = {**SHORT, "mesh.data": 4, "mesh.model": 2, "optim.values_optimizer": "sparse_adam"}
+# Live usage statistics on: their [N] totals must come back readable on every host.
+OVERRIDES = {**SHORT, "mesh.data": 4, "mesh.model": 2, "optim.values_optimizer": "sparse_adam",
+             "train.memory_stats_every": 5}
 DEADLINE_S = 300
 FINISHED = re.compile(r"Finished: .* step (\d+) eval mlm_loss=([-\d.]+)")
 
