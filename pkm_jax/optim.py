@@ -59,6 +59,11 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
   else:
     # 'sparse_adam' updates the table outside optax (pkm_jax.sparse_adam); here it is frozen.
     values = optax.set_to_zero()
-  # Gradient clipping (optim.grad_clip) happens in the train step, whose global norm also
-  # covers the row gradients of sparse value updates, which never pass through this optimizer.
-  return optax.multi_transform({DEFAULT: network, VALUES: values}, param_labels), schedule
+  tx = optax.multi_transform({DEFAULT: network, VALUES: values}, param_labels)
+  if optim.grad_clip and optim.grad_clip > 0:
+    # Gradient clipping happens in the train step, whose global norm also covers the row
+    # gradients of sparse value updates (they never pass through this optimizer). The identity
+    # stands where clip_by_global_norm stood, so the optimizer state keeps the layout that
+    # checkpoints of earlier versions hold.
+    tx = optax.chain(optax.identity(), tx)
+  return tx, schedule

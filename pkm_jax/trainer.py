@@ -239,7 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                        out_shardings=replicated, donate_argnums=(0,))
 
   def zero_usage():
-    z = lambda: jnp.zeros((model_cfg.memory.n_slots,), jnp.float32)
+    # Placed as accumulate returns them, so it compiles once and can reuse the donated buffers.
+    z = lambda: jax.device_put(jnp.zeros((model_cfg.memory.n_slots,), jnp.float32), replicated)
     return {layer: (z(), z(), z()) for layer in model_cfg.memory_layers}
 
   def evaluate(step: int) -> dict:
@@ -265,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   every = lambda n, done: done % n == 0 or done == config.train.steps
   # The first step whose loss, gradients or learning rate were not finite (-1: none), kept on
   # device so that watching every step costs no host sync.
-  first_bad = jnp.asarray(-1, jnp.int32)
+  first_bad = jax.device_put(jnp.asarray(-1, jnp.int32), replicated)
   note_bad = jax.jit(lambda first, finite, step: jnp.where((first < 0) & ~finite, step, first))
 
   def stop_if_diverged(done: int, loss: float) -> None:
@@ -296,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if every(config.train.log_every, done):
         host = jax.device_get(metrics)
         stop_if_diverged(done, host["loss"])
-        # Time since the last log, less evals and saves (their time restarts the clock).
+        # Time since the last log, less evals, saves and usage stats (they restart the clock).
         if steps_timed:
           host["sequences_per_sec"] = steps_timed * config.data.batch_size / (
               time.perf_counter() - t0)
@@ -312,6 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.scalars(done, stats, prefix="train/")
         _memory_images(writer, done, host_usage)
         usage = zero_usage()
+        t0, steps_timed = time.perf_counter(), 0
       if every(config.train.eval_every, done) or every(config.train.checkpoint_every, done):
         stop_if_diverged(done, float(jax.device_get(metrics["loss"])))
         if every(config.train.eval_every, done):

@@ -48,8 +48,11 @@ def free_port() -> int:
 def run_two_hosts(workdir: str, logdir, **overrides) -> list[str]:
   """Runs both processes to completion (or kills both); returns their outputs."""
   address = f"127.0.0.1:{free_port()}"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-         "JAX_DEFAULT_MATMUL_PRECISION": "highest"}  # as conftest sets for this process
+  # This process's XLA flags (conftest) but 4 devices a process; matmul precision as conftest.
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=4".strip(),
+         "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
   procs, logs = [], []
   try:
     for i in range(2):

@@ -137,7 +137,7 @@ def test_sigkill_after_checkpoint_then_rerun_matches(reference_run, tmp_path):
   first_ckpt = os.path.join(workdir, "checkpoints", "6")
   deadline = time.time() + 240
   while not os.path.isdir(first_ckpt) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
+    time.sleep(0.005)
   proc.send_signal(signal.SIGKILL)
   assert proc.wait() == -signal.SIGKILL, "the run ended before it was killed"
   assert os.path.isdir(first_ckpt), "the run never wrote its first checkpoint"
