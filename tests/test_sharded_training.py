@@ -76,11 +76,14 @@ GROUPS = {
 }
 
 
+# The meshes -- model=4 x data=2, 8x1 and 1x8 -- for PKM and ResM, plus FSDP-style rows.
 @pytest.mark.parametrize("group, data, model, rules", [
-    ("pkm_adam", 4, 2, ()),
-    ("pkm_adam", 1, 8, ()),
-    ("resm_sparse", 8, 1, ()),  # pure data parallel: rows not split, dense lookup
-    ("resm_sparse", 4, 2, ()),  # row blocks copied over 'data'
+    ("pkm_adam", 2, 4, ()),
+    ("pkm_adam", 8, 1, ()),  # pure data parallel: rows not split, dense lookup
+    ("pkm_adam", 1, 8, ()),  # rows over every device, the batch on each
+    ("resm_sparse", 2, 4, ()),  # row blocks copied over 'data'
+    ("resm_sparse", 8, 1, ()),
+    ("resm_sparse", 1, 8, ()),
     ("resm_sparse", 4, 2, FSDP),  # rows over all 8 devices
 ])
 def test_sharded_training_matches_one_device(runs, group, data, model, rules):
