@@ -199,9 +199,7 @@ def _check_mesh(config: ml_collections.ConfigDict) -> None:
   for rule in mesh.rules or ():
     if len(rule) != 2 or not isinstance(rule[0], str):
       raise ConfigError(f"mesh.rules entry {rule!r} is not a (logical axis, mesh axes) pair")
-    axes = rule[1]
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    unknown = [a for a in axes if a not in sharding.MESH_AXES]
+    unknown = [a for a in sharding.axes_tuple(rule[1]) if a not in sharding.MESH_AXES]
     if unknown:
       raise ConfigError(f"mesh.rules maps {rule[0]!r} to unknown mesh axes {unknown}; the mesh "
                         f"axes are {sharding.MESH_AXES}")

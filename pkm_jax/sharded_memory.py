@@ -77,6 +77,13 @@ def _context_mesh(slot_axes: tuple[str, ...], token_axes: tuple[str, ...], calle
   return mesh
 
 
+def _check_row_split(n: int, slot_axes: tuple[str, ...], mesh, caller: str) -> None:
+  blocks = math.prod(mesh.shape[a] for a in slot_axes)
+  if n % blocks:
+    raise ValueError(f"{caller}: {n} table rows do not split into {blocks} blocks over mesh "
+                     f"axes {slot_axes}")
+
+
 def _real_axes(axes: tuple[str, ...], mesh) -> tuple[str, ...]:
   return tuple(a for a in axes if mesh.shape[a] > 1)
 
@@ -203,10 +210,7 @@ def sharded_weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: 
   if indices.shape != weights.shape or indices.ndim < 3:
     raise ValueError(f"sharded_weighted_lookup: indices {indices.shape} and weights "
                      f"{weights.shape} must both be [B, ..., H, K]")
-  blocks = math.prod(mesh.shape[a] for a in slot_axes)
-  if n % blocks:
-    raise ValueError(f"sharded_weighted_lookup: {n} table rows do not split into {blocks} "
-                     f"blocks over mesh axes {slot_axes}")
+  _check_row_split(n, slot_axes, mesh, "sharded_weighted_lookup")
   b, lead = indices.shape[0], indices.shape[:-2]
   token_ways = math.prod(mesh.shape[a] for a in token_axes)
   if b % token_ways:
@@ -228,13 +232,6 @@ def sharded_weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: 
 # ---------------------------------------------------------------------------------------------
 # Sharded sparse optimizer step
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_row_split(n: int, slot_axes: tuple[str, ...], mesh, caller: str) -> None:
-  blocks = math.prod(mesh.shape[a] for a in slot_axes)
-  if n % blocks:
-    raise ValueError(f"{caller}: {n} table rows do not split into {blocks} blocks over mesh "
-                     f"axes {slot_axes}")
 
 
 def sharded_row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *,

@@ -89,13 +89,17 @@ def rules_from_config(config: ml_collections.ConfigDict) -> Rules:
 
 def rule_axes(logical: str, rules: Rules) -> tuple[str, ...]:
   """The mesh axes a logical axis is split over under `rules`, e.g. 'slots' -> ('model',)."""
-  axes = logical_to_spec((logical,), rules)[0]
-  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return axes_tuple(logical_to_spec((logical,), rules)[0])
 
 
 def slot_axes(rules: Rules) -> tuple[str, ...]:
   """The mesh axes the value tables' rows are split over under `rules`."""
   return rule_axes("slots", rules)
+
+
+def axes_tuple(axes: MeshAxes | list) -> tuple[str, ...]:
+  """A rule's or PartitionSpec entry's mesh axes as a tuple: None -> (), 'model' -> ('model',)."""
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def _as_axes(axes) -> MeshAxes:
@@ -125,8 +129,7 @@ def logical_to_spec(logical: Sequence[str | None], rules: Rules,
     if name not in table:
       raise ValueError(f"logical axis {name!r}{where} has no rule; add ({name!r}, None) to "
                        "replicate it")
-    axes = _as_axes(table[name])
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    axes = axes_tuple(table[name])
     if used & set(axes):
       raise ValueError(f"mesh axes {axes} are used twice in logical axes {tuple(logical)}{where}")
     used |= set(axes)
