@@ -14,7 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pkm_jax.config import ModelConfig
-from pkm_jax.memory import MemoryAux, ProductKeyMemory
+from pkm_jax.memory import ProductKeyMemory
+from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
+from pkm_jax.product_keys import MemoryAux
 
 _INIT = nnx.initializers.truncated_normal(stddev=0.02)  # BERT's initializer_range
 
@@ -102,12 +104,14 @@ class FeedForward(nnx.Module):
 class EncoderLayer(nnx.Module):
   """a = LN(x + Attn(x));  h = LN(a + FFN(a)) | LN(a + PKM(a)) | LN(a + FFN(a) + PKM(a))."""
 
-  def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, index: int, *, rngs: nnx.Rngs,
+               placement: MemoryPlacement = SINGLE_DEVICE):
     self.attention = SelfAttention(cfg, rngs=rngs)
     self.attention_norm = _layer_norm(cfg, rngs)
     self.ffn = FeedForward(cfg, rngs=rngs) if cfg.has_ffn(index) else None
     self.memory = (ProductKeyMemory(cfg.hidden_size, cfg.memory, dtype=jnp.dtype(cfg.dtype),
-                                    param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+                                    param_dtype=jnp.dtype(cfg.param_dtype),
+                                    placement=placement, rngs=rngs)
                    if cfg.has_memory(index) else None)
     self.output_norm = _layer_norm(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout)
@@ -142,12 +146,17 @@ def _call_layer(layer: EncoderLayer, h_BxTxD, mask_BxT, rngs, probe):
 
 
 class BertModel(nnx.Module):
-  """Embeddings + encoder (+ optional pooler). Returns hidden states and memory picks."""
+  """Embeddings + encoder (+ optional pooler). Returns hidden states and memory picks.
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  `placement` tells the memory layers how their search and lookup run on the device mesh.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
+               placement: MemoryPlacement = SINGLE_DEVICE):
     self.cfg = cfg
     self.embeddings = Embeddings(cfg, rngs=rngs)
-    self.layers = nnx.List([EncoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.layers = nnx.List([EncoderLayer(cfg, i, rngs=rngs, placement=placement)
+                            for i in range(cfg.num_layers)])
     self.pooler = Pooler(cfg, rngs=rngs) if cfg.use_pooler else None
 
   def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None, *, rngs=None,
@@ -185,9 +194,10 @@ class MLMHead(nnx.Module):
 
 
 class BertForMaskedLM(nnx.Module):
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
+               placement: MemoryPlacement = SINGLE_DEVICE):
     self.cfg = cfg
-    self.bert = BertModel(cfg, rngs=rngs)
+    self.bert = BertModel(cfg, rngs=rngs, placement=placement)
     self.mlm_head = MLMHead(cfg, rngs=rngs)
 
   def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None, *, rngs=None,

@@ -114,7 +114,6 @@ def restore_model(workdir: str, step: int | None = None):
   model_cfg = read_model_config(workdir)
   step = latest_step(workdir, step)
   # Whatever mesh the run used, here the table is read whole onto one device.
-  model_cfg = config_lib.with_lookup(model_cfg, "dense")
   model = nnx.eval_shape(lambda: BertForMaskedLM(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

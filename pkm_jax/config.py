@@ -13,7 +13,6 @@ import ml_collections
 
 MEMORY_MODES = ("none", "replace", "residual")
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
-LOOKUPS = ("dense", "sharded")
 DECAYS = ("linear", "cosine", "constant")
 
 
@@ -35,11 +34,6 @@ class MemoryConfig:
   query_dropout: float = 0.0
   value_dropout: float = 0.0
   value_zero_init: bool = False  # ResM then starts as exactly the dense model (+Init)
-  lookup: str = "dense"  # 'sharded': value table rows split over `slot_axes` of the mesh
-  slot_axes: tuple[str, ...] = ("model",)
-  # Mesh axes the tokens are split over; non-empty: each device searches its own tokens' keys
-  # (sharded_memory.sharded_product_key_topk).
-  token_axes: tuple[str, ...] = ()
 
   @property
   def n_slots(self) -> int:
@@ -217,9 +211,8 @@ def check_batch_split(config: ml_collections.ConfigDict, data_ways: int) -> None
                       "axes (mesh.data)")
 
 
-def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None,
-                 lookup: str = "dense", slot_axes: tuple[str, ...] = ("model",),
-                 token_axes: tuple[str, ...] = ()) -> ModelConfig:
+def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None
+                 ) -> ModelConfig:
   """The frozen ModelConfig for `config` (vocab size from the tokenizer when model's is 0)."""
   m, mem = config.model, config.memory
   vocab = m.vocab_size or vocab_size
@@ -229,8 +222,7 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
       n_keys=mem.n_keys, heads=mem.heads, k=mem.k, k_dim=mem.k_dim,
       v_dim=mem.v_dim or m.hidden_size, query_norm=mem.query_norm,
       input_dropout=mem.input_dropout, query_dropout=mem.query_dropout,
-      value_dropout=mem.value_dropout, value_zero_init=mem.value_zero_init, lookup=lookup,
-      slot_axes=tuple(slot_axes), token_axes=tuple(token_axes))
+      value_dropout=mem.value_dropout, value_zero_init=mem.value_zero_init)
   return ModelConfig(
       vocab_size=vocab, hidden_size=m.hidden_size, num_layers=m.num_layers,
       num_heads=m.num_heads, intermediate_size=m.intermediate_size,
@@ -247,19 +239,15 @@ def to_dict(cfg: Any) -> dict:
   return dataclasses.asdict(cfg)
 
 
-def with_lookup(cfg: ModelConfig, lookup: str = "dense", slot_axes: tuple[str, ...] = ("model",),
-                token_axes: tuple[str, ...] = ()) -> ModelConfig:
-  """The same model with another placement of its memory on the mesh (the function is the same)."""
-  memory = dataclasses.replace(cfg.memory, lookup=lookup, slot_axes=tuple(slot_axes),
-                               token_axes=tuple(token_axes))
-  return dataclasses.replace(cfg, memory=memory)
+# Mesh placement that model_config.json files written before placement left the model config
+# (pkm_jax.placement) still carry; it says nothing about the model, so it is dropped on reading.
+_PLACEMENT_KEYS = ("lookup", "slot_axes", "token_axes")
 
 
 def from_dict(d: dict) -> ModelConfig:
+  """A ModelConfig from `to_dict`'s data (also from files of earlier versions)."""
   d = dict(d)
-  d["memory"] = dict(d["memory"])
-  d["memory"]["slot_axes"] = tuple(d["memory"].get("slot_axes", ("model",)))
-  d["memory"]["token_axes"] = tuple(d["memory"].get("token_axes", ()))
+  d["memory"] = {k: v for k, v in d["memory"].items() if k not in _PLACEMENT_KEYS}
   d["memory"] = MemoryConfig(**d["memory"])
   d["memory_layers"] = tuple(d["memory_layers"])
   return ModelConfig(**d)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pkm_jax.memory import MemoryAux
+from pkm_jax.product_keys import MemoryAux
 
 
 def _kl_to_uniform(totals: np.ndarray) -> float:

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from pkm_jax import chunks
 from pkm_jax import sparse_adam
-from pkm_jax.memory import product_key_topk
+from pkm_jax.product_keys import product_key_topk
 from pkm_jax.sharding import DATA, MODEL, is_row_leaf
 
 

@@ -19,9 +19,9 @@ import optax
 from flax import nnx
 
 from pkm_jax import metrics as metrics_lib
-from pkm_jax import sharded_memory
 from pkm_jax import sparse_adam
 from pkm_jax.config import ModelConfig
+from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
 
 BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", "mlm_weights")
 
@@ -43,6 +43,7 @@ def values_of(params: nnx.State, layer: int) -> nnx.Variable:
 def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
                     tx: optax.GradientTransformation, schedule: optax.Schedule, seed: int, *,
                     sparse_tx: sparse_adam.SparseGradientTransformation | None = None,
+                    placement: MemoryPlacement = SINGLE_DEVICE,
                     grad_accum_steps: int = 1, grad_clip: float = 0.0) -> Callable:
   """(TrainState, batch) -> (TrainState, metrics, {layer: MemoryAux}); pure, jit it once.
 
@@ -109,14 +110,8 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
       real = batch["attention_mask"][..., None, None] > 0
       picks = jnp.where(real, aux[layer].indices, n_slots)
       grad_out = probe_grads[layer] / count
-      if model_cfg.memory.lookup == "sharded":
-        row_ids, row_grads, sq_norm = sharded_memory.sharded_row_gradients(
-            picks, aux[layer].weights, grad_out, num_rows=n_slots,
-            slot_axes=model_cfg.memory.slot_axes, token_axes=model_cfg.memory.token_axes)
-      else:
-        row_ids, row_grads = sparse_adam.row_gradients(picks, aux[layer].weights, grad_out,
-                                                       num_rows=n_slots)
-        sq_norm = jnp.sum(jnp.square(row_grads.astype(jnp.float32)))
+      row_ids, row_grads, sq_norm = placement.row_gradients(picks, aux[layer].weights, grad_out,
+                                                            num_rows=n_slots)
       rows[layer] = (row_ids, row_grads)
       rows_sq_norm = rows_sq_norm + sq_norm
     grad_norm = jnp.sqrt(jnp.square(optax.global_norm(grads)) + rows_sq_norm)
@@ -131,12 +126,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
     sparse_opt_state = dict(state.sparse_opt_state)
     for layer, (row_ids, row_grads) in rows.items():
       table, opt = values_of(params, layer), state.sparse_opt_state[str(layer)]
-      if model_cfg.memory.lookup == "sharded":
-        new_table, opt = sharded_memory.sharded_row_update(
-            sparse_tx, row_ids, row_grads, opt, table.value, slot_axes=model_cfg.memory.slot_axes)
-      else:
-        row_ids, row_updates, opt = sparse_tx.update(row_ids, row_grads, opt, table.value)
-        new_table = sparse_adam.apply_row_updates(table.value, row_ids, row_updates)
+      new_table, opt = placement.row_update(sparse_tx, row_ids, row_grads, opt, table.value)
       params["bert"]["layers"][layer]["memory"]["values"] = table.replace(new_table)
       sparse_opt_state[str(layer)] = opt
 

@@ -31,6 +31,7 @@ from pkm_jax import sparse_adam
 from pkm_jax.steps import (BATCH_KEYS, TrainState, make_train_step, make_usage_accumulator,
                            values_of)
 from pkm_jax.bert import BertForMaskedLM
+from pkm_jax.placement import MemoryPlacement
 from pkm_jax.writer import MetricWriter
 
 
@@ -61,7 +62,7 @@ def _check_resumable(workdir: str, config: ml_collections.ConfigDict,
                        "layout); use a new --workdir")
 
   def structure(cfg):
-    return dataclasses.replace(config_lib.with_lookup(cfg), remat=False, dtype="float32")
+    return dataclasses.replace(cfg, remat=False, dtype="float32")
   saved, now = structure(ckpt_lib.read_model_config(workdir)), structure(model_cfg)
   if saved != now:
     diff = [f.name for f in dataclasses.fields(saved)
@@ -87,6 +88,7 @@ class TrainProgram:
 
   mesh: jax.sharding.Mesh
   model_cfg: config_lib.ModelConfig
+  placement: MemoryPlacement  # how the memory layers search, look up and update rows on `mesh`
   graphdef: nnx.GraphDef
   # ([pretrained params]) -> TrainState, jitted with out_shardings: every array is created in
   # its shards, so no device ever holds a whole value table.
@@ -103,14 +105,10 @@ def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
   """Mesh (config.mesh), rules, optimizers and the jitted train step for a validated config."""
   mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model)
   rules = sharding_lib.rules_from_config(config)
-  slot_axes = sharding_lib.slot_axes(rules)
-  # The table lookup is hand-partitioned (rows, not the table, move) whenever rows are split.
-  lookup = "sharded" if np.prod([mesh.shape[a] for a in slot_axes]) > 1 else "dense"
-  # The search is hand-partitioned over the batch whenever the batch is split.
-  token_axes = tuple(a for a in sharding_lib.rule_axes("batch", rules) if mesh.shape[a] > 1)
-  config_lib.check_batch_split(config, int(np.prod([mesh.shape[a] for a in token_axes])))
-  model_cfg = config_lib.model_config(config, vocab_size=vocab_size, lookup=lookup,
-                                      slot_axes=slot_axes, token_axes=token_axes)
+  placement = MemoryPlacement.from_mesh(mesh, rules)
+  config_lib.check_batch_split(
+      config, int(np.prod([mesh.shape[a] for a in placement.token_axes])))
+  model_cfg = config_lib.model_config(config, vocab_size=vocab_size)
   tx, schedule = optim_lib.make_optimizer(config.optim, config.train.steps)
   sparse_tx = None
   if config.optim.values_optimizer == "sparse_adam" and model_cfg.memory_layers:
@@ -120,7 +118,7 @@ def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
   init_reports: list = []
 
   def init_state(src_params=None) -> TrainState:
-    model = BertForMaskedLM(model_cfg, rngs=nnx.Rngs(params=config.seed))
+    model = BertForMaskedLM(model_cfg, rngs=nnx.Rngs(params=config.seed), placement=placement)
     if src_params is not None:  # +Init: pretrained dense weights replace the random ones
       init_reports.append(pretrained_lib.init_from_pretrained(model, src_params, pretrained_cfg))
     _, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -129,7 +127,8 @@ def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=tx.init(params), sparse_opt_state=sparse)
 
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: BertForMaskedLM(model_cfg, rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(nnx.eval_shape(
+      lambda: BertForMaskedLM(model_cfg, rngs=nnx.Rngs(0), placement=placement)))
   abstract_state = jax.eval_shape(init_state)
   state_sharding = sharding_lib.state_shardings(abstract_state, mesh, rules)
   if sparse_tx:  # sparse Adam's moments are plain arrays: split their rows like the table's
@@ -140,12 +139,12 @@ def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
         for layer in model_cfg.memory_layers}
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   train_step = jax.jit(make_train_step(graphdef, model_cfg, tx, schedule, config.seed,
-                                       sparse_tx=sparse_tx,
+                                       sparse_tx=sparse_tx, placement=placement,
                                        grad_accum_steps=config.train.grad_accum_steps,
                                        grad_clip=config.optim.grad_clip or 0.0),
                        in_shardings=(state_sharding, {k: batch_sharding for k in BATCH_KEYS}),
                        out_shardings=(state_sharding, None, None), donate_argnums=(0,))
-  return TrainProgram(mesh=mesh, model_cfg=model_cfg, graphdef=graphdef,
+  return TrainProgram(mesh=mesh, model_cfg=model_cfg, placement=placement, graphdef=graphdef,
                       init_state=jax.jit(init_state, out_shardings=state_sharding),
                       abstract_state=abstract_state, state_sharding=state_sharding,
                       batch_sharding=batch_sharding, train_step=train_step,

@@ -8,7 +8,8 @@ from flax import nnx
 
 from pkm_jax import chunks
 from pkm_jax.config import MemoryConfig
-from pkm_jax.memory import ProductKeyMemory, product_key_topk, weighted_lookup
+from pkm_jax.memory import ProductKeyMemory
+from pkm_jax.product_keys import product_key_topk, weighted_lookup
 
 
 # ---------------------------------------------------------------------------------------------

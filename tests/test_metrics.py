@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pkm_jax import metrics
-from pkm_jax.memory import MemoryAux
+from pkm_jax.product_keys import MemoryAux
 
 
 def test_half_used_evenly():

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from pkm_jax import sharded_memory, sharding  # noqa: E402
-from pkm_jax.memory import product_key_topk, weighted_lookup  # noqa: E402
+from pkm_jax.product_keys import product_key_topk, weighted_lookup  # noqa: E402
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 

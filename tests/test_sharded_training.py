@@ -11,8 +11,6 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import json  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -21,7 +19,7 @@ import pytest  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from pkm_jax import sharding, trainer  # noqa: E402
-from pkm_jax.memory import product_key_topk  # noqa: E402
+from pkm_jax.product_keys import product_key_topk  # noqa: E402
 from pkm_jax.steps import BATCH_KEYS  # noqa: E402
 from test_sharded_memory import COLLECTIVE, SHAPE, collective_sizes  # noqa: E402
 from test_trainer import final_params, tiny_config  # noqa: E402
@@ -39,16 +37,17 @@ RTOL, ATOL = 1e-5, 1e-6
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Memoised runs: run(**overrides) -> (eval loss, final params, saved model config)."""
+  """Memoised runs: run(**overrides) -> (eval loss, final params, the program's placement)."""
   cache = {}
 
   def run(**overrides):
     key = tuple(sorted((k, repr(v)) for k, v in overrides.items()))
     if key not in cache:
       workdir = str(tmp_path_factory.mktemp("run"))
-      result = trainer.train_and_evaluate(tiny_config(**SHORT, **overrides), workdir)
-      with open(os.path.join(workdir, "model_config.json")) as f:
-        cache[key] = (result["mlm_loss"], final_params(workdir), json.load(f))
+      config = tiny_config(**SHORT, **overrides)
+      result = trainer.train_and_evaluate(config, workdir)
+      placement = trainer.build_train_program(config, VOCAB).placement
+      cache[key] = (result["mlm_loss"], final_params(workdir), placement)
     return cache[key]
 
   return run
@@ -88,11 +87,12 @@ GROUPS = {
 ])
 def test_sharded_training_matches_one_device(runs, group, data, model, rules):
   want_loss, want_params, _ = runs(**GROUPS[group], **{"mesh.data": 1, "mesh.model": 1})
-  got_loss, got_params, model_cfg = runs(**GROUPS[group], **{
+  got_loss, got_params, placement = runs(**GROUPS[group], **{
       "mesh.data": data, "mesh.model": model, "mesh.rules": rules})
   # The sharded run really split the table (else it is the one-device program again).
   slot_ways = model * (data if rules else 1)
-  assert model_cfg["memory"]["lookup"] == ("sharded" if slot_ways > 1 else "dense")
+  assert bool(placement.slot_axes) == (slot_ways > 1)
+  assert bool(placement.token_axes) == (data > 1)
   assert got_loss == pytest.approx(want_loss, rel=1e-5)
   assert_params_close(got_params, want_params)
 

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from pkm_jax import sharded_memory, sharding  # noqa: E402
 from pkm_jax import sparse_adam as sa  # noqa: E402
-from pkm_jax.memory import weighted_lookup  # noqa: E402
+from pkm_jax.product_keys import weighted_lookup  # noqa: E402
 
 B1, B2, EPS = 0.9, 0.99, 1e-6
 

@@ -29,6 +29,7 @@ from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import optim as optim_lib
 from pkm_jax import sharding as sharding_lib
 from pkm_jax.config import ModelConfig
+from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
 from pkm_jax.tasks import heads
 from pkm_jax.writer import MetricWriter
 
@@ -102,16 +103,17 @@ def task_model_config(src: ModelConfig, config: ml_collections.ConfigDict, kind:
 
 
 def build_task_model(kind: str, cfg: ModelConfig, num_labels: int, *, classifier_dropout: float,
-                     seed: int, abstract: bool = False) -> nnx.Module:
+                     seed: int, abstract: bool = False,
+                     placement: MemoryPlacement = SINGLE_DEVICE) -> nnx.Module:
   """A freshly initialised head model (abstract: shapes only). classifier_dropout < 0 means
   cfg.hidden_dropout, as Hugging Face's classifier_dropout=None."""
   def make():
     rngs = nnx.Rngs(params=seed)
     if kind == "span":
-      return heads.BertForQuestionAnswering(cfg, rngs=rngs)
+      return heads.BertForQuestionAnswering(cfg, rngs=rngs, placement=placement)
     dropout = cfg.hidden_dropout if classifier_dropout < 0 else classifier_dropout
     return heads.BertForSequenceClassification(cfg, num_labels, classifier_dropout=dropout,
-                                               rngs=rngs)
+                                               rngs=rngs, placement=placement)
   # Eager initialisers: their small per-shape compiles are shared by every task and model size
   # (a jitted initialiser recompiles for each head and costs more than it saves).
   return nnx.eval_shape(make) if abstract else make()
@@ -243,15 +245,13 @@ def run_task(config: ml_collections.ConfigDict, task_dir: str, task: TaskData,
     if config[key] % mesh.shape["data"]:
       raise ValueError(f"config.{key}={config[key]} is not divisible by the {mesh.shape['data']} "
                        "data-parallel devices (set --config.mesh.data)")
-  model_cfg = dataclasses.replace(model_cfg, memory=dataclasses.replace(
-      model_cfg.memory, lookup="sharded" if mesh.shape["model"] > 1 else "dense",
-      token_axes=(sharding_lib.DATA,) if mesh.shape[sharding_lib.DATA] > 1 else ()))
+  placement = MemoryPlacement.from_mesh(mesh)
   n_train = len(task.train["input_ids"])
   total = config.steps or max(1, math.ceil(config.epochs * n_train / config.batch_size))
   tx, schedule = make_optimizer(config, total)
   make = lambda abstract=False: build_task_model(  # noqa: E731
       task.kind, model_cfg, task.num_labels, classifier_dropout=config.classifier_dropout,
-      seed=config.seed, abstract=abstract)
+      seed=config.seed, abstract=abstract, placement=placement)
 
   def split(model):
     graphdef, frozen, params, model_state = nnx.split(

@@ -15,7 +15,8 @@ from flax import nnx
 
 from pkm_jax.bert import BertModel
 from pkm_jax.config import ModelConfig
-from pkm_jax.memory import MemoryAux
+from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
+from pkm_jax.product_keys import MemoryAux
 
 _INIT = nnx.initializers.truncated_normal(stddev=0.02)  # BERT's initializer_range
 
@@ -31,14 +32,14 @@ class BertForSequenceClassification(nnx.Module):
   """tanh-pooled [CLS] -> dropout -> linear to `num_labels` (1 = regression, e.g. STS-B)."""
 
   def __init__(self, cfg: ModelConfig, num_labels: int, *, classifier_dropout: float = 0.1,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, placement: MemoryPlacement = SINGLE_DEVICE):
     if not cfg.use_pooler:
       raise ValueError("BertForSequenceClassification needs ModelConfig.use_pooler=True")
     if num_labels < 1:
       raise ValueError(f"num_labels={num_labels} must be >= 1")
     self.cfg = cfg
     self.num_labels = num_labels
-    self.bert = BertModel(cfg, rngs=rngs)
+    self.bert = BertModel(cfg, rngs=rngs, placement=placement)
     self.dropout = nnx.Dropout(classifier_dropout)
     self.classifier = _output_layer(cfg, num_labels, rngs)
 
@@ -53,9 +54,10 @@ class BertForSequenceClassification(nnx.Module):
 class BertForQuestionAnswering(nnx.Module):
   """Every token's hidden state -> linear to 2: start and end logits of the answer span."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
+               placement: MemoryPlacement = SINGLE_DEVICE):
     self.cfg = cfg
-    self.bert = BertModel(cfg, rngs=rngs)
+    self.bert = BertModel(cfg, rngs=rngs, placement=placement)
     self.qa_outputs = _output_layer(cfg, 2, rngs)
 
   def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None, *, rngs=None
