@@ -223,7 +223,7 @@ def evaluate_with_counts(config: ml_collections.ConfigDict, workdir: str
   from pkm_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
   from pkm_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
 
-  model, tokenizer = ckpt_lib.restore_model(workdir)
+  model, tokenizer, step = ckpt_lib.restore_model(workdir)
   graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
   n_params = int(sum(x.size for x in jax.tree.leaves(params)))
   _, eval_data = data_lib.make_mlm_data(config.data, tokenizer, seed=config.seed)
@@ -239,7 +239,7 @@ def evaluate_with_counts(config: ml_collections.ConfigDict, workdir: str
 
   result = eval_lib.run_eval(recording_step, params, model_state, eval_data(None),
                              lambda b: jax.tree.map(jnp.asarray, b), model.cfg)
-  return {"params": n_params, "step": ckpt_lib.latest_step(workdir), **result}, usage
+  return {"params": n_params, "step": step, **result}, usage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,9 +382,9 @@ def run(config: ml_collections.ConfigDict, out: str, *, steps: int, extra_steps:
     cfg.memory.mode = v.mode
     cfg.train.steps = extra_steps if v.init else steps
     if v.init:
-      cfg.init["from"] = os.path.join(out, "runs", "a")
+      cfg.init.pretrained = os.path.join(out, "runs", "a")
     print(f"=== {label}: memory {v.mode}, {cfg.train.steps} steps"
-          + (f" from {cfg.init['from']}" if v.init else " from scratch"), flush=True)
+          + (f" from {cfg.init.pretrained}" if v.init else " from scratch"), flush=True)
     t0 = time.perf_counter()
     trainer.train_and_evaluate(cfg, workdir)
     timings[f"train_{v.key}"] = time.perf_counter() - t0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging as std_logging
+import os
 import re
 import sys
 from typing import Any, Callable
@@ -41,12 +43,30 @@ def define_config(default_path: str) -> config_flags._ConfigFlag | Any:
     sys.exit(f"error: bad --config override: {one_line(e)}")
 
 
+def config_overrides() -> dict[str, Any]:
+  """The --config.x.y=value overrides given on the command line: {'x.y': value}."""
+  f = flags.FLAGS
+  return {name[len("config."):]: f[name].value for name in f
+          if name.startswith("config.") and f[name].present}
+
+
+def config_name() -> str:
+  """The --config file's name without extension ('default' for configs/default.py)."""
+  return os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+
+
+def _quiet_orbax(record) -> bool:
+  # orbax logs every file it writes (INFO) and that read-only managers are read-only (WARNING).
+  return record.levelno >= std_logging.ERROR or "orbax" not in record.pathname
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """absl's app.run, but bad flags and user errors end with one line and exit status 1."""
 
   def guarded(argv):
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
+    if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
+      logging.get_absl_handler().addFilter(_quiet_orbax)
     try:
       main(argv)
     except USER_ERRORS as e:

@@ -26,12 +26,12 @@ from pkm_jax.data.mlm import mask_tokens
 from pkm_jax.data.pipeline import (MLMEvalData, MLMTrainIterator, make_mlm_data,
                                    pack_sequences, tokenize_documents)
 from pkm_jax.data.sources import load_documents
-from pkm_jax.data.tokenizer import (build_tokenizer, load_tokenizer, special_token_ids,
-                                    train_tokenizer)
+from pkm_jax.data.tokenizer import (TOKENIZER_FILE, build_tokenizer, load_tokenizer,
+                                    save_tokenizer, special_token_ids, train_tokenizer)
 
 __all__ = [
     "GeneratedCorpus", "World", "generate_corpus", "mask_tokens", "MLMEvalData",
     "MLMTrainIterator", "make_mlm_data", "pack_sequences", "tokenize_documents",
     "load_documents", "build_tokenizer", "load_tokenizer", "special_token_ids",
-    "train_tokenizer",
+    "train_tokenizer", "TOKENIZER_FILE", "save_tokenizer",
 ]

@@ -179,8 +179,9 @@ def save_tokenizer(tok: Tokenizer, path: str) -> None:
   os.replace(tmp, path)
 
 
-def build_tokenizer(data_cfg, workdir: str | None) -> Tokenizer:
-  """The run's tokenizer: WORKDIR/tokenizer.json if present, else loaded or trained, then saved.
+def build_tokenizer(data_cfg, workdir: str | None, *, save: bool = True) -> Tokenizer:
+  """The run's tokenizer: WORKDIR/tokenizer.json if present, else loaded or trained, then saved
+  there (unless `save` is False: the trainer writes run files only once every check passed).
 
   data.tokenizer = '' trains WordPiece (data.vocab_size, data.lowercase) on the training split of
   data.source; otherwise it names a tokenizer.json / vocab.txt / folder. An existing
@@ -197,7 +198,7 @@ def build_tokenizer(data_cfg, workdir: str | None) -> Tokenizer:
     train_docs, _ = load_documents(data_cfg)
     tok = train_tokenizer((s for doc in train_docs for s in doc), int(data_cfg.vocab_size),
                           lowercase=bool(data_cfg.lowercase))
-  if saved:
+  if saved and save:
     os.makedirs(workdir, exist_ok=True)
     save_tokenizer(tok, saved)
   return tok
