@@ -108,9 +108,10 @@ VARIANTS = (
 def finetune_settings(quick: bool) -> dict[str, Any]:
   """One fine-tuning recipe for every variant (a small model: a higher lr than BERT's 2e-5)."""
   if quick:
-    return dict(max_len=24, lr=1e-3, batch_size=16, epochs=1.0, eval_batch_size=64,
-                max_train_examples=96)
-  return dict(max_len=32, lr=3e-4, batch_size=32, epochs=1.0, eval_batch_size=128)
+    return dict(data=dict(max_len=24, batch_size=16, max_train_examples=96),
+                optim=dict(lr=1e-3), train=dict(epochs=1.0), eval=dict(batch_size=64))
+  return dict(data=dict(max_len=32, batch_size=32), optim=dict(lr=3e-4),
+              train=dict(epochs=1.0), eval=dict(batch_size=128))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,14 +232,14 @@ def evaluate_with_counts(config: ml_collections.ConfigDict, workdir: str
   usage = {layer: metrics_lib.MemoryUsage(model.cfg.memory.n_slots)
            for layer in model.cfg.memory_layers}
 
-  def recording_step(p, s, batch):  # run_eval's own sums, with the slot totals kept here
-    sums, batch_usage = eval_step(p, s, batch)
+  def recording_step(p, s, f, batch):  # run_eval's own sums, with the slot totals kept here
+    sums, batch_usage = eval_step(p, s, f, batch)
     for layer, (c, w, t) in batch_usage.items():
       usage[layer].add(c, w, t)
     return sums, batch_usage
 
-  result = eval_lib.run_eval(recording_step, params, model_state, eval_data(None),
-                             lambda b: jax.tree.map(jnp.asarray, b), model.cfg)
+  result = eval_lib.run_eval(recording_step, (params, model_state, nnx.State({})),
+                             eval_data(None), lambda b: jax.tree.map(jnp.asarray, b), model.cfg)
   return {"params": n_params, "step": step, **result}, usage
 
 
@@ -345,6 +346,7 @@ def run(config: ml_collections.ConfigDict, out: str, *, steps: int, extra_steps:
   from pkm_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
   from pkm_jax import trainer  # pylint: disable=g-import-not-at-top
   from pkm_jax.tasks import finetune  # pylint: disable=g-import-not-at-top
+  from pkm_jax.tasks import task_config  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import plots  # pylint: disable=g-import-not-at-top
 
@@ -401,9 +403,13 @@ def run(config: ml_collections.ConfigDict, out: str, *, steps: int, extra_steps:
       usage_maps[label] = {l: eval_lib.usage_histogram(u.counts) for l, u in usage.items()}
     if downstream:
       t0 = time.perf_counter()
-      ft_cfg = finetune.base_config()
-      ft_cfg.update(task=downstream["task"], init=workdir, data_dir=downstream["data_dir"],
-                    seed=config.seed, log_every=10**6, checkpoint_every=10**6, **ft)
+      ft_cfg = task_config.base_config()
+      ft_cfg.update(task=downstream["task"], seed=config.seed)
+      ft_cfg.init.pretrained = workdir
+      ft_cfg.data.data_dir = downstream["data_dir"]
+      ft_cfg.train.update(log_every=10**6, checkpoint_every=10**6)
+      for group, values in ft.items():
+        ft_cfg[group].update(values)
       ft_cfg.mesh.update(data=1, model=1)
       ft_result = finetune.finetune_and_evaluate(ft_cfg, os.path.join(out, "finetune", v.key))
       timings[f"finetune_{v.key}"] = time.perf_counter() - t0

@@ -190,7 +190,7 @@ class MLMHead(nnx.Module):
   def __call__(self, h_BxTxD, word_embeddings: nnx.Embed) -> jax.Array:
     x = self.transform_norm(gelu(self.transform(h_BxTxD)))
     logits_BxTxV = word_embeddings.attend(x.astype(word_embeddings.dtype))
-    return logits_BxTxV.astype(jnp.float32) + self.bias.value
+    return logits_BxTxV.astype(jnp.float32) + self.bias[...]
 
 
 class BertForMaskedLM(nnx.Module):

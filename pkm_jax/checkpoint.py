@@ -65,11 +65,17 @@ def save_state(manager: Manager, step: int, state: TrainState, data_state: dict)
   manager.save(step, args=ocp.args.Composite(data=ocp.args.JsonSave(data_state), **args))
 
 
-def _unraisable_hook(unraisable) -> None:
-  if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
-      unraisable.exc_value):
-    return
-  sys.__unraisablehook__(unraisable)
+class _IgnoreClosedEventLoop:
+  """An unraisable hook that drops RuntimeError('Event loop is closed') and passes the rest on."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable) -> None:
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+        unraisable.exc_value):
+      return
+    self.previous(unraisable)
 
 
 def ignore_closed_event_loop() -> None:
@@ -77,7 +83,8 @@ def ignore_closed_event_loop() -> None:
   restore (whose failure is reported), and after restoring some items of a checkpoint -- and
   their callbacks then raise in a background thread, printed as tracebacks up to exit. Drop
   those, and only those."""
-  sys.unraisablehook = _unraisable_hook
+  if not isinstance(sys.unraisablehook, _IgnoreClosedEventLoop):
+    sys.unraisablehook = _IgnoreClosedEventLoop(sys.unraisablehook)
 
 
 def restore_items(manager: Manager, step: int, targets: dict[str, Any], *,

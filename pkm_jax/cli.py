@@ -11,6 +11,8 @@ from typing import Any, Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pkm_jax import config as config_lib
+
 # Errors a user can cause with bad input; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, OSError)
 
@@ -19,7 +21,10 @@ def one_line(e: BaseException) -> str:
   text = str(e.args[0]) if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
   # KeyErrors arrive repr()-quoted, with escaped newlines and quotes inside.
   text = text.replace("\\n", "\n").replace("\\'", "'")
-  text = re.sub(r"\s*\n\s*", " ", text.strip().strip("'\""))
+  text = text.strip()
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's repr quotes
+    text = text[1:-1]
+  text = re.sub(r"\s*\n\s*", " ", text)
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
@@ -36,6 +41,11 @@ def define_config(default_path: str) -> config_flags._ConfigFlag | Any:
 
   config_flags applies overrides while the flag is defined, so a bad one fails here, at import.
   """
+  for arg in sys.argv[1:]:
+    for old, new in config_lib.RENAMED_KEYS.items():
+      if arg.startswith(f"--config.{old}="):
+        sys.exit(f"error: --config.{old} is now --config.{new} ({old.split('.')[-1]!r} is a "
+                 "Python keyword, which the flag parser cannot take)")
   try:
     return config_flags.DEFINE_config_file("config", default_path,
                                            "Config file defining get_config().", lock_config=True)

@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from absl import flags
 from flax import nnx
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from pkm_jax import cli, converted
 from pkm_jax.bert import BertForMaskedLM, MLMHead
@@ -106,8 +108,6 @@ def _widen(x: np.ndarray) -> np.ndarray:
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
   # numpy reads bfloat16 here because importing jax registers ml_dtypes' bfloat16.
-  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   try:
     return {k: _widen(v) for k, v in load_file(path).items()}
   except (SafetensorError, OSError, ValueError, TypeError) as e:

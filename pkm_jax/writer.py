@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
@@ -15,7 +16,6 @@ class MetricWriter:
     self.stdout = stdout
     self._tb = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(logdir, exist_ok=True)
       self._tb = SummaryWriter(logdir, flush_secs=10)
 

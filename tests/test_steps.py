@@ -39,7 +39,7 @@ def one_step(values_optimizer: str, grad_clip: float):
     state, metrics, _ = program.train_step(program.init_state(), batch)
   layer = program.model_cfg.memory_layers[0]
   params = jax.tree.map(np.asarray, state.params.to_pure_dict())
-  return float(metrics["grad_norm"]), np.asarray(values_of(state.params, layer).value), params
+  return float(metrics["grad_norm"]), np.asarray(values_of(state.params, layer)[...]), params
 
 
 @pytest.mark.parametrize("grad_clip", [0.0, 1e-3])

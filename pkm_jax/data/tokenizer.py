@@ -22,6 +22,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import trainers
 
+from pkm_jax.data.sources import load_documents
+
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # trained vocabularies start with these, in order
 TOKENIZER_FILE = "tokenizer.json"
@@ -194,7 +196,6 @@ def build_tokenizer(data_cfg, workdir: str | None, *, save: bool = True) -> Toke
   if data_cfg.tokenizer:
     tok = load_tokenizer(data_cfg.tokenizer, lowercase=bool(data_cfg.lowercase))
   else:
-    from pkm_jax.data.sources import load_documents  # pylint: disable=g-import-not-at-top
     train_docs, _ = load_documents(data_cfg)
     tok = train_tokenizer((s for doc in train_docs for s in doc), int(data_cfg.vocab_size),
                           lowercase=bool(data_cfg.lowercase))
