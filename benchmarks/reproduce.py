@@ -5,7 +5,7 @@
   python benchmarks/reproduce.py --steps 3000 --config.data.source=files \
       --config.data.files='/data/text/*.txt' --glue_data_dir=/data/glue --glue_task=sst2
 
-Protocol (Kim & Jung 2020, Tables 2-3; SPEC.md §4), with S = --steps, E = --extra_steps (S/2,
+Protocol (Kim & Jung 2020, Tables 2-3), with S = --steps, E = --extra_steps (S/2,
 the paper's 1M : 500k):
   (a) BERT         memory none      from scratch                 S steps
   (b) +E steps     memory none      from (a)'s final weights     E steps  (the "+500k" control)
@@ -18,7 +18,7 @@ Everything else is `get_config()` below, identical for all six (seed, data order
 over E steps, the data stream from its beginning), so (b) differs from (e)/(f) only by memory.
 
 Each variant is evaluated on the whole held-out split (MLM perplexity / accuracy; MU, top-1 MU,
-KL_u, KL_w per memory layer, SPEC.md §3) and fine-tuned (pkm_jax.tasks.finetune) on a downstream
+KL_u, KL_w per memory layer, Kim & Jung §4.1) and fine-tuned (pkm_jax.tasks.finetune) on a downstream
 task. With the generated corpus that task is *fact verification* about its world, written in the
 GLUE SST-2 layout (sentence, label): "<entity> <relation> <object>." is true (1), or false (0)
 with its object swapped for another value of the same relation ("fact" errors) or for a value of
@@ -278,7 +278,7 @@ def markdown_table(rows: list[dict[str, Any]], layers: list[int], downstream: st
 
 
 def paper_claims(rows: dict[str, dict[str, Any]], layers: list[int]) -> list[dict[str, Any]]:
-  """The paper's orderings (SPEC.md §3-4), each checked on these numbers: [{claim, holds}]."""
+  """The paper's orderings (Kim & Jung 2020, Tables 2-4), each checked on these numbers: [{claim, holds}]."""
   def kl(key, stat):  # mean over the memory layers
     return sum(rows[key]["memory"][str(layer)][stat] for layer in layers) / len(layers)
 

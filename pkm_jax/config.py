@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
-  """Product-key memory hyper-parameters (Lample et al. 2019; SPEC.md §1)."""
+  """Product-key memory hyper-parameters (Lample et al. 2019, §3; XLM's memory layer)."""
 
   n_keys: int = 512  # sub-keys per half: n_keys**2 slots
   heads: int = 4
@@ -51,7 +51,7 @@ class MemoryConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """BERT sizes plus where and how memory enters it (Kim & Jung 2020; SPEC.md §2)."""
+  """BERT sizes plus where and how memory enters it (Kim & Jung 2020, §3: PKM / ResM)."""
 
   vocab_size: int = 30522
   hidden_size: int = 768

@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from pkm_jax import sparse_adam
+from pkm_jax.bert import is_value_table
 
 VALUES = "values"
 DEFAULT = "default"
@@ -55,7 +56,7 @@ def param_labels(params) -> object:
     names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", "")))) for k in path]
     if names and names[-1] == "value":  # nnx.Variable leaves add a trailing '.value'
       names = names[:-1]
-    return VALUES if names[-1:] == ["values"] and "memory" in names else DEFAULT
+    return VALUES if is_value_table(names) else DEFAULT
   return jax.tree_util.tree_map_with_path(label, params)
 
 

@@ -21,7 +21,8 @@ from pkm_jax import optim as optim_lib
 from pkm_jax import sharding as sharding_lib
 from pkm_jax.config import ConfigError
 from pkm_jax.placement import MemoryPlacement
-from pkm_jax.steps import LossFn, TrainState, make_train_step, values_of
+from pkm_jax.bert import value_table
+from pkm_jax.steps import LossFn, TrainState, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,7 @@ def build_program(config: ml_collections.ConfigDict, *,
     if source is not None:  # pretrained weights replace the random ones
       init_reports.append(init_from(model, source))
     _, frozen, params, model_state = split(model)
-    sparse = {str(layer): optimizers.sparse.init(values_of(params, layer).get_value())
+    sparse = {str(layer): optimizers.sparse.init(value_table(params, layer).get_value())
               for layer in sparse_layers}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=optimizers.tx.init(params), sparse_opt_state=sparse,
@@ -105,7 +106,7 @@ def build_program(config: ml_collections.ConfigDict, *,
   state_sharding.sparse_opt_state = {
       str(layer): sharding_lib.row_state_shardings(
           abstract_state.sparse_opt_state[str(layer)],
-          values_of(state_sharding.params, layer).get_value(), cfg.memory.n_slots)
+          value_table(state_sharding.params, layer).get_value(), cfg.memory.n_slots)
       for layer in sparse_layers}
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   step = make_train_step(graphdef, loss_fn, optimizers, seed=config.seed, placement=placement,

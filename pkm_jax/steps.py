@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from pkm_jax import metrics as metrics_lib
+from pkm_jax.bert import value_table
 from pkm_jax.optim import Optimizers
 from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
 from pkm_jax.product_keys import MemoryAux
@@ -42,11 +43,6 @@ class TrainState:
   opt_state: optax.OptState
   sparse_opt_state: dict  # str(layer) -> SparseAdamState; empty unless sparse value updates
   frozen: Any = dataclasses.field(default_factory=dict)  # params and statistics kept as they are
-
-
-def values_of(params: nnx.State, layer: int) -> nnx.Variable:
-  """The value table of encoder layer `layer` (BertForMaskedLM and the task heads alike)."""
-  return params["bert"]["layers"][layer]["memory"]["values"]
 
 
 def mlm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes: dict | None):
@@ -140,10 +136,10 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimiz
     params = optax.apply_updates(state.params, updates)
     sparse_opt_state = dict(state.sparse_opt_state)
     for layer, (row_ids, row_grads) in rows.items():
-      table = values_of(params, layer)
+      table = value_table(params, layer)
       new_table, sparse_opt_state[str(layer)] = placement.row_update(
           sparse_tx, row_ids, row_grads, state.sparse_opt_state[str(layer)], table.get_value())
-      params["bert"]["layers"][layer]["memory"]["values"] = table.replace(new_table)
+      params["bert"]["layers"][layer]["memory"]["values"] = table.replace(new_table)  # in place
 
     loss, lr = sums["loss"] / count, schedule(state.step)
     metrics = {name: total / count for name, total in sums.items() if name != "count"}
