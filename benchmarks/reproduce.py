@@ -238,7 +238,7 @@ def evaluate_with_counts(config: ml_collections.ConfigDict, workdir: str
       usage[layer].add(c, w, t)
     return sums, batch_usage
 
-  result = eval_lib.run_eval(recording_step, (params, model_state, nnx.State({})),
+  result = eval_lib.run_eval(recording_step, (params, model_state, {}),
                              eval_data(None), lambda b: jax.tree.map(jnp.asarray, b), model.cfg)
   return {"params": n_params, "step": step, **result}, usage
 

@@ -66,7 +66,7 @@ _DISTILBERT_LAYER = (
 
 @dataclasses.dataclass
 class Converted:
-  """A converted model: our config, params (the `nnx.state(model, nnx.Param).to_pure_dict()`
+  """A converted model: our config, params (the `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
   layout of BertForMaskedLM) and what the conversion did (JSON-able)."""
 
   cfg: ModelConfig
@@ -284,8 +284,8 @@ def convert_tensors(hf_cfg: dict[str, Any], tensors: dict[str, np.ndarray], *,
   head_prefix = "vocab_" if distil else "cls.predictions."
   has_head = arch in _WITH_MLM_HEAD or any(k.startswith(head_prefix) for k in tensors)
   cfg = model_config_from_hf(hf_cfg, use_pooler=has_pooler)
-  abstract = nnx.state(nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0))),
-                       nnx.Param).to_pure_dict()
+  abstract = nnx.to_pure_dict(nnx.state(
+      nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0))), nnx.Param))
   a_bert, r = abstract["bert"], _Reader(tensors, arch)
   d = cfg.hidden_size
 
@@ -354,7 +354,7 @@ def convert_tensors(hf_cfg: dict[str, Any], tensors: dict[str, np.ndarray], *,
     head_status = "converted"
   else:
     # Same initialisation as a model built from scratch (bert.py's MLMHead).
-    fresh = nnx.state(MLMHead(cfg, rngs=nnx.Rngs(params=seed)), nnx.Param).to_pure_dict()
+    fresh = nnx.to_pure_dict(nnx.state(MLMHead(cfg, rngs=nnx.Rngs(params=seed)), nnx.Param))
     head = jax.tree.map(np.asarray, fresh)
     head_status = "initialised"
   params["mlm_head"] = head

@@ -4,7 +4,7 @@ Layout (written by `python -m pkm_jax.convert` or `save_pretrained`):
   OUT/model_config.json   our ModelConfig (`pkm_jax.config.to_dict`)
   OUT/tokenizer.json      the tokenizer (+ vocab.txt, tokenizer_config.json,
                           special_tokens_map.json copied when the source had them)
-  OUT/params/             orbax StandardCheckpointer of nnx.state(model, nnx.Param).to_pure_dict()
+  OUT/params/             orbax StandardCheckpointer of nnx.to_pure_dict(nnx.state(model, nnx.Param))
   OUT/conversion.json     {"format", "source", "architecture", "report"}
 A folder is written under a temporary name beside OUT and renamed when complete, so OUT is
 either absent, the previous contents, or the whole new checkpoint.
@@ -104,13 +104,13 @@ def save_pretrained(out_dir: str, model: BertForMaskedLM, tokenizer: Any, *,
   if jax.tree.leaves(nnx.state(model, nnx.BatchStat)):
     raise ValueError("save_pretrained stores parameters only, and this model has BatchNorm "
                      "statistics (memory query_norm='batchnorm'): keep its training checkpoint")
-  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   return write_checkpoint(out_dir, model.cfg, params, tokenizer, info=info, overwrite=overwrite)
 
 
 def _abstract_params(cfg: ModelConfig) -> dict:
-  return nnx.state(nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0))),
-                   nnx.Param).to_pure_dict()
+  model = nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def read_checkpoint(path: str) -> tuple[ModelConfig, dict, Any]:

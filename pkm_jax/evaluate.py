@@ -122,7 +122,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str,
     data_cfg.batch_size = config.eval.batch_size
   _, make_eval_iter = data_lib.make_mlm_data(data_cfg, tokenizer, seed=config.seed)
   eval_step = jax.jit(make_eval_step(graphdef, model_cfg))
-  result = run_eval(eval_step, (params, model_state, nnx.State({})),
+  result = run_eval(eval_step, (params, model_state, {}),
                     make_eval_iter(config.eval.batches or None),
                     lambda b: jax.tree.map(jnp.asarray, b), model_cfg)
   result = {"step": int(step), **result}

@@ -23,13 +23,15 @@ from pkm_jax.writer import MetricWriter
 
 @dataclasses.dataclass(frozen=True)
 class Periodic:
-  """`action(step, state)` after every `every`-th step (0: never) and after the last one."""
+  """`action(step, state)` after every `every`-th step (0: never) and, with `at_end`, after the
+  last one."""
 
   every: int
   action: Callable[[int, TrainState], Any]
+  at_end: bool = True
 
   def due(self, step: int, total: int) -> bool:
-    return self.every > 0 and (step % self.every == 0 or step == total)
+    return self.every > 0 and (step % self.every == 0 or (self.at_end and step == total))
 
 
 def train_loop(program: TrainProgram, state: TrainState, batches: Iterator[dict], *,

@@ -70,7 +70,7 @@ def init_from_pretrained(model: nnx.Module, pretrained_params: dict,
     raise ValueError(f"the model to initialise disagrees with the pretrained config: "
                      f"{'; '.join(diffs)}")
   state = nnx.state(model, nnx.Param)
-  target = traverse_util.flatten_dict(state.to_pure_dict())
+  target = traverse_util.flatten_dict(nnx.to_pure_dict(state))
   source = traverse_util.flatten_dict(pretrained_params)
   merged, loaded, dropped = dict(target), [], []
   for path, x in source.items():

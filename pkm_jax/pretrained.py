@@ -36,7 +36,7 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict, Any]:
     return converted.read_checkpoint(path)
   if is_workdir(path):
     model, tokenizer, _ = ckpt_lib.restore_model(path)
-    return model.cfg, nnx.state(model, nnx.Param).to_pure_dict(), tokenizer
+    return model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)), tokenizer
   if is_hf_folder(path):
     resolve_tokenizer_path(path)  # fails before any weights are read
     hf = convert_lib.convert_hf(path)

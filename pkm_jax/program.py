@@ -122,6 +122,17 @@ def build_program(config: ml_collections.ConfigDict, *,
                       init_reports=init_reports)
 
 
+def restore_or_init(program: TrainProgram, manager: ckpt_lib.Manager, source: Any = None
+                    ) -> tuple[TrainState, int, dict | None]:
+  """(state, its step, the data iterator's saved state): the latest checkpoint's if the run has
+  one, else a fresh state (from `source`, e.g. pretrained weights, when given) and (0, None)."""
+  steps = manager.all_steps()
+  if steps:
+    state, data_state = restore_state(program, manager, max(steps))
+    return state, max(steps), data_state
+  return init_state(program, source), 0, None
+
+
 def restore_state(program: TrainProgram, manager: ckpt_lib.Manager, step: int
                   ) -> tuple[TrainState, dict]:
   """The state saved at `step`, restored straight into the program's shardings, and the data

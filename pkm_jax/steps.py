@@ -125,7 +125,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimiz
           picks, aux[layer].weights, probe_grads[layer] / count, num_rows=n_slots)
       rows[layer] = (row_ids, row_grads)
       rows_sq_norm = rows_sq_norm + sq_norm
-    grad_norm = jnp.sqrt(jnp.square(optax.global_norm(grads)) + rows_sq_norm)
+    grad_norm = jnp.sqrt(jnp.square(optax.tree.norm(grads)) + rows_sq_norm)
     if optimizers.grad_clip > 0:
       # As optax.clip_by_global_norm, over dense and row-sparse gradients together.
       scale = jnp.where(grad_norm < optimizers.grad_clip, 1.0, optimizers.grad_clip / grad_norm)

@@ -140,19 +140,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Restore, or init (+Init: from pretrained weights) straight into the shardings ---------
   manager = ckpt_lib.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
-  start_step = steps[-1] if steps else 0
-  if steps:
-    state, data_state = program_lib.restore_state(program, manager, start_step)
+  # Host copies: the pretrained tensors enter the jitted init as arguments, not constants.
+  source = jax.tree.map(np.asarray, pretrained_weights[1]) if pretrained_weights else None
+  state, start_step, data_state = program_lib.restore_or_init(program, manager, source)
+  if data_state is not None:
     train_iter.set_state(data_state)
     print(f"Resuming {workdir} from step {start_step}"
           + (" (init.pretrained is ignored: the latest checkpoint wins)"
              if config.init.pretrained else ""))
-  else:
-    # Host copies: the pretrained tensors enter the jitted init as arguments, not constants.
-    src = jax.tree.map(np.asarray, pretrained_weights[1]) if pretrained_weights else None
-    state = program_lib.init_state(program, src)
-    if program.init_reports:
-      print(f"+Init from {config.init.pretrained}: {program.init_reports[0].summary()}")
+  elif program.init_reports:
+    print(f"+Init from {config.init.pretrained}: {program.init_reports[0].summary()}")
   save_run_files(workdir, config, model_cfg, tokenizer)
 
   # --- Evaluation and memory statistics -----------------------------------------------------
@@ -219,7 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writer=writer, log_every=t.log_every, save=Periodic(t.checkpoint_every, save),
           latest_saved=manager.latest_step,
           evaluate=Periodic(t.eval_every, lambda step, s: evaluate(step, s, writer)),
-          periodic=(Periodic(stats_every, write_usage),) if stats_every else (),
+          # Usage statistics cover exactly `stats_every` steps each: none for a last, partial span.
+          periodic=(Periodic(stats_every, write_usage, at_end=False),) if stats_every else (),
           after_step=add_usage if stats_every else None,
           sequences_per_step=config.data.batch_size)
     finally:

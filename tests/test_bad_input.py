@@ -200,7 +200,10 @@ def test_corrupt_run_files_are_one_line(workdir, name, content, needle):
     (["--config", "configs/nonexistent.py"], "nonexistent.py"),
 ])
 def test_bad_numbers_and_flags_are_one_line(tmp_path, args, needle):
-  proc = run("train.py", f"--workdir={tmp_path / 'w'}", *args, *TINY)
+  # A --config file must come before its overrides; every other flag after TINY's, to win.
+  first = args[0] == "--config"
+  proc = run("train.py", f"--workdir={tmp_path / 'w'}", *(args if first else ()), *TINY,
+             *(() if first else args))
   assert_one_line_error(proc, needle)
   assert not (tmp_path / "w").exists()
 

@@ -100,7 +100,7 @@ def ft_config(init, data_dir, **overrides):
 
 
 def pure(tree):
-  return jax.tree.map(np.asarray, tree.to_pure_dict() if hasattr(tree, "to_pure_dict") else tree)
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree)
 
 
 def read_tsv_labels(path):

@@ -65,10 +65,10 @@ def dense_memory_reference(mem, x, norm_stats=None):
   if isinstance(norm, nnx.BatchNorm):
     mean, var = norm_stats if norm_stats is not None else (norm.mean[...], norm.var[...])
     q = (q - mean) / np.sqrt(np.asarray(var) + norm.epsilon)
-    q = q * np.asarray(norm.scale.value) + np.asarray(norm.bias.value)
+    q = q * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
   elif isinstance(norm, nnx.LayerNorm):
     q = (q - q.mean(-1, keepdims=True)) / np.sqrt(q.var(-1, keepdims=True) + norm.epsilon)
-    q = q * np.asarray(norm.scale.value) + np.asarray(norm.bias.value)
+    q = q * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
   q = q.reshape(*x.shape[:-1], cfg.heads, cfg.k_dim)
   scores, slots = brute_force_topk(q, mem.keys[...], cfg.k)
   weights = softmax(scores)
@@ -85,7 +85,7 @@ def randomize_norm(mem, seed=1):
   """Non-trivial norm params/stats, so the reference really checks how they are applied."""
   r = np.random.default_rng(seed)
   norm = mem.query_norm
-  norm.scale.value = jnp.asarray(r.uniform(0.5, 1.5, norm.scale.value.shape), jnp.float32)
+  norm.scale[...] = jnp.asarray(r.uniform(0.5, 1.5, norm.scale[...].shape), jnp.float32)
   norm.bias[...] = jnp.asarray(r.normal(0, 0.3, norm.bias[...].shape), jnp.float32)
   if isinstance(norm, nnx.BatchNorm):
     norm.mean[...] = jnp.asarray(r.normal(0, 0.5, norm.mean[...].shape), jnp.float32)

@@ -28,7 +28,7 @@ def _dense_model(seed=0, cfg=DENSE):
   """A dense model whose every parameter (biases, LayerNorms) is random, not its init value."""
   model = BertForMaskedLM(cfg, rngs=nnx.Rngs(params=seed))
   state = nnx.state(model, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state.to_pure_dict())
+  leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
   keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
   noisy = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
   nnx.replace_by_pure_dict(state, jax.tree.unflatten(treedef, noisy))
@@ -62,13 +62,13 @@ def test_resm_init_reproduces_dense_logits(tmp_path, zero_values):
                             memory=dataclasses.replace(MEMORY, value_zero_init=zero_values))
   resm = BertForMaskedLM(cfg, rngs=nnx.Rngs(params=5))
   memory_before = {n: np.asarray(v) for n, v in _flat(
-      nnx.state(resm, nnx.Param).to_pure_dict()).items() if ".memory." in n}
+      nnx.to_pure_dict(nnx.state(resm, nnx.Param))).items() if ".memory." in n}
   report = plus_init.init_from_pretrained(resm, src_params, src_cfg)
 
-  dense_names = set(_flat(nnx.state(dense, nnx.Param).to_pure_dict()))
+  dense_names = set(_flat(nnx.to_pure_dict(nnx.state(dense, nnx.Param))))
   assert set(report.loaded) == dense_names and report.dropped == []
   assert set(report.new) == set(memory_before)
-  after = _flat(nnx.state(resm, nnx.Param).to_pure_dict())
+  after = _flat(nnx.to_pure_dict(nnx.state(resm, nnx.Param)))
   for name, before in memory_before.items():  # memory keeps its own initialisation
     np.testing.assert_array_equal(after[name], before)
   ref, _ = dense(*_batch())
@@ -95,7 +95,7 @@ def test_pkm_init_drops_replaced_ffn(tmp_path):
   assert all(".memory." in n for n in report.new) and report.new
   assert report.dropped_params == sum(np.size(src[n]) for n in expected_dropped)
   assert "bert.layers.1.ffn" in report.summary() and "bert.layers.1.memory" in report.summary()
-  after = _flat(nnx.state(pkm, nnx.Param).to_pure_dict())
+  after = _flat(nnx.to_pure_dict(nnx.state(pkm, nnx.Param)))
   for name in report.loaded:
     np.testing.assert_array_equal(after[name], src[name])
 
@@ -127,8 +127,8 @@ def test_resolve_model_config_takes_pretrained_sizes(tmp_path):
   assert config.model.hidden_size == 768  # the input config is not modified
   config_lib.validate(resolved, vocab_size=DENSE.vocab_size)
   model = BertForMaskedLM(config_lib.model_config(resolved), rngs=nnx.Rngs(0))
-  report = plus_init.init_from_pretrained(model, nnx.state(_dense_model(), nnx.Param)
-                                           .to_pure_dict(), DENSE)
+  report = plus_init.init_from_pretrained(
+      model, nnx.to_pure_dict(nnx.state(_dense_model(), nnx.Param)), DENSE)
   assert report.dropped == [] and all(".memory." in n for n in report.new)
 
   config.model.hidden_size = 32  # explicit and equal: fine
@@ -180,4 +180,4 @@ def test_load_pretrained_from_training_workdir(tmp_path):
   assert pretrained.is_workdir(workdir)
   loaded_cfg, loaded, _ = pretrained.load_pretrained(workdir)
   assert loaded_cfg == cfg
-  jax.tree.map(np.testing.assert_array_equal, loaded, params.to_pure_dict())
+  jax.tree.map(np.testing.assert_array_equal, loaded, nnx.to_pure_dict(params))

@@ -10,6 +10,7 @@ first step proportional to the (clipped) gradient instead of its sign, so clippi
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from pkm_jax import trainer
 from pkm_jax.bert import value_table
@@ -38,7 +39,7 @@ def one_step(values_optimizer: str, grad_clip: float):
   with jax.set_mesh(program.mesh):
     state, metrics, _ = program.train_step(program.init_state(), batch)
   layer = program.model_cfg.memory_layers[0]
-  params = jax.tree.map(np.asarray, state.params.to_pure_dict())
+  params = jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
   return float(metrics["grad_norm"]), np.asarray(value_table(state.params, layer)[...]), params
 
 

@@ -51,7 +51,7 @@ def flags_for(overrides: dict) -> list[str]:
 def final_params(workdir):
   model, _, _ = ckpt_lib.restore_model(workdir)
   from flax import nnx
-  return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def assert_trees_equal(a, b):

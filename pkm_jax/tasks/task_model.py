@@ -41,8 +41,8 @@ def load_init(path: str) -> Pretrained:
   or a Hugging Face folder."""
   if pretrained_lib.is_workdir(path):
     model, tokenizer, step = ckpt_lib.restore_model(path)
-    return Pretrained(model.cfg, nnx.state(model, nnx.Param).to_pure_dict(),
-                      nnx.state(model, nnx.BatchStat).to_pure_dict(), tokenizer,
+    return Pretrained(model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                      nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), tokenizer,
                       f"pretraining workdir step {step}")
   cfg, params, tokenizer = pretrained_lib.load_pretrained(path)
   return Pretrained(cfg, params, {}, tokenizer, "converted/HF checkpoint")
@@ -83,7 +83,7 @@ def init_task_model(model: nnx.Module, pre_cfg: ModelConfig, params: dict,
   if unexpected:
     raise ValueError(f"pretrained checkpoint lacks encoder tensor '{unexpected[0]}'")
   stats = nnx.state(model, nnx.BatchStat)
-  flat = traverse_util.flatten_dict(stats.to_pure_dict())
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(stats))
   src = traverse_util.flatten_dict(batch_stats)
   if flat:
     nnx.replace_by_pure_dict(stats, traverse_util.unflatten_dict(

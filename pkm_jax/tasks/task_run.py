@@ -103,15 +103,12 @@ def run_task(config: ml_collections.ConfigDict, task_dir: str, task: TaskData,
     raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
                      f"{data_ways} data-parallel devices (set --config.mesh.data)")
   manager = ckpt_lib.make_manager(task_dir, max_to_keep=config.train.keep_checkpoints)
-  steps = ckpt_lib.saved_steps(task_dir)
-  start = steps[-1] if steps else 0
-  if steps:
-    state, _ = program_lib.restore_state(program, manager, start)
+  # Copies on the host: `pre` may serve the next task of a suite, and the state is donated.
+  source = jax.tree.map(np.array, (pre.params, pre.batch_stats)) if pre else None
+  state, start, data_state = program_lib.restore_or_init(program, manager, source)
+  if data_state is not None:
     print(f"Resuming {task_dir} from step {start}")
   else:
-    # Copies on the host: `pre` may serve the next task of a suite, and the state is donated.
-    source = jax.tree.map(np.array, (pre.params, pre.batch_stats))
-    state = program_lib.init_state(program, source)
     print(f"Init {task.name} from {config.init.pretrained} ({pre.source}): "
           f"{program.init_reports[0]}")
 
