@@ -5,7 +5,8 @@
 DIR is a local Hugging Face folder: config.json plus model.safetensors (or a sharded
 model.safetensors.index.json, or pytorch_model.bin when torch is installed) and a tokenizer
 (tokenizer.json or vocab.txt). OUT receives the converted checkpoint described in
-`pkm_jax.pretrained` (model_config.json, tokenizer files, params/, conversion.json).
+`pkm_jax.converted` (model_config.json, tokenizer files, params/, conversion.json); the folder is
+read by `pkm_jax.hf_files`.
 
 Supported layouts: BertForMaskedLM, BertForPreTraining (its NSP head is ignored), BertModel (keys
 with or without 'bert.'), DistilBertForMaskedLM, DistilBertModel. A checkpoint without an MLM head
@@ -18,7 +19,6 @@ an unsupported architecture or activation) is a one-line ValueError naming it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -26,10 +26,9 @@ import jax
 import numpy as np
 from absl import flags
 from flax import nnx
-from safetensors import SafetensorError
-from safetensors.numpy import load_file
 
 from pkm_jax import cli, converted
+from pkm_jax.hf_files import load_hf_tensors, read_hf_config
 from pkm_jax.bert import BertForMaskedLM, MLMHead
 from pkm_jax.data import tokenizer as tok_lib
 from pkm_jax.config import ModelConfig
@@ -39,7 +38,6 @@ ARCHITECTURES = {
     "DistilBertForMaskedLM": "distilbert", "DistilBertModel": "distilbert",
 }
 _WITH_MLM_HEAD = ("BertForMaskedLM", "BertForPreTraining", "DistilBertForMaskedLM")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 # Per-layer names, ours -> HF (relative to layers[i] / the HF layer prefix) and the kind of module.
 _BERT_LAYER = (
@@ -72,81 +70,6 @@ class Converted:
   cfg: ModelConfig
   params: dict
   report: dict[str, Any]
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a Hugging Face folder
-# ---------------------------------------------------------------------------------------------
-
-
-def is_hf_folder(path: str) -> bool:
-  """A folder with config.json and HF weights (and no pkm-jax files of its own)."""
-  return (os.path.isfile(os.path.join(path, "config.json"))
-          and any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES))
-
-
-def read_hf_config(hf_dir: str) -> dict[str, Any]:
-  path = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found: {hf_dir} is not a Hugging Face model folder")
-  try:
-    with open(path) as f:
-      cfg = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from e
-  if not isinstance(cfg, dict):
-    raise ValueError(f"{path} does not hold a JSON object")
-  return cfg
-
-
-def _widen(x: np.ndarray) -> np.ndarray:
-  """float16 / bfloat16 (an ml_dtypes type numpy does not call floating) -> float32."""
-  if np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16":
-    return np.asarray(x, np.float32)
-  return x
-
-
-def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-  # numpy reads bfloat16 here because importing jax registers ml_dtypes' bfloat16.
-  try:
-    return {k: _widen(v) for k, v in load_file(path).items()}
-  except (SafetensorError, OSError, ValueError, TypeError) as e:
-    raise ValueError(f"{path} is not a readable safetensors file: {cli.one_line(e)}") from e
-
-
-def _load_torch_bin(path: str) -> dict[str, np.ndarray]:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ValueError(f"{path} is a torch pickle and torch is not installed: install torch or "
-                     f"save the model as model.safetensors") from e
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # torch raises many types for a corrupt pickle
-    raise ValueError(f"{path} could not be loaded by torch: {cli.one_line(e)}") from e
-  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
-
-
-def load_hf_tensors(hf_dir: str) -> dict[str, np.ndarray]:
-  """All tensors of the folder's weights (safetensors preferred), by their HF names."""
-  single = os.path.join(hf_dir, "model.safetensors")
-  index = os.path.join(hf_dir, "model.safetensors.index.json")
-  if os.path.isfile(single):
-    return _load_safetensors(single)
-  if os.path.isfile(index):
-    try:
-      with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-      raise ValueError(f"{index} has no valid 'weight_map': {cli.one_line(e)}") from e
-    tensors = {}
-    for shard in shards:
-      tensors.update(_load_safetensors(os.path.join(hf_dir, shard)))
-    return tensors
-  binary = os.path.join(hf_dir, "pytorch_model.bin")
-  if os.path.isfile(binary):
-    return _load_torch_bin(binary)
-  raise FileNotFoundError(f"no weights in {hf_dir}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,13 +13,13 @@ from flax import nnx
 
 from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import convert as convert_lib
-from pkm_jax import converted
+from pkm_jax import converted, hf_files
 from pkm_jax.bert import BertForMaskedLM
 from pkm_jax.config import ModelConfig
 from pkm_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from pkm_jax.plus_init import init_from_pretrained
 
-is_hf_folder = convert_lib.is_hf_folder
+is_hf_folder = hf_files.is_hf_folder
 is_converted_dir = converted.is_converted_dir
 
 
@@ -51,7 +51,7 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict, Any]:
   raise FileNotFoundError(
       f"{path} is neither a converted checkpoint (model_config.json + params/), a training "
       f"workdir (model_config.json + checkpoints/), nor a Hugging Face folder (config.json + "
-      f"{' | '.join(convert_lib.WEIGHT_FILES)})")
+      f"{' | '.join(hf_files.WEIGHT_FILES)})")
 
 
 def build_model(cfg: ModelConfig, params: dict, *, rngs: nnx.Rngs) -> BertForMaskedLM:

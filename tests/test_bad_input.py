@@ -97,7 +97,7 @@ def test_finished_run_says_so_and_changes_nothing(workdir):
   proc = run("train.py", f"--workdir={path}", *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "is finished" in proc.stdout and "Traceback" not in proc.stderr
-  assert f"step 4 eval mlm_loss=" in proc.stdout
+  assert "step 4 eval mlm_loss=" in proc.stdout
   assert snapshot(path) == before
 
 

@@ -9,7 +9,7 @@ import hf_fixtures
 import pytest
 
 from pkm_jax import fill_mask as fill_mask_lib
-from pkm_jax import convert, pretrained
+from pkm_jax import convert
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
