@@ -8,7 +8,7 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 
 # (module, imported name) pairs allowed inside a function, and why.
 DEFERRED = {
-    ("pkm_jax.convert", "torch"): "optional: only pytorch_model.bin needs torch",
+    ("pkm_jax.hf_files", "torch"): "optional: only pytorch_model.bin needs torch",
     ("pkm_jax.data.sources", "tensorflow_datasets"): "slow import, only for data.source=tfds",
     ("pkm_jax.tasks.glue", "tensorflow_datasets.text.glue"): "slow import, only for TFDS GLUE",
     ("pkm_jax.tasks.squad", "tensorflow_datasets.question_answering.squad"):
