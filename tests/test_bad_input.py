@@ -377,3 +377,23 @@ def test_finetuning_value_is_refused(key, value, tmp_path):
   with pytest.raises(ConfigError) as err:
     task_config.validate(config)
   assert "\n" not in str(err.value)
+
+
+def test_workdir_files_of_the_previous_version_still_load(workdir):
+  # model_config.json once carried the mesh placement of the memory, and config.json the +Init
+  # key `init.from`: such a workdir still evaluates and resumes.
+  path, _ = workdir
+  with open(os.path.join(path, "model_config.json")) as f:
+    model_cfg = json.load(f)
+  model_cfg["memory"].update(lookup="sharded", slot_axes=["model"], token_axes=["data"])
+  with open(os.path.join(path, "config.json")) as f:
+    config = json.load(f)
+  config["init"] = {"from": ""}
+  for name, content in (("model_config.json", model_cfg), ("config.json", config)):
+    with open(os.path.join(path, name), "w") as f:
+      json.dump(content, f)
+  proc = run("eval.py", f"--workdir={path}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run("train.py", f"--workdir={path}", *TINY, "--config.train.steps=6")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Resuming" in proc.stdout and "step 6 eval" in proc.stdout
