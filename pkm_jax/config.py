@@ -90,6 +90,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="generated", files="", tfds_name="", tfds_split="train",
       tfds_eval_split="", text_key="text", data_dir="",
+      path="",  # source='prepared': a folder made by `python -m pkm_jax.data.prepare`
+      eval_files="",  # evaluate on every document of these text files (paths/globs)
+      eval_path="",  # evaluate on every row of this prepared folder ('eval' or its only split)
+      workers=0,  # grain worker processes making batches (0: threads in the training process)
+      prefetch=2,  # batches made ahead (per worker; 0: each batch made when asked for)
       tokenizer="", vocab_size=30522, lowercase=True,
       max_len=128, batch_size=256, mask_prob=0.15, eval_fraction=0.05,
       generated=ml_collections.ConfigDict(dict(num_entities=2000, num_docs=20000, seed=0))))
@@ -152,6 +157,7 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
     if mem.v_dim not in (0, m.hidden_size):
       raise ConfigError(f"memory.v_dim={mem.v_dim} must equal model.hidden_size="
                         f"{m.hidden_size} (or 0): memory output is added to the residual")
+  _check_data(config.data)
   if config.data.max_len > m.max_position_embeddings:
     raise ConfigError(f"data.max_len={config.data.max_len} exceeds "
                       f"model.max_position_embeddings={m.max_position_embeddings}")
@@ -180,6 +186,22 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
   if o.decay not in DECAYS:
     raise ConfigError(f"optim.decay={o.decay!r} is not one of {DECAYS}")
   _check_mesh(config)
+
+
+def _check_data(data: ml_collections.ConfigDict) -> None:
+  """The data keys that can be checked without reading any data."""
+  sources = ("generated", "files", "tfds", "prepared")
+  if data.source not in sources:
+    raise ConfigError(f"data.source={data.source!r} is not one of {sources}")
+  if data.source == "prepared" and not data.path:
+    raise ConfigError("data.source='prepared' needs data.path (a folder made by python -m "
+                      "pkm_jax.data.prepare)")
+  if data.eval_files and data.eval_path:
+    raise ConfigError("set data.eval_files (text) or data.eval_path (a prepared folder), "
+                      "not both")
+  for key in ("workers", "prefetch"):
+    if data[key] < 0:
+      raise ConfigError(f"data.{key}={data[key]} must be >= 0")
 
 
 def _check_mesh(config: ml_collections.ConfigDict) -> None:
