@@ -260,6 +260,7 @@ def main(argv: list[str]) -> None:
 
 def define_flags() -> None:
   """The command's flags (defined only when run as a command, not when imported)."""
+  flags.DEFINE_string("out", None, "Output folder (written under a temporary name, then renamed).")
   flags.DEFINE_string("input", "", "Text files: comma-separated paths or globs.")
   flags.DEFINE_string("tfds_name", "", "Instead of --input: a prepared TFDS dataset.")
   flags.DEFINE_string("tfds_split", "train", "TFDS split to prepare.")
