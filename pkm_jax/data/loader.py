@@ -30,6 +30,7 @@ from typing import Any, Iterator, Protocol
 
 import grain
 import numpy as np
+from absl import flags
 
 from pkm_jax.data import keyed_random
 from pkm_jax.data.mlm import MLMMasker
@@ -159,6 +160,8 @@ def _iterate(stages: list, start: int, stop: int, workers: int, prefetch: int
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch),
                                             prefetch_buffer_size=max(1, prefetch)))
   if workers:
+    if not flags.FLAGS.is_parsed():  # grain's worker start reads its absl flags; a program that
+      flags.FLAGS.mark_as_parsed()  # parsed none (a test, a notebook) gets their defaults
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                      per_worker_buffer_size=max(1, prefetch)))
   return iter(it)
