@@ -51,14 +51,15 @@ def write_corpus(folder, num_docs: int = 240, seed: int = 0) -> str:
   return os.path.join(str(folder), "*.txt")
 
 
-def reference_rows(pattern: str, tok, held: bool | None = None, fraction: float = 0.0):
+def reference_rows(pattern: str, tok, held: bool | None = None, fraction: float = 0.0,
+                   max_len: int = MAX_LEN):
   """The in-memory packer's rows of the files' documents (held-out ones only, or the others)."""
   docs = sources.read_text_documents(sources.expand_files(pattern))
   if held is not None:
     keep = text_stream.held_out(np.arange(len(docs)), fraction) == held
     docs = [d for d, k in zip(docs, keep) if k]
   ids = special_token_ids(tok)
-  return pack_sequences(tokenize_documents(docs, tok), MAX_LEN, cls_id=ids["cls"],
+  return pack_sequences(tokenize_documents(docs, tok), max_len, cls_id=ids["cls"],
                         sep_id=ids["sep"], pad_id=ids["pad"])
 
 
@@ -141,7 +142,8 @@ def test_streaming_packer_equals_pack_sequences_however_the_stream_is_cut():
 def test_encoder_equals_hugging_face_ids(corpus):
   _, pattern, tok = corpus
   sentences = [s for d in sources.read_text_documents(sources.expand_files(pattern)) for s in d]
-  sentences += ["", "  lead and trail  ", "\u3000ideographic\u3000space", "a\u200bzero width"]
+  sentences += ["", "  lead and trail  ", "\u3000ideographic\u3000space", "a\u200bzero width",
+                "a line\nbreak inside"]
   want = [e.ids for e in tok.encode_batch(sentences, add_special_tokens=False)]
   for encoder in (SentenceEncoder(tok), SentenceEncoder(tok, max_words=50)):  # 50: evictions
     assert encoder.by_word

@@ -16,6 +16,7 @@ added tokens that could contain or absorb a space, are encoded sentence by sente
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Sequence
 
@@ -25,6 +26,7 @@ from tokenizers import Tokenizer
 from pkm_jax.data.packing import BOUNDARY
 
 _CHAR_LOCAL_NORMALIZERS = ("BertNormalizer", "Lowercase", "NFD", "NFKD", "StripAccents")
+_END = "\n"  # marks the end of a sentence among the words of many
 
 
 def splits_at_spaces(tokenizer: Tokenizer) -> bool:
@@ -59,26 +61,36 @@ class SentenceEncoder:
       lens = np.array([len(e.ids) for e in encodings], np.int64)
       ids = [i for e in encodings for i in e.ids]
       return lens, np.array(ids, np.int32)
-    words = [s.split(" ") for s in sentences]
+    if not len(sentences):
+      return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    # Everything below runs per word in C (split, set, map, chain, fromiter), not in Python:
+    # the sentences are joined with " \n " and split once; "\n" words mark their ends.
+    flat = " \n ".join(sentences).split(" ")
+    ends = np.flatnonzero(np.fromiter(map(_END.__eq__, flat), bool, len(flat)))
+    if len(ends) != len(sentences) - 1:  # a sentence holding "\n" itself: one at a time
+      return self._encode_each(sentences)
     ids_of = self._ids_of
-    new = {w for ws in words for w in ws if w not in ids_of}
+    new = set(flat).difference(ids_of)
     new.discard("")  # several spaces in a row
+    new.discard(_END)
     if len(ids_of) + len(new) > self.max_words:
       ids_of.clear()
-      new = {w for ws in words for w in ws if w}
+      new = set(flat) - {"", _END}
     if new:
-      new_words = sorted(new)
+      new_words = list(new)
       encodings = self.tokenizer.encode_batch_fast(new_words, add_special_tokens=False)
       ids_of.update(zip(new_words, (e.ids for e in encodings)))
-    ids_of[""] = []
-    ids: list[int] = []
-    lens = np.empty(len(words), np.int64)
-    for i, ws in enumerate(words):
-      start = len(ids)
-      for w in ws:
-        ids += ids_of[w]
-      lens[i] = len(ids) - start
-    return lens, np.array(ids, np.int32)
+    ids_of[""] = ids_of[_END] = []
+    word_ids = list(map(ids_of.__getitem__, flat))
+    per_word = np.fromiter(map(len, word_ids), np.int64, len(word_ids))
+    lens = np.add.reduceat(per_word, np.concatenate([[0], ends + 1]))
+    ids = np.fromiter(itertools.chain.from_iterable(word_ids), np.int32, int(per_word.sum()))
+    return lens, ids
+
+  def _encode_each(self, sentences: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    lens, ids = zip(*(self.encode([s.replace("\n", " ")]) if "\n" in s else self.encode([s])
+                      for s in sentences))
+    return np.concatenate(lens), np.concatenate(ids)
 
   def encode_items(self, items: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
     """Sentences with None between documents -> (lengths with BOUNDARY for each None, ids)."""

@@ -28,6 +28,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tokenizers import trainers
 
 from pkm_jax.data import prepared as prepared_lib
+from pkm_jax.data.sources import expand_files, load_documents
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # trained vocabularies start with these, in order
@@ -230,6 +231,22 @@ def check_prepared(tok: Tokenizer, meta: dict, folder: str, max_len: int,
         "mean other words to this model; prepare it with this run's tokenizer")
 
 
+def _check_data(tok: Tokenizer, data_cfg, meta: dict | None) -> None:
+  """Prepared folders and evaluation files a run names, checked before it saves anything."""
+  max_len = int(data_cfg.max_len)
+  if meta is not None:
+    check_prepared(tok, meta, data_cfg.path, max_len)
+    if "eval" not in meta["splits"] and not (data_cfg.eval_files or data_cfg.eval_path):
+      raise ValueError(f"data.path={data_cfg.path} has no 'eval' split: prepare it with "
+                       "--eval_input or --eval_fraction, or set data.eval_files / "
+                       "data.eval_path")
+  if data_cfg.eval_path:
+    check_prepared(tok, prepared_lib.read_metadata(data_cfg.eval_path, "data.eval_path"),
+                   data_cfg.eval_path, max_len, "data.eval_path")
+  if data_cfg.eval_files:
+    expand_files(data_cfg.eval_files, what="data.eval_files")
+
+
 def build_tokenizer(data_cfg, workdir: str | None) -> Tokenizer:
   """The run's tokenizer: WORKDIR/tokenizer.json if present, else loaded or trained, then saved.
 
@@ -249,12 +266,10 @@ def build_tokenizer(data_cfg, workdir: str | None) -> Tokenizer:
   elif prepared:
     tok = load_tokenizer(os.path.join(data_cfg.path, prepared_lib.TOKENIZER_FILE))
   else:
-    from pkm_jax.data.sources import load_documents  # pylint: disable=g-import-not-at-top
     train_docs, _ = load_documents(data_cfg)
     tok = train_tokenizer([s for doc in train_docs for s in doc], int(data_cfg.vocab_size),
                           lowercase=bool(data_cfg.lowercase))
-  if prepared:
-    check_prepared(tok, meta, data_cfg.path, int(data_cfg.max_len))
+  _check_data(tok, data_cfg, meta)
   if saved and not os.path.isfile(saved):
     os.makedirs(workdir, exist_ok=True)
     save_tokenizer(tok, saved)
