@@ -24,6 +24,7 @@ from pkm_jax.data.packing import BOUNDARY, RowPacker, pack_sequences
 from pkm_jax.data.pipeline import tokenize_documents
 from pkm_jax.data.tokenizer import (load_tokenizer, save_tokenizer, special_token_ids,
                                     tokenizer_fingerprint, train_tokenizer)
+from test_data import _TinyText, small_data_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LEN = 32
@@ -227,3 +228,23 @@ def test_interrupted_preparation_leaves_no_prepared_folder(corpus, tmp_path):
   assert not out.exists() and len(tmp) == 1
   with pytest.raises(FileNotFoundError, match="not a prepared folder: no metadata.json"):
     prepared_lib.read_metadata(str(tmp[0]))
+
+
+def test_prepare_from_tfds_equals_the_in_memory_tfds_source(tmp_path):
+  _TinyText.prepare(str(tmp_path / "tfds"))
+  out = str(tmp_path / "prepared")
+  prepare_lib.prepare(out, tfds_name="pkm_tiny_text", tfds_split="train",
+                      tfds_eval_split="validation", data_dir=str(tmp_path / "tfds"),
+                      vocab_size=200, max_len=MAX_LEN, workers=1, progress=False)
+  cfg = small_data_cfg(source="tfds", tfds_name="pkm_tiny_text", tfds_split="train",
+                       tfds_eval_split="validation", data_dir=str(tmp_path / "tfds"),
+                       max_len=MAX_LEN)
+  train_docs, eval_docs = sources.load_documents(cfg)
+  tok = load_tokenizer(out)
+  # The vocabulary is learnt from the training split only, as build_tokenizer learns it.
+  assert tok.get_vocab() == train_tokenizer([s for d in train_docs for s in d], 200).get_vocab()
+  ids = special_token_ids(tok)
+  for split, docs in (("train", train_docs), ("eval", eval_docs)):
+    want = pack_sequences(tokenize_documents(docs, tok), MAX_LEN, cls_id=ids["cls"],
+                          sep_id=ids["sep"], pad_id=ids["pad"])
+    np.testing.assert_array_equal(all_rows(out, split), want)

@@ -24,6 +24,7 @@ not depend on the run's: every evaluation of every run sees identical batches.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import zlib
 from typing import Any, Iterator, Protocol
@@ -188,6 +189,7 @@ class MLMTrainIterator:
     self.workers, self.prefetch = int(workers), int(prefetch)
     self.step = 0
     self._it: Iterator[Batch] | None = None
+    self._close_at_exit = False
 
   def _stages(self, shard_index: int, shard_count: int) -> list:
     return [_HostPositions(self.batch_size, shard_index, shard_count),
@@ -208,7 +210,14 @@ class MLMTrainIterator:
     if self._it is None:  # built lazily, so set_state right after construction costs nothing
       self._it = _iterate(self._stages(self.shard_index, self.shard_count), self.step,
                           self.step + _ENDLESS, self.workers, self.prefetch)
+      if self.workers and not self._close_at_exit:
+        # Batches made ahead by worker processes sit in shared memory until the iterator is
+        # closed; the training loop never closes it, so the interpreter's exit does.
+        atexit.register(self.close)
+        self._close_at_exit = True
     batch = next(self._it)
+    if self.workers:  # out of grain's shared memory, which is then freed at once
+      batch = {k: np.array(v) for k, v in batch.items()}
     self.step += 1
     return batch
 

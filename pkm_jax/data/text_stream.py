@@ -60,8 +60,8 @@ def tfds_blocks(name: str, split: str, data_dir: str, text_key: str,
   n = len(source)
   for start in range(0, n, docs_per_block):
     texts = []
-    for i in range(start, min(n, start + docs_per_block)):
-      example = source[i]
+    # One batched read per block (ArrayRecord reads a batch in one call, not one per example).
+    for example in source.__getitems__(list(range(start, min(n, start + docs_per_block)))):
       if text_key not in example:
         raise ValueError(f"TFDS dataset {name!r} has no feature text_key={text_key!r} "
                          f"(features: {sorted(example)})")
@@ -69,7 +69,7 @@ def tfds_blocks(name: str, split: str, data_dir: str, text_key: str,
       if isinstance(text, (bytes, np.bytes_)):
         text = bytes(text).decode("utf-8", errors="replace")
       texts.append(str(text))
-    yield Block("docs", texts, sum(len(t) for t in texts),
+    yield Block("docs", texts, sum(len(t.encode("utf-8")) for t in texts),
                 end_of_input=start + docs_per_block >= n)
 
 
