@@ -11,7 +11,8 @@ removed afterwards:
   init, compilation included: the same at every size), and the process' peak resident memory
   (ru_maxrss), each from its own process; --rounds runs per size, interleaved, the fastest kept;
 - loader: sequences/s of batches of 256 x 128 with MLM masking (no model), from another fresh
-  process, with grain's threads (data.workers=0, prefetch 2) and with 2 worker processes.
+  process, with grain's threads (data.workers=0, prefetch 2) and with 2 worker processes;
+  --rounds runs per size, interleaved, the fastest kept.
 For reference the in-memory `data.source=files` start-up is measured at the smallest size.
 Text: the generated world corpus (pkm_jax.data.corpus), four seeds cycled to reach the size; its
 vocabulary is small, so the encoder's word memory (encoder.py) hits more often than on natural
@@ -53,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--sizes_mb", default="10,100,1000", help="comma-separated text sizes (MB)")
   p.add_argument("--loader_batches", type=int, default=200, help="timed loader batches")
-  p.add_argument("--rounds", type=int, default=2, help="start-up runs per size, interleaved")
+  p.add_argument("--rounds", type=int, default=2,
+                 help="start-up and loader runs per size, interleaved")
   p.add_argument("--tmp", default="", help="where the temporary folder goes (default: $TMPDIR)")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_scale.json"))
   p.add_argument("--child", default="", help=argparse.SUPPRESS)  # 'startup' | 'loader'
@@ -213,21 +215,23 @@ def main(argv: list[str] | None = None) -> None:
                           "data.tokenizer": str(tmp / "tokenizer.json")}})
       shutil.rmtree(text)
       folders[size] = out
-    # Start-up, interleaved over sizes for --rounds rounds (a slow spell of a shared machine
-    # hits every size alike); the fastest round of each size is kept.
+    # Start-up and loader, interleaved over sizes for --rounds rounds (a slow spell of a shared
+    # machine hits every size alike); the fastest round of each size is kept.
     for r in range(args.rounds):
       for row, size in zip(rows, args.sizes_mb):
         got = run_child("startup", {"workdir": str(tmp / f"run_{size:g}_{r}"), "overrides": {
             "data.source": "prepared", "data.path": str(folders[size])}})
         row.setdefault("startup_rounds", []).append(got)
-    for row, size in zip(rows, args.sizes_mb):
-      best = min(row["startup_rounds"], key=lambda g: g["first_step_s"])
-      row.update(best)
+        for workers in (0, 2):
+          row.setdefault(f"loader_w{workers}_rounds", []).append(run_child(
+              "loader", {"path": str(folders[size]), "workers": workers,
+                         "batches": args.loader_batches}))
+    for row in rows:
+      row.update(min(row["startup_rounds"], key=lambda g: g["first_step_s"]))
       row["peak_rss_mb"] = min(g["peak_rss_mb"] for g in row["startup_rounds"])
       for workers in (0, 2):
-        row[f"loader_w{workers}"] = run_child(
-            "loader", {"path": str(folders[size]), "workers": workers,
-                       "batches": args.loader_batches})
+        row[f"loader_w{workers}"] = max(row[f"loader_w{workers}_rounds"],
+                                        key=lambda g: g["seq_per_s"])
       print(json.dumps(row), flush=True)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

@@ -56,6 +56,7 @@ class SentenceEncoder:
     self._ids_of: dict[str, list[int]] = {}
 
   def encode(self, sentences: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """S sentences -> (token counts [S] int64, their ids concatenated [sum] int32)."""
     if not self.by_word:
       encodings = self.tokenizer.encode_batch_fast(list(sentences), add_special_tokens=False)
       lens = np.array([len(e.ids) for e in encodings], np.int64)

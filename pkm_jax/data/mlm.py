@@ -100,6 +100,7 @@ class MLMMasker:
     self.vocab_size, self.mask_prob = int(vocab_size), float(mask_prob)
 
   def __call__(self, ids_BxT: np.ndarray, keys_B: np.ndarray, seed: int) -> Batch:
+    """Packed rows [B, T] and one key per row [B] (e.g. stream positions) -> the batch."""
     ids_BxT = np.asarray(ids_BxT, np.int32)
     t = ids_BxT.shape[1]
     draw = lambda stream, width: keyed_random.uniform(seed, stream, keys_B, width)
