@@ -143,6 +143,13 @@ def run_child(kind: str, opts: dict) -> dict:
 # --- Parent -----------------------------------------------------------------------------------
 
 
+def _cpu_seconds() -> float:
+  """User + system CPU time of this process and of its children that have ended."""
+  own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+      resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def write_text(folder: pathlib.Path, size_mb: float, pool: list[str]) -> int:
   """Files of ~FILE_MB of documents (blank lines between them), cycling `pool`; bytes written."""
   folder.mkdir(parents=True)
@@ -199,12 +206,15 @@ def main(argv: list[str] | None = None) -> None:
     for size in args.sizes_mb:  # prepare every size first (the text is removed at once)
       text, out = tmp / f"text_{size:g}", tmp / f"prepared_{size:g}"
       nbytes = write_text(text, size, pool)
-      start = time.perf_counter()
+      start, cpu = time.perf_counter(), _cpu_seconds()
       meta = prepare_lib.prepare(str(out), inputs=str(text / "*.txt"),
                                  tokenizer=str(tmp / "tokenizer.json"), max_len=128,
                                  eval_fraction=0.002, progress=False)
       rows.append({"size_mb": nbytes / 1e6,
                    "prepare_mb_s": nbytes / 1e6 / (time.perf_counter() - start),
+                   # This process and its (reaped) tokenising workers: what a shared machine's
+                   # load does not inflate as much as wall time.
+                   "prepare_cpu_s_per_mb": (_cpu_seconds() - cpu) / (nbytes / 1e6),
                    "rows": meta["splits"]["train"]["rows"],
                    "shards": len(meta["splits"]["train"]["shards"])})
       print(json.dumps(rows[-1]), flush=True)
@@ -246,15 +256,18 @@ def main(argv: list[str] | None = None) -> None:
   met = {k: (v <= TARGETS[k] if k.endswith("ratio") else v >= TARGETS[k])
          for k, v in summary.items()}
   result = {"rows": rows, "summary": summary, "targets": TARGETS, "met": met, **extra,
-            "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+            "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+            "date": time.strftime("%Y-%m-%d")}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
-  print("\n| text | prepare | rows (shards) | first batch | first step | peak RSS "
+  print(f"\nLoad average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+  print("\n| text | prepare (CPU s/MB) | rows (shards) | first batch | first step | peak RSS "
         "| loader (threads) | loader (2 workers) |")
   print("|---:|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
-    print(f"| {r['size_mb']:,.0f} MB | {r['prepare_mb_s']:.1f} MB/s | {r['rows']:,} "
+    print(f"| {r['size_mb']:,.0f} MB | {r['prepare_mb_s']:.1f} MB/s "
+          f"({r['prepare_cpu_s_per_mb']:.2f}) | {r['rows']:,} "
           f"({r['shards']}) | {r['first_batch_s']:.1f} s | {r['first_step_s']:.1f} s | "
           f"{r['peak_rss_mb']:,.0f} MiB | {r['loader_w0']['seq_per_s']:,.0f} seq/s | "
           f"{r['loader_w2']['seq_per_s']:,.0f} seq/s |")
