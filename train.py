@@ -27,11 +27,11 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Multi-host with the cluster'
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from pkm_jax import distributed, trainer  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top  # start-up time: --help and flag errors are quick
+  from pkm_jax import distributed, trainer
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          auto=_MULTIHOST.value)
-  config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-  workdir = _WORKDIR.value or os.path.join("workdirs", config_name)
+  workdir = _WORKDIR.value or os.path.join("workdirs", cli.config_name())
   result = trainer.train_and_evaluate(_CONFIG.value, workdir)
   print(f"Finished: {workdir} step {result['step']} eval mlm_loss={result['mlm_loss']:.4f} "
         f"perplexity={result['mlm_perplexity']:.3f} accuracy={result['mlm_accuracy']:.4f}")

@@ -1,69 +1,42 @@
-"""TensorBoard event files -> numbers, and the reproduction's figures (matplotlib, Agg backend).
-
-TensorBoard itself is not a dependency: an event file is a sequence of TFRecords (u64 length,
-masked CRC-32C of the length, the serialised `Event` proto, masked CRC-32C of the data), read
-here with the protos and the CRC that tensorboardX already ships. A record whose checksum fails
-(a file cut short by a killed run) ends the reading of that file, as TensorBoard does.
+"""TensorBoard event files -> numbers (read with TensorBoard's own reader), and the
+reproduction's figures (matplotlib, Agg backend).
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import struct
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from tensorboardX.proto import event_pb2  # noqa: E402
-from tensorboardX.record_writer import masked_crc32c  # noqa: E402
+from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
 
-Series = list[tuple[int, float]]  # (step, value), in the order written
+Series = list[tuple[int, float]]  # (step, value), in step order
 
-
-def _records(path: str) -> Iterator[bytes]:
-  with open(path, "rb") as f:
-    while True:
-      header = f.read(12)
-      if len(header) < 12:
-        return
-      (length,), (length_crc,) = struct.unpack("<Q", header[:8]), struct.unpack("<I", header[8:])
-      if masked_crc32c(header[:8]) != length_crc:
-        return
-      data, footer = f.read(length), f.read(4)
-      if len(data) < length or len(footer) < 4 or (
-          masked_crc32c(data) != struct.unpack("<I", footer)[0]):
-        return
-      yield data
-
-
-def event_files(logdir: str) -> list[str]:
-  files = sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")))
-  if not files:
-    raise FileNotFoundError(f"no TensorBoard event files in {logdir}")
-  return files
+# Keep every event (TensorBoard's default keeps a sample of 10,000 scalars and 4 images per tag).
+_KEEP_ALL = {event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0}
 
 
 def read_events(logdir: str) -> tuple[dict[str, Series], dict[str, list[tuple[int, bytes]]]]:
-  """(scalars, images) of every event file in `logdir`: tag -> [(step, value | PNG bytes)].
+  """(scalars, images) of the event files in `logdir`: tag -> [(step, value | PNG bytes)].
 
-  A resumed run appends a second event file; a step logged twice keeps its last value.
+  A resumed run appends a second event file; as in TensorBoard, steps a killed run logged after
+  the checkpoint it resumed from are dropped, and a step logged twice keeps its last value.
   """
-  scalars: dict[str, dict[int, float]] = {}
-  images: dict[str, dict[int, bytes]] = {}
-  for path in event_files(logdir):
-    for record in _records(path):
-      event = event_pb2.Event.FromString(record)
-      for value in event.summary.value:
-        if value.HasField("simple_value"):
-          scalars.setdefault(value.tag, {})[event.step] = value.simple_value
-        elif value.HasField("image"):
-          images.setdefault(value.tag, {})[event.step] = value.image.encoded_image_string
-  as_series = lambda d: {t: sorted(s.items()) for t, s in d.items()}  # noqa: E731
-  return as_series(scalars), as_series(images)
+  if not glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+    raise FileNotFoundError(f"no TensorBoard event files in {logdir}")
+  events = event_accumulator.EventAccumulator(logdir, size_guidance=_KEEP_ALL)
+  events.Reload()
+  tags = events.Tags()
+  scalars = {t: sorted({e.step: e.value for e in events.Scalars(t)}.items())
+             for t in tags[event_accumulator.SCALARS]}
+  images = {t: sorted({e.step: e.encoded_image_string for e in events.Images(t)}.items())
+            for t in tags[event_accumulator.IMAGES]}
+  return scalars, images
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
   python benchmarks/reproduce.py --steps 3000 --config.data.source=files \
       --config.data.files='/data/text/*.txt' --glue_data_dir=/data/glue --glue_task=sst2
 
-Protocol (Kim & Jung 2020, Tables 2-3; SPEC.md §4), with S = --steps, E = --extra_steps (S/2,
+Protocol (Kim & Jung 2020, Tables 2-3), with S = --steps, E = --extra_steps (S/2,
 the paper's 1M : 500k):
   (a) BERT         memory none      from scratch                 S steps
   (b) +E steps     memory none      from (a)'s final weights     E steps  (the "+500k" control)
@@ -18,7 +18,7 @@ Everything else is `get_config()` below, identical for all six (seed, data order
 over E steps, the data stream from its beginning), so (b) differs from (e)/(f) only by memory.
 
 Each variant is evaluated on the whole held-out split (MLM perplexity / accuracy; MU, top-1 MU,
-KL_u, KL_w per memory layer, SPEC.md §3) and fine-tuned (pkm_jax.tasks.finetune) on a downstream
+KL_u, KL_w per memory layer, Kim & Jung §4.1) and fine-tuned (pkm_jax.tasks.finetune) on a downstream
 task. With the generated corpus that task is *fact verification* about its world, written in the
 GLUE SST-2 layout (sentence, label): "<entity> <relation> <object>." is true (1), or false (0)
 with its object swapped for another value of the same relation ("fact" errors) or for a value of
@@ -108,9 +108,10 @@ VARIANTS = (
 def finetune_settings(quick: bool) -> dict[str, Any]:
   """One fine-tuning recipe for every variant (a small model: a higher lr than BERT's 2e-5)."""
   if quick:
-    return dict(max_len=24, lr=1e-3, batch_size=16, epochs=1.0, eval_batch_size=64,
-                max_train_examples=96)
-  return dict(max_len=32, lr=3e-4, batch_size=32, epochs=1.0, eval_batch_size=128)
+    return dict(data=dict(max_len=24, batch_size=16, max_train_examples=96),
+                optim=dict(lr=1e-3), train=dict(epochs=1.0), eval=dict(batch_size=64))
+  return dict(data=dict(max_len=32, batch_size=32), optim=dict(lr=3e-4),
+              train=dict(epochs=1.0), eval=dict(batch_size=128))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def evaluate_with_counts(config: ml_collections.ConfigDict, workdir: str
   from pkm_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
   from pkm_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
 
-  model, tokenizer = ckpt_lib.restore_model(workdir)
+  model, tokenizer, step = ckpt_lib.restore_model(workdir)
   graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
   n_params = int(sum(x.size for x in jax.tree.leaves(params)))
   _, eval_data = data_lib.make_mlm_data(config.data, tokenizer, seed=config.seed)
@@ -231,15 +232,15 @@ def evaluate_with_counts(config: ml_collections.ConfigDict, workdir: str
   usage = {layer: metrics_lib.MemoryUsage(model.cfg.memory.n_slots)
            for layer in model.cfg.memory_layers}
 
-  def recording_step(p, s, batch):  # run_eval's own sums, with the slot totals kept here
-    sums, batch_usage = eval_step(p, s, batch)
+  def recording_step(p, s, f, batch):  # run_eval's own sums, with the slot totals kept here
+    sums, batch_usage = eval_step(p, s, f, batch)
     for layer, (c, w, t) in batch_usage.items():
       usage[layer].add(c, w, t)
     return sums, batch_usage
 
-  result = eval_lib.run_eval(recording_step, params, model_state, eval_data(None),
-                             lambda b: jax.tree.map(jnp.asarray, b), model.cfg)
-  return {"params": n_params, "step": ckpt_lib.latest_step(workdir), **result}, usage
+  result = eval_lib.run_eval(recording_step, (params, model_state, nnx.State({})),
+                             eval_data(None), lambda b: jax.tree.map(jnp.asarray, b), model.cfg)
+  return {"params": n_params, "step": step, **result}, usage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +278,7 @@ def markdown_table(rows: list[dict[str, Any]], layers: list[int], downstream: st
 
 
 def paper_claims(rows: dict[str, dict[str, Any]], layers: list[int]) -> list[dict[str, Any]]:
-  """The paper's orderings (SPEC.md §3-4), each checked on these numbers: [{claim, holds}]."""
+  """The paper's orderings (Kim & Jung 2020, Tables 2-4), each checked on these numbers: [{claim, holds}]."""
   def kl(key, stat):  # mean over the memory layers
     return sum(rows[key]["memory"][str(layer)][stat] for layer in layers) / len(layers)
 
@@ -345,6 +346,7 @@ def run(config: ml_collections.ConfigDict, out: str, *, steps: int, extra_steps:
   from pkm_jax import evaluate as eval_lib  # pylint: disable=g-import-not-at-top
   from pkm_jax import trainer  # pylint: disable=g-import-not-at-top
   from pkm_jax.tasks import finetune  # pylint: disable=g-import-not-at-top
+  from pkm_jax.tasks import task_config  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import plots  # pylint: disable=g-import-not-at-top
 
@@ -382,9 +384,9 @@ def run(config: ml_collections.ConfigDict, out: str, *, steps: int, extra_steps:
     cfg.memory.mode = v.mode
     cfg.train.steps = extra_steps if v.init else steps
     if v.init:
-      cfg.init["from"] = os.path.join(out, "runs", "a")
+      cfg.init.pretrained = os.path.join(out, "runs", "a")
     print(f"=== {label}: memory {v.mode}, {cfg.train.steps} steps"
-          + (f" from {cfg.init['from']}" if v.init else " from scratch"), flush=True)
+          + (f" from {cfg.init.pretrained}" if v.init else " from scratch"), flush=True)
     t0 = time.perf_counter()
     trainer.train_and_evaluate(cfg, workdir)
     timings[f"train_{v.key}"] = time.perf_counter() - t0
@@ -401,9 +403,13 @@ def run(config: ml_collections.ConfigDict, out: str, *, steps: int, extra_steps:
       usage_maps[label] = {l: eval_lib.usage_histogram(u.counts) for l, u in usage.items()}
     if downstream:
       t0 = time.perf_counter()
-      ft_cfg = finetune.base_config()
-      ft_cfg.update(task=downstream["task"], init=workdir, data_dir=downstream["data_dir"],
-                    seed=config.seed, log_every=10**6, checkpoint_every=10**6, **ft)
+      ft_cfg = task_config.base_config()
+      ft_cfg.update(task=downstream["task"], seed=config.seed)
+      ft_cfg.init.pretrained = workdir
+      ft_cfg.data.data_dir = downstream["data_dir"]
+      ft_cfg.train.update(log_every=10**6, checkpoint_every=10**6)
+      for group, values in ft.items():
+        ft_cfg[group].update(values)
       ft_cfg.mesh.update(data=1, model=1)
       ft_result = finetune.finetune_and_evaluate(ft_cfg, os.path.join(out, "finetune", v.key))
       timings[f"finetune_{v.key}"] = time.perf_counter() - t0

@@ -2,7 +2,7 @@
 
 Memory at layers (3, 7), the paper's "4L/8L" (0-based): 512**2 slots, 4 heads, k=32, k_dim 256, v_dim = hidden
 (base_config()'s memory defaults) -> 515M parameters, as in the paper's table.
-Add --config.init.from=DIR for "+Init" (start from dense BERT weights).
+Add --config.init.pretrained=DIR for "+Init" (start from dense BERT weights).
 """
 
 from configs import bert_base

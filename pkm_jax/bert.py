@@ -9,6 +9,8 @@ Linear kernels are [in, out] (torch's weight transposed).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -190,7 +192,19 @@ class MLMHead(nnx.Module):
   def __call__(self, h_BxTxD, word_embeddings: nnx.Embed) -> jax.Array:
     x = self.transform_norm(gelu(self.transform(h_BxTxD)))
     logits_BxTxV = word_embeddings.attend(x.astype(word_embeddings.dtype))
-    return logits_BxTxV.astype(jnp.float32) + self.bias.value
+    return logits_BxTxV.astype(jnp.float32) + self.bias[...]
+
+
+def is_value_table(names: Sequence[str]) -> bool:
+  """Whether a parameter path (e.g. ('bert', 'layers', '3', 'memory', 'values')) names a memory
+  value table: what the value optimizer trains and sparse updates touch row by row."""
+  return list(names[-2:]) == ["memory", "values"]
+
+
+def value_table(params: nnx.State, layer: int) -> nnx.Variable:
+  """The value table of encoder layer `layer` in a param State of BertForMaskedLM or of a task
+  head (both keep the encoder under 'bert')."""
+  return params["bert"]["layers"][layer]["memory"]["values"]
 
 
 class BertForMaskedLM(nnx.Module):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging as std_logging
+import os
 import re
 import sys
 from typing import Any, Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from pkm_jax import config as config_lib
 
 # Errors a user can cause with bad input; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, OSError)
@@ -17,7 +21,10 @@ def one_line(e: BaseException) -> str:
   text = str(e.args[0]) if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
   # KeyErrors arrive repr()-quoted, with escaped newlines and quotes inside.
   text = text.replace("\\n", "\n").replace("\\'", "'")
-  text = re.sub(r"\s*\n\s*", " ", text.strip().strip("'\""))
+  text = text.strip()
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's repr quotes
+    text = text[1:-1]
+  text = re.sub(r"\s*\n\s*", " ", text)
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
@@ -34,6 +41,11 @@ def define_config(default_path: str) -> config_flags._ConfigFlag | Any:
 
   config_flags applies overrides while the flag is defined, so a bad one fails here, at import.
   """
+  for arg in sys.argv[1:]:
+    for old, new in config_lib.RENAMED_KEYS.items():
+      if arg.startswith(f"--config.{old}="):
+        sys.exit(f"error: --config.{old} is now --config.{new} ({old.split('.')[-1]!r} is a "
+                 "Python keyword, which the flag parser cannot take)")
   try:
     return config_flags.DEFINE_config_file("config", default_path,
                                            "Config file defining get_config().", lock_config=True)
@@ -41,12 +53,30 @@ def define_config(default_path: str) -> config_flags._ConfigFlag | Any:
     sys.exit(f"error: bad --config override: {one_line(e)}")
 
 
+def config_overrides() -> dict[str, Any]:
+  """The --config.x.y=value overrides given on the command line: {'x.y': value}."""
+  f = flags.FLAGS
+  return {name[len("config."):]: f[name].value for name in f
+          if name.startswith("config.") and f[name].present}
+
+
+def config_name() -> str:
+  """The --config file's name without extension ('default' for configs/default.py)."""
+  return os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+
+
+def _quiet_orbax(record) -> bool:
+  # orbax logs every file it writes (INFO) and that read-only managers are read-only (WARNING).
+  return record.levelno >= std_logging.ERROR or "orbax" not in record.pathname
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """absl's app.run, but bad flags and user errors end with one line and exit status 1."""
 
   def guarded(argv):
-    if not flags.FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
+    if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
+      logging.get_absl_handler().addFilter(_quiet_orbax)
     try:
       main(argv)
     except USER_ERRORS as e:

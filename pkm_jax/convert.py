@@ -24,10 +24,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 from flax import nnx
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
+from pkm_jax import cli, converted
 from pkm_jax.bert import BertForMaskedLM, MLMHead
-from pkm_jax.cli import one_line
+from pkm_jax.data import tokenizer as tok_lib
 from pkm_jax.config import ModelConfig
 
 ARCHITECTURES = {
@@ -104,12 +108,10 @@ def _widen(x: np.ndarray) -> np.ndarray:
 
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
   # numpy reads bfloat16 here because importing jax registers ml_dtypes' bfloat16.
-  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   try:
     return {k: _widen(v) for k, v in load_file(path).items()}
   except (SafetensorError, OSError, ValueError, TypeError) as e:
-    raise ValueError(f"{path} is not a readable safetensors file: {one_line(e)}") from e
+    raise ValueError(f"{path} is not a readable safetensors file: {cli.one_line(e)}") from e
 
 
 def _load_torch_bin(path: str) -> dict[str, np.ndarray]:
@@ -121,7 +123,7 @@ def _load_torch_bin(path: str) -> dict[str, np.ndarray]:
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for a corrupt pickle
-    raise ValueError(f"{path} could not be loaded by torch: {one_line(e)}") from e
+    raise ValueError(f"{path} could not be loaded by torch: {cli.one_line(e)}") from e
   return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
 
 
@@ -136,7 +138,7 @@ def load_hf_tensors(hf_dir: str) -> dict[str, np.ndarray]:
       with open(index) as f:
         shards = sorted(set(json.load(f)["weight_map"].values()))
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-      raise ValueError(f"{index} has no valid 'weight_map': {one_line(e)}") from e
+      raise ValueError(f"{index} has no valid 'weight_map': {cli.one_line(e)}") from e
     tensors = {}
     for shard in shards:
       tensors.update(_load_safetensors(os.path.join(hf_dir, shard)))
@@ -377,7 +379,7 @@ def convert_tensors(hf_cfg: dict[str, Any], tensors: dict[str, np.ndarray], *,
 
 
 def convert_hf(hf_dir: str, *, seed: int = 0) -> Converted:
-  """Reads and converts a local HF folder (weights only; tokenizers are pretrained.py's)."""
+  """Reads and converts a local HF folder (weights only; the tokenizer is read by pretrained.py)."""
   if not os.path.isdir(hf_dir):
     raise FileNotFoundError(f"{hf_dir} is not a folder")
   hf_cfg = read_hf_config(hf_dir)
@@ -387,21 +389,32 @@ def convert_hf(hf_dir: str, *, seed: int = 0) -> Converted:
   return converted
 
 
+def convert_to_dir(hf_dir: str, out_dir: str, *, overwrite: bool = False, seed: int = 0) -> str:
+  """`python -m pkm_jax.convert`: HF folder -> converted checkpoint; prints a summary."""
+  tok_lib.resolve_tokenizer_path(hf_dir)  # fails before any weights are read
+  hf = convert_hf(hf_dir, seed=seed)
+  info = {"source": hf.report["source"], "architecture": hf.report["architecture"],
+          "report": hf.report}
+  out = converted.write_checkpoint(out_dir, hf.cfg, hf.params, hf_dir, info=info,
+                                   overwrite=overwrite)
+  for note in hf.report["notes"]:
+    print(f"note: {note}")
+  r = hf.report
+  print(f"Converted {r['architecture']} ({r['num_params']:,} parameters, "
+        f"{r['num_tensors']} tensors, MLM head {r['mlm_head']}) -> {out}")
+  return out
+
+
 def main(argv: list[str]) -> None:
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  from pkm_jax import pretrained  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)  # orbax and JAX log every step at INFO
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
   if not f.hf_dir or not f.out:
     raise ValueError("both --hf_dir and --out are required")
-  pretrained.convert_to_dir(f.hf_dir, f.out, overwrite=f.overwrite, seed=f.seed)
+  convert_to_dir(f.hf_dir, f.out, overwrite=f.overwrite, seed=f.seed)
 
 
 if __name__ == "__main__":
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from pkm_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("hf_dir", None, "Local Hugging Face model folder.")
   flags.DEFINE_string("out", None, "Output folder for the converted checkpoint.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out.")

@@ -19,17 +19,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
+from pkm_jax import checkpoint, cli, pretrained
 from pkm_jax.bert import BertForMaskedLM
+from pkm_jax.data.tokenizer import special_token_ids
 
 
 def load_model(path: str) -> tuple[BertForMaskedLM, Any]:
   """(model, tokenizer) from a training workdir, a converted checkpoint or an HF folder."""
-  from pkm_jax import pretrained  # pylint: disable=g-import-not-at-top
   if pretrained.is_workdir(path):
-    from pkm_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    return checkpoint.restore_model(path)
+    model, tokenizer, _ = checkpoint.restore_model(path)
+    return model, tokenizer
   cfg, params, tokenizer = pretrained.load_pretrained(path)
   return pretrained.build_model(cfg, params, rngs=nnx.Rngs(0)), tokenizer
 
@@ -37,7 +39,6 @@ def load_model(path: str) -> tuple[BertForMaskedLM, Any]:
 def fill_mask(model: BertForMaskedLM, tokenizer: Any, text: str, top_k: int = 5
               ) -> list[list[dict[str, Any]]]:
   """For each [MASK] in `text` (left to right): the top_k {'token', 'token_id', 'score'}."""
-  from pkm_jax.data.tokenizer import special_token_ids  # pylint: disable=g-import-not-at-top
   mask_id = special_token_ids(tokenizer)["mask"]
   vocab = model.cfg.vocab_size
   if not 1 <= top_k <= vocab:
@@ -60,9 +61,7 @@ def fill_mask(model: BertForMaskedLM, tokenizer: Any, text: str, top_k: int = 5
 
 
 def main(argv: list[str]) -> None:
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  logging.set_verbosity(logging.WARNING)  # orbax and JAX log every step at INFO
   if not f.model:
     raise ValueError("--model DIR is required")
   text = " ".join(argv[1:])
@@ -76,8 +75,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from pkm_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("model", None, "HF folder, converted checkpoint or training workdir.")
   flags.DEFINE_integer("top_k", 5, "Predictions per [MASK].")
   cli.run(main)

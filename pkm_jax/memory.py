@@ -79,10 +79,10 @@ class ProductKeyMemory(nnx.Module):
       q_BxTxQ = self.query_norm(q_BxTxQ)
     q_BxTxQ = self.query_dropout(q_BxTxQ, deterministic=not train, rngs=rngs)
     q_BxTxHxK = q_BxTxQ.reshape(b, t, cfg.heads, cfg.k_dim).astype(jnp.float32)
-    keys = self.keys.value.astype(jnp.float32)
+    keys = self.keys[...].astype(jnp.float32)
     scores, indices = self.placement.search(q_BxTxHxK, keys, cfg.k)
     weights = jax.nn.softmax(scores, axis=-1)
-    values = self.values.value
+    values = self.values[...]
     if value_probe is not None:
       values = jax.lax.stop_gradient(values)
     out_BxTxV = self.placement.lookup(values, indices, weights)

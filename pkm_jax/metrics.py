@@ -1,4 +1,4 @@
-"""MLM metrics and the paper's memory-usage metrics (Kim & Jung 2020; SPEC.md §3).
+"""MLM metrics and the paper's memory-usage metrics (Kim & Jung 2020, §4.1).
 
 Per memory layer, over an evaluation set, counting every non-padding token and every head:
   u_i = times slot i is among the selected top-k,  w_i = sum of softmax weights slot i received,

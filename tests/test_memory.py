@@ -60,19 +60,19 @@ def dense_memory_reference(mem, x, norm_stats=None):
   """
   cfg = mem.cfg
   x = np.asarray(x, np.float64)
-  q = x @ np.asarray(mem.query_proj.kernel.value) + np.asarray(mem.query_proj.bias.value)
+  q = x @ np.asarray(mem.query_proj.kernel[...]) + np.asarray(mem.query_proj.bias[...])
   norm = mem.query_norm
   if isinstance(norm, nnx.BatchNorm):
-    mean, var = norm_stats if norm_stats is not None else (norm.mean.value, norm.var.value)
+    mean, var = norm_stats if norm_stats is not None else (norm.mean[...], norm.var[...])
     q = (q - mean) / np.sqrt(np.asarray(var) + norm.epsilon)
     q = q * np.asarray(norm.scale.value) + np.asarray(norm.bias.value)
   elif isinstance(norm, nnx.LayerNorm):
     q = (q - q.mean(-1, keepdims=True)) / np.sqrt(q.var(-1, keepdims=True) + norm.epsilon)
     q = q * np.asarray(norm.scale.value) + np.asarray(norm.bias.value)
   q = q.reshape(*x.shape[:-1], cfg.heads, cfg.k_dim)
-  scores, slots = brute_force_topk(q, mem.keys.value, cfg.k)
+  scores, slots = brute_force_topk(q, mem.keys[...], cfg.k)
   weights = softmax(scores)
-  return loop_lookup(mem.values.value, slots, weights), slots, weights
+  return loop_lookup(mem.values[...], slots, weights), slots, weights
 
 
 def make_memory(query_norm="batchnorm", seed=0, **kw):
@@ -86,10 +86,10 @@ def randomize_norm(mem, seed=1):
   r = np.random.default_rng(seed)
   norm = mem.query_norm
   norm.scale.value = jnp.asarray(r.uniform(0.5, 1.5, norm.scale.value.shape), jnp.float32)
-  norm.bias.value = jnp.asarray(r.normal(0, 0.3, norm.bias.value.shape), jnp.float32)
+  norm.bias[...] = jnp.asarray(r.normal(0, 0.3, norm.bias[...].shape), jnp.float32)
   if isinstance(norm, nnx.BatchNorm):
-    norm.mean.value = jnp.asarray(r.normal(0, 0.5, norm.mean.value.shape), jnp.float32)
-    norm.var.value = jnp.asarray(r.uniform(0.5, 2.0, norm.var.value.shape), jnp.float32)
+    norm.mean[...] = jnp.asarray(r.normal(0, 0.5, norm.mean[...].shape), jnp.float32)
+    norm.var[...] = jnp.asarray(r.uniform(0.5, 2.0, norm.var[...].shape), jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_batchnorm_statistics_ignore_padding():
   for inputs in (x, x_junk):
     mem = make_memory(seed=5)  # identical params for both runs
     randomize_norm(mem)
-    mean0, var0 = np.asarray(mem.query_norm.mean.value), np.asarray(mem.query_norm.var.value)
+    mean0, var0 = np.asarray(mem.query_norm.mean[...]), np.asarray(mem.query_norm.var[...])
     out, aux = mem(jnp.asarray(inputs), jnp.asarray(mask), rngs=nnx.Rngs(dropout=0))
     runs.append((mem, np.asarray(out), aux))
   (mem, out, aux), (mem_junk, out_junk, aux_junk) = runs
@@ -277,16 +277,16 @@ def test_batchnorm_statistics_ignore_padding():
   np.testing.assert_allclose(out_junk[real], out[real], rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(aux_junk.indices)[real], np.asarray(aux.indices)[real])
   for name in ("mean", "var"):
-    np.testing.assert_allclose(np.asarray(getattr(mem_junk.query_norm, name).value),
-                               np.asarray(getattr(mem.query_norm, name).value), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(getattr(mem_junk.query_norm, name)[...]),
+                               np.asarray(getattr(mem.query_norm, name)[...]), rtol=1e-5)
 
   # Statistics over real tokens only, in numpy (biased variance, momentum 0.9).
-  q_real = (x[real].astype(np.float64) @ np.asarray(mem.query_proj.kernel.value)
-            + np.asarray(mem.query_proj.bias.value))
+  q_real = (x[real].astype(np.float64) @ np.asarray(mem.query_proj.kernel[...])
+            + np.asarray(mem.query_proj.bias[...]))
   mean, var = q_real.mean(0), q_real.var(0)
-  np.testing.assert_allclose(np.asarray(mem.query_norm.mean.value), 0.9 * mean0 + 0.1 * mean,
+  np.testing.assert_allclose(np.asarray(mem.query_norm.mean[...]), 0.9 * mean0 + 0.1 * mean,
                              rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(mem.query_norm.var.value), 0.9 * var0 + 0.1 * var,
+  np.testing.assert_allclose(np.asarray(mem.query_norm.var[...]), 0.9 * var0 + 0.1 * var,
                              rtol=1e-4, atol=1e-5)
   # The training-mode output normalises with those batch statistics.
   ref_out, _, _ = dense_memory_reference(mem, x, norm_stats=(mean, var))
@@ -314,18 +314,18 @@ def test_value_probe_gradient():
   cot = np.random.default_rng(7).normal(size=out.shape)
   expected = (1 - np.tanh(np.asarray(out, np.float64)) ** 2) * cot
   np.testing.assert_allclose(np.asarray(g_probe), expected, rtol=1e-5, atol=1e-6)
-  assert not np.any(np.asarray(grads["values"].value)), "the probe must cut the table's gradient"
+  assert not np.any(np.asarray(grads["values"][...])), "the probe must cut the table's gradient"
   # The probe gradient is what sparse updates scatter: it must rebuild the dense table gradient.
   dense_grads = nnx.grad(lambda m: _loss(m(x, mask)[0]))(mem)
   idx = np.asarray(aux.indices).reshape(-1)
   w_g = (np.asarray(aux.weights)[..., None] * np.asarray(g_probe)[:, :, None, None, :])
-  rebuilt = np.zeros(mem.values.value.shape)
+  rebuilt = np.zeros(mem.values[...].shape)
   np.add.at(rebuilt, idx, w_g.reshape(-1, 6))
-  np.testing.assert_allclose(np.asarray(dense_grads["values"].value), rebuilt,
+  np.testing.assert_allclose(np.asarray(dense_grads["values"][...]), rebuilt,
                              rtol=1e-5, atol=1e-6)
   # Keys and the query net are still trained through the scores.
-  assert np.any(np.asarray(grads["keys"].value))
-  assert np.any(np.asarray(grads["query_proj"]["kernel"].value))
+  assert np.any(np.asarray(grads["keys"][...]))
+  assert np.any(np.asarray(grads["query_proj"]["kernel"][...]))
 
 
 def test_gradients_reach_keys_and_query_net():
@@ -338,14 +338,14 @@ def test_gradients_reach_keys_and_query_net():
     return _loss(out), aux
 
   grads, aux = nnx.grad(loss_fn, has_aux=True)(mem)
-  for g in (grads["keys"].value, grads["query_proj"]["kernel"].value,
-            grads["query_proj"]["bias"].value, grads["values"].value):
+  for g in (grads["keys"][...], grads["query_proj"]["kernel"][...],
+            grads["query_proj"]["bias"][...], grads["values"][...]):
     g = np.asarray(g)
     assert np.all(np.isfinite(g)) and np.any(g)
   # Only sub-keys that took part in a selected product key can receive gradient.
   n = mem.cfg.n_keys
   slots = np.asarray(aux.indices)  # [B, T, H, K]
-  g_keys = np.abs(np.asarray(grads["keys"].value)).sum(-1)  # [H, 2, n]
+  g_keys = np.abs(np.asarray(grads["keys"][...])).sum(-1)  # [H, 2, n]
   for h in range(mem.cfg.heads):
     for half, sub in ((0, slots[..., h, :] // n), (1, slots[..., h, :] % n)):
       used = np.zeros(n, bool)
@@ -375,7 +375,7 @@ def test_bfloat16_memory_searches_in_float32():
   np.testing.assert_allclose(np.asarray(aux16.weights), np.asarray(aux32.weights), rtol=1e-6)
   # Control: a bf16 projection (what the check guards against) changes some of the picks.
   proj = mem32.query_proj
-  q16 = (x16 @ proj.kernel.value.astype(jnp.bfloat16) + proj.bias.value.astype(jnp.bfloat16))
+  q16 = (x16 @ proj.kernel[...].astype(jnp.bfloat16) + proj.bias[...].astype(jnp.bfloat16))
   q = mem32.query_norm(q16.astype(jnp.float32)).reshape(16, 32, 2, 32)
-  _, bf16_picks = product_key_topk(q, mem32.keys.value, 8)
+  _, bf16_picks = product_key_topk(q, mem32.keys[...], 8)
   assert np.any(np.asarray(bf16_picks) != np.asarray(aux32.indices))

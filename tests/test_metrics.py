@@ -1,4 +1,4 @@
-"""Memory-usage metrics (SPEC.md §3) against hand-worked cases and a numpy loop."""
+"""Memory-usage metrics (Kim & Jung 2020, §4.1) against hand-worked cases and a numpy loop."""
 
 import math
 

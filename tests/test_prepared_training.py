@@ -10,7 +10,6 @@ counts every document; bad prepared data stops with one line and leaves the work
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -20,13 +19,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from pkm_jax import checkpoint as ckpt_lib
-from pkm_jax import pretrained, trainer
-from pkm_jax.bert import BertForMaskedLM
-from pkm_jax.config import ModelConfig, base_config
-from pkm_jax.data import pipeline, sources, train_tokenizer
+from pkm_jax import trainer
+from pkm_jax.data import pipeline
 from pkm_jax.data import prepare as prepare_lib
 from pkm_jax.data import prepared as prepared_lib
 from pkm_jax.data.loader import ArrayRows, MLMTrainIterator
@@ -257,58 +253,3 @@ def test_bad_prepared_data_one_line_nothing_touched(data, reference_run, tmp_pat
   assert ckpt_lib.make_manager(workdir, read_only=True).all_steps() == [6, 12]
   assert_trees_equal(final_params(workdir), final_params(ref_dir))
 
-
-def readme_commands(heading: str = "## Pretrain on your own corpus") -> list[str]:
-  """The shell commands of the section's first bash block, continuation lines joined."""
-  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-    text = f.read()
-  block = text[text.index(heading):].split("```bash\n", 1)[1].split("```", 1)[0]
-  lines = block.replace("\\\n", " ").splitlines()
-  return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-
-
-def test_readme_pretrain_on_your_own_corpus(tmp_path):
-  """The README's three commands as typed, on tiny text and a tiny converted "BERT"."""
-  wiki = write_corpus(tmp_path / "wiki", num_docs=120, seed=1)
-  books = write_corpus(tmp_path / "books", num_docs=60, seed=2)
-  write_corpus(tmp_path / "wikitext", num_docs=30, seed=3)
-  docs = sources.read_text_documents(sources.expand_files(f"{wiki},{books}"))
-  tok = train_tokenizer([s for d in docs for s in d], 400)
-  model_cfg = ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_layers=2,
-                          num_heads=2, intermediate_size=64, max_position_embeddings=128)
-  bert = str(tmp_path / "bert-base-uncased")
-  pretrained.save_pretrained(bert, BertForMaskedLM(model_cfg, rngs=nnx.Rngs(0)), tok)
-  paths = {"/data/wiki/*.txt": wiki, "/data/books/*.txt": books,
-           "/data/wikitext-103/wiki.valid.raw": str(tmp_path / "wikitext" / "part0.txt"),
-           "/data/wikitext-103/wiki.test.raw": str(tmp_path / "wikitext" / "part1.txt"),
-           "/ckpt/bert-base-uncased": bert, "/data/wikibooks_128": str(tmp_path / "prepared"),
-           "/ckpt/resm_init_wikibooks": str(tmp_path / "run")}
-  tiny_memory = {"memory.layers": "(1,)", "memory.n_keys": 16, "memory.heads": 2,
-                 "memory.k": 4, "memory.k_dim": 16, "data.batch_size": 8}
-  tiny_run = {"train.steps": 4, "train.log_every": 2, "train.eval_every": 4,
-              "train.checkpoint_every": 2, "train.eval_batches": 1, "optim.warmup_steps": 1,
-              "train.memory_stats_every": 0}
-  commands = readme_commands()
-  assert [c.split()[:2] for c in commands] == [["python", "-m"], ["python", "train.py"],
-                                                ["python", "eval.py"]]
-  for command in commands:
-    for placeholder, path in paths.items():
-      command = command.replace(placeholder, path)
-    args = shlex.split(command)[1:]  # "python" -> this interpreter
-    if args[0] == "train.py":
-      args += flags_for({**tiny_memory, **tiny_run})
-      if "pretrained" not in base_config().init:  # until init.from is renamed init.pretrained
-        args = [a for a in args if not a.startswith("--config.init.pretrained=")]
-        args += flags_for({"model.hidden_size": 32, "model.num_layers": 2,
-                           "model.num_heads": 2, "model.intermediate_size": 64,
-                           "model.max_position_embeddings": 128, "data.tokenizer": bert})
-    elif args[0] == "eval.py":
-      args += flags_for(tiny_memory)
-    done = subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, (command, done.stderr[-3000:])
-  result = json.loads(done.stdout.strip().splitlines()[-1])
-  # Every document of the test file, packed into rows of 128.
-  assert result["eval_sequences"] == len(reference_rows(
-      paths["/data/wikitext-103/wiki.test.raw"], tok, max_len=128))
-  assert result["step"] == 4 and np.isfinite(result["mlm_loss"])

@@ -13,10 +13,11 @@ from flax import nnx
 
 from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import config as config_lib
-from pkm_jax import pretrained
+from pkm_jax import converted, plus_init, pretrained
 from pkm_jax.bert import BertForMaskedLM
 from pkm_jax.config import ConfigError, MemoryConfig, ModelConfig
 from pkm_jax.data.tokenizer import load_tokenizer
+from pkm_jax.steps import TrainState
 
 DENSE = ModelConfig(vocab_size=101, hidden_size=32, num_layers=3, num_heads=4,
                     intermediate_size=48, max_position_embeddings=32, use_pooler=True)
@@ -38,7 +39,7 @@ def _dense_model(seed=0, cfg=DENSE):
 def _saved_dense(tmp_path, seed=0):
   model = _dense_model(seed)
   tok = load_tokenizer(hf_fixtures.write_vocab(str(tmp_path / "vocab"), DENSE.vocab_size))
-  path = pretrained.save_pretrained(str(tmp_path / "dense"), model, tok)
+  path = converted.save_pretrained(str(tmp_path / "dense"), model, tok)
   return model, path
 
 
@@ -62,7 +63,7 @@ def test_resm_init_reproduces_dense_logits(tmp_path, zero_values):
   resm = BertForMaskedLM(cfg, rngs=nnx.Rngs(params=5))
   memory_before = {n: np.asarray(v) for n, v in _flat(
       nnx.state(resm, nnx.Param).to_pure_dict()).items() if ".memory." in n}
-  report = pretrained.init_from_pretrained(resm, src_params, src_cfg)
+  report = plus_init.init_from_pretrained(resm, src_params, src_cfg)
 
   dense_names = set(_flat(nnx.state(dense, nnx.Param).to_pure_dict()))
   assert set(report.loaded) == dense_names and report.dropped == []
@@ -84,7 +85,7 @@ def test_pkm_init_drops_replaced_ffn(tmp_path):
   cfg = dataclasses.replace(DENSE, memory_mode="replace", memory_layers=(1,), memory=MEMORY,
                             use_pooler=False)
   pkm = BertForMaskedLM(cfg, rngs=nnx.Rngs(params=3))
-  report = pretrained.init_from_pretrained(pkm, src_params, src_cfg)
+  report = plus_init.init_from_pretrained(pkm, src_params, src_cfg)
   src = _flat(src_params)
   expected_dropped = {n for n in src if n.startswith("bert.layers.1.ffn.")
                       or n.startswith("bert.pooler.")}
@@ -106,19 +107,19 @@ def test_init_shape_and_config_mismatch_errors(tmp_path):
   bad["bert"]["layers"][2]["attention"]["query"]["kernel"] = jnp.zeros((32, 31))
   with pytest.raises(ValueError, match=r"'bert.layers.2.attention.query.kernel' has shape "
                      r"\(32, 31\) but the model's is \(32, 32\)"):
-    pretrained.init_from_pretrained(BertForMaskedLM(DENSE, rngs=nnx.Rngs(0)), bad, src_cfg)
+    plus_init.init_from_pretrained(BertForMaskedLM(DENSE, rngs=nnx.Rngs(0)), bad, src_cfg)
   other = dataclasses.replace(DENSE, num_heads=2)  # same shapes, different function
   with pytest.raises(ValueError, match="num_heads 2 vs pretrained 4"):
-    pretrained.init_from_pretrained(BertForMaskedLM(other, rngs=nnx.Rngs(0)), src_params,
+    plus_init.init_from_pretrained(BertForMaskedLM(other, rngs=nnx.Rngs(0)), src_params,
                                     src_cfg)
 
 
 def test_resolve_model_config_takes_pretrained_sizes(tmp_path):
   config = config_lib.base_config()
-  config.init["from"] = "/some/pretrained"
+  config.init.pretrained = "/some/pretrained"
   config.memory.update(mode="residual", layers=[0, 2], n_keys=8, heads=2, k=4, k_dim=16)
   config.data.max_len = 32
-  resolved = pretrained.resolve_model_config(config, DENSE)
+  resolved = plus_init.resolve_model_config(config, DENSE)
   for field in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
                 "max_position_embeddings", "vocab_size", "layer_norm_eps"):
     assert resolved.model[field] == getattr(DENSE, field)
@@ -126,16 +127,16 @@ def test_resolve_model_config_takes_pretrained_sizes(tmp_path):
   assert config.model.hidden_size == 768  # the input config is not modified
   config_lib.validate(resolved, vocab_size=DENSE.vocab_size)
   model = BertForMaskedLM(config_lib.model_config(resolved), rngs=nnx.Rngs(0))
-  report = pretrained.init_from_pretrained(model, nnx.state(_dense_model(), nnx.Param)
+  report = plus_init.init_from_pretrained(model, nnx.state(_dense_model(), nnx.Param)
                                            .to_pure_dict(), DENSE)
   assert report.dropped == [] and all(".memory." in n for n in report.new)
 
   config.model.hidden_size = 32  # explicit and equal: fine
-  pretrained.resolve_model_config(config, DENSE)
+  plus_init.resolve_model_config(config, DENSE)
   config.model.update(hidden_size=256, num_layers=4)
   with pytest.raises(ConfigError, match="model.hidden_size=256 .pretrained: 32.*"
                      "model.num_layers=4 .pretrained: 3"):
-    pretrained.resolve_model_config(config, DENSE)
+    plus_init.resolve_model_config(config, DENSE)
 
 
 def test_save_load_build_round_trip(tmp_path):
@@ -156,7 +157,7 @@ def test_save_pretrained_refuses_batchnorm_state(tmp_path):
   cfg = dataclasses.replace(DENSE, memory_mode="residual", memory_layers=(1,), memory=MEMORY)
   tok = load_tokenizer(hf_fixtures.write_vocab(str(tmp_path / "vocab"), DENSE.vocab_size))
   with pytest.raises(ValueError, match="BatchNorm statistics"):
-    pretrained.save_pretrained(str(tmp_path / "out"), BertForMaskedLM(cfg, rngs=nnx.Rngs(0)), tok)
+    converted.save_pretrained(str(tmp_path / "out"), BertForMaskedLM(cfg, rngs=nnx.Rngs(0)), tok)
   assert not (tmp_path / "out").exists()
 
 
@@ -172,8 +173,9 @@ def test_load_pretrained_from_training_workdir(tmp_path):
       os.path.join(workdir, "tokenizer.json"))
   _, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
   manager = ckpt_lib.make_manager(workdir)
-  ckpt_lib.save(manager, 7, params=params, model_state=model_state,
-                opt_state={"count": jnp.zeros((), jnp.int32)}, data_state={})
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                     opt_state={"count": jnp.zeros((), jnp.int32)}, sparse_opt_state={})
+  ckpt_lib.save_state(manager, 7, state, data_state={})
   manager.wait_until_finished()
   assert pretrained.is_workdir(workdir)
   loaded_cfg, loaded, _ = pretrained.load_pretrained(workdir)

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from pkm_jax import sharding, trainer  # noqa: E402
 from pkm_jax.product_keys import product_key_topk  # noqa: E402
-from pkm_jax.steps import BATCH_KEYS  # noqa: E402
+from pkm_jax.steps import MLM_BATCH_KEYS  # noqa: E402
 from test_sharded_memory import COLLECTIVE, SHAPE, collective_sizes  # noqa: E402
 from test_trainer import final_params, tiny_config  # noqa: E402
 
@@ -122,7 +122,7 @@ def compiled_train_step_hlo(**overrides) -> tuple[str, int]:
   program = trainer.build_train_program(config, VOCAB)
   b, t = config.data.batch_size, config.data.max_len
   batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "mlm_weights" else jnp.int32)
-           for k in BATCH_KEYS}
+           for k in MLM_BATCH_KEYS}
   with jax.set_mesh(program.mesh):
     hlo = program.train_step.lower(program.abstract_state, batch).compile().as_text()
   return hlo, program.model_cfg.memory.n_slots * program.model_cfg.memory.v_dim

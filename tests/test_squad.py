@@ -7,7 +7,7 @@ import pytest
 
 from pkm_jax.data.tokenizer import train_tokenizer
 from pkm_jax.tasks import squad
-from pkm_jax.tasks.metrics import squad_metrics
+from pkm_jax.tasks.task_metrics import squad_metrics
 
 MAX_SEQ, MAX_QUERY, STRIDE = 40, 8, 10
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pkm_jax import trainer
-from pkm_jax.steps import values_of
+from pkm_jax.bert import value_table
 from test_trainer import tiny_config
 
 VOCAB = 400
@@ -39,7 +39,7 @@ def one_step(values_optimizer: str, grad_clip: float):
     state, metrics, _ = program.train_step(program.init_state(), batch)
   layer = program.model_cfg.memory_layers[0]
   params = jax.tree.map(np.asarray, state.params.to_pure_dict())
-  return float(metrics["grad_norm"]), np.asarray(values_of(state.params, layer).value), params
+  return float(metrics["grad_norm"]), np.asarray(value_table(state.params, layer)[...]), params
 
 
 @pytest.mark.parametrize("grad_clip", [0.0, 1e-3])

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from pkm_jax.tasks import metrics
+from pkm_jax.tasks import task_metrics as metrics
 
 
 def _class_cases():

@@ -49,7 +49,7 @@ def flags_for(overrides: dict) -> list[str]:
 
 
 def final_params(workdir):
-  model, _ = ckpt_lib.restore_model(workdir)
+  model, _, _ = ckpt_lib.restore_model(workdir)
   from flax import nnx
   return jax.tree.map(np.asarray, nnx.state(model, nnx.Param).to_pure_dict())
 
@@ -234,7 +234,7 @@ def test_init_from_dense_workdir_reproduces_it(tmp_path):
   frozen = {"optim.lr": 0.0, "optim.values_lr": 0.0, "train.steps": 1,
             "memory.value_zero_init": True}
   config = tiny_config(**frozen)
-  config.init["from"] = dense_dir
+  config.init.pretrained = dense_dir
   resm = trainer.train_and_evaluate(config, resm_dir)
   assert resm["mlm_loss"] == pytest.approx(dense["mlm_loss"], abs=1e-5)
   # The ResM run took the dense run's tokenizer and every dense tensor.

@@ -36,13 +36,14 @@ from pkm_jax.data.packing import RowPacker, pack_sequences
 from pkm_jax.data.pipeline import make_eval_data, make_mlm_data, tokenize_documents
 from pkm_jax.data.prepared import PreparedRows
 from pkm_jax.data.sources import load_documents
-from pkm_jax.data.tokenizer import (build_tokenizer, load_tokenizer, special_token_ids,
-                                    tokenizer_fingerprint, train_tokenizer)
+from pkm_jax.data.tokenizer import (TOKENIZER_FILE, build_tokenizer, load_tokenizer,
+                                    save_tokenizer, special_token_ids, tokenizer_fingerprint,
+                                    train_tokenizer)
 
 __all__ = [
     "GeneratedCorpus", "World", "generate_corpus", "ArrayRows", "MLMEvalData",
     "MLMTrainIterator", "MLMMasker", "mask_tokens", "RowPacker", "pack_sequences",
     "make_eval_data", "make_mlm_data", "tokenize_documents", "PreparedRows", "load_documents",
-    "build_tokenizer", "load_tokenizer", "special_token_ids", "tokenizer_fingerprint",
-    "train_tokenizer",
+    "build_tokenizer", "load_tokenizer", "save_tokenizer", "special_token_ids",
+    "tokenizer_fingerprint", "train_tokenizer", "TOKENIZER_FILE",
 ]

@@ -1,4 +1,5 @@
-"""BERT's dynamic MLM masking (Devlin et al. 2019, section 3.1), in numpy.
+"""BERT's dynamic MLM masking (Devlin et al. 2019, §3.1: 15% of tokens, 80% [MASK], 10% random,
+10% kept), in numpy.
 
 Per sequence, exactly n = floor(mask_prob * m + u) of its m maskable tokens are chosen
 (u ~ U[0, 1): stochastic rounding, so E[n] = mask_prob * m exactly and short sequences are not

@@ -247,8 +247,9 @@ def _check_data(tok: Tokenizer, data_cfg, meta: dict | None) -> None:
     expand_files(data_cfg.eval_files, what="data.eval_files")
 
 
-def build_tokenizer(data_cfg, workdir: str | None) -> Tokenizer:
-  """The run's tokenizer: WORKDIR/tokenizer.json if present, else loaded or trained, then saved.
+def build_tokenizer(data_cfg, workdir: str | None, *, save: bool = True) -> Tokenizer:
+  """The run's tokenizer: WORKDIR/tokenizer.json if present, else loaded or trained, then saved
+  there (unless `save` is False: the trainer writes run files only once every check passed).
 
   data.tokenizer = '' trains WordPiece (data.vocab_size, data.lowercase) on the training split of
   data.source, or with data.source='prepared' takes the prepared folder's tokenizer; otherwise
@@ -270,7 +271,7 @@ def build_tokenizer(data_cfg, workdir: str | None) -> Tokenizer:
     tok = train_tokenizer([s for doc in train_docs for s in doc], int(data_cfg.vocab_size),
                           lowercase=bool(data_cfg.lowercase))
   _check_data(tok, data_cfg, meta)
-  if saved and not os.path.isfile(saved):
+  if saved and save and not os.path.isfile(saved):
     os.makedirs(workdir, exist_ok=True)
     save_tokenizer(tok, saved)
   return tok

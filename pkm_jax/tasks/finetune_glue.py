@@ -17,8 +17,11 @@ import ml_collections
 import numpy as np
 
 from pkm_jax import checkpoint as ckpt_lib
-from pkm_jax.tasks import finetune, finetune_train, glue
-from pkm_jax.tasks.metrics import glue_metrics
+from pkm_jax.tasks import glue
+from pkm_jax.tasks.task_data import TaskData
+from pkm_jax.tasks.task_model import Pretrained
+from pkm_jax.tasks.task_run import prepare_task_dir, run_task
+from pkm_jax.tasks.task_metrics import glue_metrics
 
 # Paper order first, then the rest of GLUE; (task, column title, metric of the cell).
 COLUMNS = (("mnli", "MNLI-(m/mm)", "accuracy"), ("qqp", "QQP", "accuracy"),
@@ -33,17 +36,17 @@ def read(config: ml_collections.ConfigDict, name: str) -> dict[str, list[glue.Gl
   model is loaded)."""
   spec = glue.get_task(name)
   out = {}
-  for split, limit in ((spec.train_split, config.max_train_examples),
-                       *((s, config.max_eval_examples) for s in spec.dev_splits)):
-    examples = glue.load_glue(spec, split, source=config.source, data_dir=config.data_dir)
+  for split, limit in ((spec.train_split, config.data.max_train_examples),
+                       *((s, config.data.max_eval_examples) for s in spec.dev_splits)):
+    examples = glue.load_glue(spec, split, source=config.data.source, data_dir=config.data.data_dir)
     out[split] = examples[:limit] if limit > 0 else examples
   return out
 
 
 def encode(config: ml_collections.ConfigDict, name: str,
-           examples: dict[str, list[glue.GlueExample]], tokenizer) -> finetune_train.TaskData:
+           examples: dict[str, list[glue.GlueExample]], tokenizer) -> TaskData:
   spec = glue.get_task(name)
-  arrays = {split: glue.encode_glue(spec, ex, tokenizer, config.max_len)
+  arrays = {split: glue.encode_glue(spec, ex, tokenizer, config.data.max_len)
             for split, ex in examples.items()}
 
   def score(split: str, logits_NxL: np.ndarray) -> tuple[dict[str, float], dict[str, Any]]:
@@ -51,22 +54,22 @@ def encode(config: ml_collections.ConfigDict, name: str,
     metrics = glue_metrics(spec.name, preds, arrays[split]["labels"])
     return metrics, {e.guid: p for e, p in zip(examples[split], preds.tolist())}
 
-  return finetune_train.TaskData(
+  return TaskData(
       name=spec.name, kind="regression" if spec.is_regression else "classification",
       num_labels=spec.num_labels, train=arrays[spec.train_split],
       evals={s: arrays[s] for s in spec.dev_splits}, score=score)
 
 
 def run(config: ml_collections.ConfigDict, task_dir: str,
-        load: Callable[[], finetune_train.Pretrained], name: str | None = None) -> dict[str, Any]:
+        load: Callable[[], Pretrained], name: str | None = None) -> dict[str, Any]:
   """Fine-tunes GLUE task `name` (default config.task) into task_dir; dev metrics."""
   spec = glue.get_task(name or config.task)
   examples = read(config, spec.name)
   kind = "regression" if spec.is_regression else "classification"
-  model_cfg, tokenizer, pre = finetune.prepare_task_dir(config, task_dir, spec.name, kind,
+  model_cfg, tokenizer, pre = prepare_task_dir(config, task_dir, spec.name, kind,
                                                         spec.num_labels, load)
   data = encode(config, spec.name, examples, tokenizer)
-  return finetune_train.run_task(config, task_dir, data, model_cfg, pre)
+  return run_task(config, task_dir, data, model_cfg, pre)
 
 
 def suite_tasks(config: ml_collections.ConfigDict) -> list[str]:
@@ -75,13 +78,13 @@ def suite_tasks(config: ml_collections.ConfigDict) -> list[str]:
   if config.tasks != "all_glue":
     names = {n.strip() for n in config.tasks.split(",") if n.strip()}
     return [n for n in order if n in names]
-  if config.source == "files":
-    root = os.path.expanduser(config.data_dir)
+  if config.data.source == "files":
+    root = os.path.expanduser(config.data.data_dir)
     found = [n for n in order
              if os.path.isfile(os.path.join(root, glue.TASKS[n].dir_name, "train.tsv"))]
     where = f"{root} (expected e.g. {os.path.join(root, 'SST-2', 'train.tsv')})"
   else:
-    root = os.path.expanduser(config.data_dir or os.environ.get(
+    root = os.path.expanduser(config.data.data_dir or os.environ.get(
         "TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets")))
     found = [n for n in order if os.path.isdir(os.path.join(root, "glue", n))]
     where = f"TFDS data_dir {root} (expected e.g. {os.path.join(root, 'glue', 'sst2')})"
@@ -112,16 +115,16 @@ def markdown_table(model: str, results: dict[str, dict[str, Any]]) -> tuple[str,
 
 
 def run_suite(config: ml_collections.ConfigDict, workdir: str,
-              load: Callable[[], finetune_train.Pretrained]) -> dict[str, Any]:
+              load: Callable[[], Pretrained]) -> dict[str, Any]:
   """Every task of config.tasks in turn (each resumable in WORKDIR/<task>); prints the table."""
   names = suite_tasks(config)
   for name in names:  # every data file is checked before the first (long) fine-tune starts
     read(config, name)
   results = {name: run(config, os.path.join(workdir, name), load, name) for name in names}
-  model = os.path.basename(os.path.normpath(config.init))
+  model = os.path.basename(os.path.normpath(config.init.pretrained))
   table, avg = markdown_table(model, results)
   print(table, flush=True)
-  summary = {"model": model, "init": os.path.abspath(config.init), "tasks": results, "avg": avg}
+  summary = {"model": model, "init": os.path.abspath(config.init.pretrained), "tasks": results, "avg": avg}
   ckpt_lib.write_json(os.path.join(workdir, "glue_metrics.json"), summary)
   with open(os.path.join(workdir, "glue_table.md"), "w") as f:
     f.write(table + "\n")

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from pkm_jax.data.sources import open_tfds
 from pkm_jax.data.tokenizer import special_token_ids
-from pkm_jax.tasks.metrics import GLUE_TASK_METRICS
+from pkm_jax.tasks.task_metrics import GLUE_TASK_METRICS
 
 
 @dataclasses.dataclass(frozen=True)

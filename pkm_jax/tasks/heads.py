@@ -43,10 +43,11 @@ class BertForSequenceClassification(nnx.Module):
     self.dropout = nnx.Dropout(classifier_dropout)
     self.classifier = _output_layer(cfg, num_labels, rngs)
 
-  def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None, *, rngs=None
-               ) -> tuple[jax.Array, dict[int, MemoryAux]]:
+  def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None, *, rngs=None,
+               value_probes=None) -> tuple[jax.Array, dict[int, MemoryAux]]:
     """ids/mask/types [B, T] -> logits [B, num_labels] (float32), {layer: MemoryAux}."""
-    h_BxTxD, aux = self.bert(input_ids_BxT, attention_mask_BxT, token_type_ids_BxT, rngs=rngs)
+    h_BxTxD, aux = self.bert(input_ids_BxT, attention_mask_BxT, token_type_ids_BxT, rngs=rngs,
+                             value_probes=value_probes)
     pooled_BxD = self.dropout(self.bert.pooler(h_BxTxD), deterministic=rngs is None, rngs=rngs)
     return self.classifier(pooled_BxD).astype(jnp.float32), aux
 
@@ -60,27 +61,29 @@ class BertForQuestionAnswering(nnx.Module):
     self.bert = BertModel(cfg, rngs=rngs, placement=placement)
     self.qa_outputs = _output_layer(cfg, 2, rngs)
 
-  def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None, *, rngs=None
-               ) -> tuple[tuple[jax.Array, jax.Array], dict[int, MemoryAux]]:
+  def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None, *, rngs=None,
+               value_probes=None) -> tuple[tuple[jax.Array, jax.Array], dict[int, MemoryAux]]:
     """ids/mask/types [B, T] -> (start [B, T], end [B, T]) float32 logits, {layer: MemoryAux}."""
-    h_BxTxD, aux = self.bert(input_ids_BxT, attention_mask_BxT, token_type_ids_BxT, rngs=rngs)
+    h_BxTxD, aux = self.bert(input_ids_BxT, attention_mask_BxT, token_type_ids_BxT, rngs=rngs,
+                             value_probes=value_probes)
     logits_BxTx2 = self.qa_outputs(h_BxTxD).astype(jnp.float32)
     return (logits_BxTx2[..., 0], logits_BxTx2[..., 1]), aux
 
 
 # ------------------------------------------------------------------------------------- losses
+# Per example [B]: the train step sums them and divides by the examples of the whole batch.
 def classification_loss(logits_BxL: jax.Array, labels_B: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy; labels [B] int class ids."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxL, labels_B).mean()
+  """Softmax cross-entropy per example; labels [B] int class ids."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits_BxL, labels_B)
 
 
 def regression_loss(logits_Bx1: jax.Array, labels_B: jax.Array) -> jax.Array:
-  """Mean squared error of the single output (STS-B)."""
-  return jnp.mean(jnp.square(logits_Bx1[:, 0] - labels_B.astype(jnp.float32)))
+  """Squared error of the single output per example (STS-B)."""
+  return jnp.square(logits_Bx1[:, 0] - labels_B.astype(jnp.float32))
 
 
 def span_loss(start_BxT: jax.Array, end_BxT: jax.Array, start_positions_B: jax.Array,
               end_positions_B: jax.Array) -> jax.Array:
-  """BERT's SQuAD loss: the mean of the start and the end cross-entropies."""
+  """BERT's SQuAD loss per example: the mean of the start and the end cross-entropies."""
   ce = optax.softmax_cross_entropy_with_integer_labels
-  return 0.5 * (ce(start_BxT, start_positions_B).mean() + ce(end_BxT, end_positions_B).mean())
+  return 0.5 * (ce(start_BxT, start_positions_B) + ce(end_BxT, end_positions_B))

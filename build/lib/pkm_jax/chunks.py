@@ -1,0 +1,45 @@
+"""Loops over chunks of a token's picks, so that [tokens, picks, V] is never built at once.
+
+Gathering every picked row of a batch at once costs tokens x picks x V floats: ~13 GB for a
+BERT-base batch of 256 x 128 tokens with 4 heads x 32 picks and V = 768. The lookup, its
+gradients, the search's backward and the coalescing of row gradients therefore scan over chunks
+of picks, each gathering at most GATHER_CHUNK_BYTES. A pick count that the chunk does not divide
+is padded: padding picks point at a row id past the end (gathers read zeros, scatters drop them)
+and carry weight 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+GATHER_CHUNK_BYTES = 1 << 27  # bytes of gathered rows per loop step
+
+
+def pick_chunk(picks: int, bytes_per_pick: int) -> int:
+  """Picks per loop step so that one step gathers at most GATHER_CHUNK_BYTES (at least 1)."""
+  return max(1, min(picks, GATHER_CHUNK_BYTES // max(bytes_per_pick, 1)))
+
+
+def to_chunks(x_XxP: jax.Array, chunk: int, pad_value: Any) -> jax.Array:
+  """[..., P] -> [C, ..., chunk] (C = ceil(P / chunk)), the last chunk padded with pad_value."""
+  pad = -x_XxP.shape[-1] % chunk
+  x = jnp.pad(x_XxP, [(0, 0)] * (x_XxP.ndim - 1) + [(0, pad)], constant_values=pad_value)
+  x = x.reshape(*x.shape[:-1], -1, chunk)
+  return jnp.moveaxis(x, -2, 0)
+
+
+def from_chunks(x_CxXxc: jax.Array, picks: int) -> jax.Array:
+  """The inverse of `to_chunks`: [C, ..., chunk] -> [..., P], padding dropped."""
+  x = jnp.moveaxis(x_CxXxc, 0, -2)
+  return x.reshape(*x.shape[:-2], -1)[..., :picks]
+
+
+def zeros_varying(shape: tuple[int, ...], dtype: Any, *like: jax.Array) -> jax.Array:
+  """Zeros that vary over the same manual mesh axes as `like`: inside shard_map a scan carry
+  must keep its type, and the loop body makes it vary over every axis its inputs vary over."""
+  vma = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in like))
+  zeros = jnp.zeros(shape, dtype)
+  return jax.lax.pcast(zeros, tuple(sorted(vma)), to="varying") if vma else zeros

@@ -1,0 +1,411 @@
+"""The config schema (one ConfigDict tree) and the frozen dataclasses model code receives.
+
+Every config file in `configs/` starts from `base_config()` and overrides values, so the set of
+keys is defined here once; `validate()` rejects anything else before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import ml_collections
+
+from pkm_jax import sharding
+
+MEMORY_MODES = ("none", "replace", "residual")
+QUERY_NORMS = ("batchnorm", "layernorm", "none")
+DECAYS = ("linear", "cosine", "constant")
+VALUE_OPTIMIZERS = ("adam", "sparse_adam")
+VALUE_SCHEDULES = ("constant", "network")
+DTYPES = ("float32", "bfloat16", "float16")
+DATA_SOURCES = ("generated", "files", "tfds")
+MIN_VOCAB = 16  # a trained WordPiece needs room for its special tokens and some characters
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message is one line naming the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+  """Product-key memory hyper-parameters (Lample et al. 2019; SPEC.md §1)."""
+
+  n_keys: int = 512  # sub-keys per half: n_keys**2 slots
+  heads: int = 4
+  k: int = 32  # picks per head
+  k_dim: int = 256  # query / product-key dimension (two halves of k_dim // 2)
+  v_dim: int = 768  # value dimension (= hidden size in BERT)
+  query_norm: str = "batchnorm"
+  input_dropout: float = 0.0
+  query_dropout: float = 0.0
+  value_dropout: float = 0.0
+  value_zero_init: bool = False  # ResM then starts as exactly the dense model (+Init)
+
+  @property
+  def n_slots(self) -> int:
+    return self.n_keys**2
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """BERT sizes plus where and how memory enters it (Kim & Jung 2020; SPEC.md §2)."""
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  layer_norm_eps: float = 1e-12
+  memory_mode: str = "none"  # 'replace' = PKM, 'residual' = ResM
+  memory_layers: tuple[int, ...] = ()
+  memory: MemoryConfig = MemoryConfig()
+  use_pooler: bool = False
+  remat: bool = False  # recompute each encoder layer in the backward pass (less activation memory)
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+
+  def has_memory(self, layer: int) -> bool:
+    return self.memory_mode != "none" and layer in self.memory_layers
+
+  def has_ffn(self, layer: int) -> bool:
+    return not (self.memory_mode == "replace" and layer in self.memory_layers)
+
+
+def optim_group(**overrides: Any) -> ml_collections.ConfigDict:
+  """The `optim` group, shared by pretraining and fine-tuning (each overrides its defaults)."""
+  g = ml_collections.ConfigDict(dict(
+      lr=1e-4, warmup_steps=10000,
+      warmup_fraction=0.0,  # > 0: warm up for this fraction of the run (overrides warmup_steps)
+      decay="linear", end_lr_factor=0.0, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-6,
+      grad_clip=1.0,  # joint global norm of every gradient (dense and sparse rows); 0: off
+      # Memory value tables: their own Adam (XLM: lr 1e-3, constant, no decay); 'sparse_adam'
+      # updates only the rows a step reads. (Not "optim.values": ConfigDict.values() is a method.)
+      values_optimizer="adam",
+      values_lr=1e-3,  # 0: optim.lr
+      # 'constant': values_lr throughout (XLM); 'network': the network's warmup and decay.
+      values_schedule="constant",
+      values_weight_decay=0.0,
+      freeze_memory=False))  # memory params and statistics stay as they are (not differentiated)
+  g.update(overrides)
+  return g
+
+
+def mesh_group() -> ml_collections.ConfigDict:
+  """The `mesh` group: device mesh sizes and logical-axis rules (pkm_jax.sharding)."""
+  # rules: (logical axis, mesh axes) pairs tried before pkm_jax.sharding.DEFAULT_RULES, e.g.
+  # (("slots", ("model", "data")),) splits the value tables over every device (FSDP-style).
+  return ml_collections.ConfigDict(dict(data=-1, model=1, rules=()))
+
+
+def init_group() -> ml_collections.ConfigDict:
+  """The `init` group: where a run's weights come from."""
+  # A converted checkpoint, a Hugging Face folder or a pkm-jax training workdir (+Init).
+  # (Not "init.from": `from` is a Python keyword, which the --config.x.y parser cannot take.)
+  return ml_collections.ConfigDict(dict(pretrained=""))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All keys a pretraining config may have, with BERT-base sizes and the paper's memory."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=0,  # 0: taken from the tokenizer
+      hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+      max_position_embeddings=512, type_vocab_size=2,
+      hidden_dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12,
+      use_pooler=False, remat=False, dtype="float32", param_dtype="float32"))
+
+  c.memory = ml_collections.ConfigDict(dict(
+      mode="none", layers=(3, 7),  # "4L/8L" of the paper's tables, 0-based
+      n_keys=512, heads=4, k=32, k_dim=256, v_dim=0,  # v_dim 0: hidden size
+      query_norm="batchnorm", input_dropout=0.0, query_dropout=0.0, value_dropout=0.0,
+      value_zero_init=False))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="generated", files="", tfds_name="", tfds_split="train",
+      tfds_eval_split="", text_key="text", data_dir="",
+      tokenizer="", vocab_size=30522, lowercase=True,
+      max_len=128, batch_size=256, mask_prob=0.15, eval_fraction=0.05,
+      generated=ml_collections.ConfigDict(dict(num_entities=2000, num_docs=20000, seed=0))))
+
+  c.optim = optim_group()
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1_000_000, log_every=100, eval_every=10_000, checkpoint_every=10_000,
+      keep_checkpoints=3, eval_batches=50, memory_stats_every=1000,
+      grad_accum_steps=1))  # the batch is split into this many sequential micro-batches
+  c.mesh = mesh_group()
+  c.eval = ml_collections.ConfigDict(dict(batches=0, batch_size=0))  # 0: whole split, train size
+  c.init = init_group()
+  return c
+
+
+# Keys of earlier versions -> their names now, so that saved config.json files still load.
+RENAMED_KEYS = {"init.from": "init.pretrained"}
+
+
+def upgrade(saved: dict) -> dict:
+  """A config.json dict of an earlier version with today's key names (a copy)."""
+  out = json.loads(json.dumps(saved))
+  for old, new in RENAMED_KEYS.items():
+    (og, ok), (ng, nk) = old.split("."), new.split(".")
+    if ok in out.get(og, {}):
+      out.setdefault(ng, {})[nk] = out[og].pop(ok)
+  return out
+
+
+def as_tuples(x: Any) -> Any:
+  """JSON lists (and flag-parsed lists) as the tuples a config holds, recursively."""
+  return tuple(as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def from_json_dict(saved: dict, ref: ml_collections.ConfigDict, *,
+                   where: str = "config.json") -> ml_collections.ConfigDict:
+  """A ConfigDict of `ref`'s schema holding `saved` (a config.json as read by json.load): JSON
+  lists become the tuples the schema has; a key the schema lacks is a ConfigError."""
+  out = ref.copy_and_resolve_references()
+
+  def fill(group: ml_collections.ConfigDict, values: dict, path: str) -> None:
+    for key, value in values.items():
+      name = f"{path}.{key}" if path else key
+      if key not in group:
+        raise ConfigError(f"{where}: unknown config key '{name}'")
+      if isinstance(group[key], ml_collections.ConfigDict):
+        if not isinstance(value, dict):
+          raise ConfigError(f"{where}: config key '{name}' must be a group")
+        fill(group[key], value, name)
+        continue
+      value = as_tuples(value) if isinstance(group[key], tuple) else value
+      if isinstance(group[key], float) and isinstance(value, int):
+        value = float(value)
+      try:
+        group[key] = value
+      except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: config key '{name}'={value!r}: {e}") from e
+
+  fill(out, saved, "")
+  return out
+
+
+def check_keys(cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict,
+               path: str = "") -> None:
+  """ConfigError for a key `ref` does not have, or a group given as a value."""
+  for key in cfg.keys():
+    where = f"{path}.{key}" if path else key
+    if key not in ref:
+      raise ConfigError(f"unknown config key '{where}'")
+    if isinstance(ref[key], ml_collections.ConfigDict):
+      if not isinstance(cfg[key], ml_collections.ConfigDict):
+        raise ConfigError(f"config key '{where}' must be a group, got {cfg[key]!r}")
+      check_keys(cfg[key], ref[key], where)
+
+
+def check_number(group: ml_collections.ConfigDict, path: str, key: str, *,
+                 lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                 hi_open: bool = False, special: tuple = ()) -> None:
+  """ConfigError unless group[key] is a finite number in the range (or one of `special`)."""
+  value = group[key]
+  if value in special and not isinstance(value, bool):
+    return
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+  ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
+  ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+  if not ok:
+    lower = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+    upper = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
+    also = f" (or {', '.join(map(str, special))})" if special else ""
+    bounds = " and ".join(b for b in (lower, upper) if b)
+    raise ConfigError(f"{path}.{key}={value!r} must be a number {bounds}{also}")
+
+
+def check_choice(group: ml_collections.ConfigDict, path: str, key: str, choices: tuple) -> None:
+  if group[key] not in choices:
+    raise ConfigError(f"{path}.{key}={group[key]!r} is not one of {choices}")
+
+
+def validate_optim(o: ml_collections.ConfigDict) -> None:
+  """Every `optim` key (shared by pretraining and fine-tuning)."""
+  for key in ("lr", "values_lr", "weight_decay", "values_weight_decay", "grad_clip",
+              "end_lr_factor", "warmup_steps"):
+    check_number(o, "optim", key, lo=0)
+  check_number(o, "optim", "warmup_fraction", lo=0, hi=1, hi_open=True)
+  for key in ("b1", "b2"):
+    check_number(o, "optim", key, lo=0, hi=1, hi_open=True)
+  check_number(o, "optim", "eps", lo=0, lo_open=True)
+  check_choice(o, "optim", "decay", DECAYS)
+  check_choice(o, "optim", "values_optimizer", VALUE_OPTIMIZERS)
+  check_choice(o, "optim", "values_schedule", VALUE_SCHEDULES)
+  if o.freeze_memory and o.values_optimizer == "sparse_adam":
+    raise ConfigError("optim.freeze_memory=True leaves the value tables untrained: "
+                      "optim.values_optimizer='sparse_adam' has nothing to update")
+
+
+def validate_run_lengths(t: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
+  """`train` keys counted in steps: positive, and checkpoints kept >= 1 (never none)."""
+  for key in keys:
+    check_number(t, "train", key, lo=1)
+  # Retention must never remove the latest checkpoint (orbax's max_to_keep=0 deletes them all).
+  check_number(t, "train", "keep_checkpoints", lo=1)
+  check_number(t, "train", "grad_accum_steps", lo=1)
+
+
+def validate_mesh(mesh: ml_collections.ConfigDict) -> None:
+  """Mesh sizes and rules that can be checked without devices (the program checks the rest)."""
+  for key in ("data", "model"):
+    value = mesh[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1:
+      raise ConfigError(f"mesh.{key}={value!r} must be a positive integer or -1 (all remaining "
+                        "devices)")
+  if mesh.data == -1 and mesh.model == -1:
+    raise ConfigError("mesh.data and mesh.model cannot both be -1")
+  for rule in mesh.rules or ():
+    if (not isinstance(rule, (tuple, list)) or len(rule) != 2
+        or not isinstance(rule[0], str)):
+      raise ConfigError(f"mesh.rules entry {rule!r} is not a (logical axis, mesh axes) pair")
+    unknown = [a for a in sharding.axes_tuple(rule[1]) if a not in sharding.MESH_AXES]
+    if unknown:
+      raise ConfigError(f"mesh.rules maps {rule[0]!r} to unknown mesh axes {unknown}; the mesh "
+                        f"axes are {sharding.MESH_AXES}")
+
+
+def validate_dropouts(group: ml_collections.ConfigDict, path: str, keys: tuple[str, ...],
+                      special: tuple = ()) -> None:
+  for key in keys:
+    check_number(group, path, key, lo=0, hi=1, hi_open=True, special=special)
+
+
+def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> None:
+  """Raises ConfigError (one line) for anything that would fail later in a run."""
+  check_keys(config, base_config())
+  check_number(config, "config", "seed", lo=0)
+  m, mem, data, t = config.model, config.memory, config.data, config.train
+  check_number(m, "model", "vocab_size", lo=0)
+  for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
+              "max_position_embeddings", "type_vocab_size"):
+    check_number(m, "model", key, lo=1)
+  validate_dropouts(m, "model", ("hidden_dropout", "attention_dropout"))
+  check_number(m, "model", "layer_norm_eps", lo=0, lo_open=True)
+  check_choice(m, "model", "dtype", DTYPES)
+  check_choice(m, "model", "param_dtype", DTYPES)
+  if m.hidden_size % m.num_heads:
+    raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
+                      f"model.num_heads={m.num_heads}")
+  validate_memory(mem, m)
+  check_choice(data, "data", "source", DATA_SOURCES)
+  check_number(data, "data", "max_len", lo=3)
+  check_number(data, "data", "batch_size", lo=1)
+  check_number(data, "data", "mask_prob", lo=0, hi=1, lo_open=True)
+  check_number(data, "data", "eval_fraction", lo=0, hi=1, hi_open=True)
+  if not data.tokenizer:
+    check_number(data, "data", "vocab_size", lo=MIN_VOCAB)
+  check_number(data.generated, "data.generated", "num_entities", lo=1)
+  check_number(data.generated, "data.generated", "num_docs", lo=2)
+  check_number(data.generated, "data.generated", "seed", lo=0)
+  if data.eval_fraction == 0 and not (data.source == "tfds" and data.tfds_eval_split):
+    raise ConfigError(f"data.eval_fraction=0 leaves no held-out text for evaluation with "
+                      f"data.source={data.source!r}; hold out a fraction > 0"
+                      + (" or give data.tfds_eval_split" if data.source == "tfds" else ""))
+  if data.max_len > m.max_position_embeddings:
+    raise ConfigError(f"data.max_len={data.max_len} exceeds "
+                      f"model.max_position_embeddings={m.max_position_embeddings}")
+  if vocab_size is not None and m.vocab_size not in (0, vocab_size):
+    raise ConfigError(f"model.vocab_size={m.vocab_size} disagrees with the tokenizer's "
+                      f"vocabulary of {vocab_size}")
+  validate_optim(config.optim)
+  validate_run_lengths(t, ("steps", "log_every", "eval_every", "checkpoint_every"))
+  for key in ("eval_batches", "memory_stats_every"):
+    check_number(t, "train", key, lo=0)
+  if data.batch_size % t.grad_accum_steps:
+    raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must divide "
+                      f"data.batch_size={data.batch_size}")
+  for key in ("batches", "batch_size"):
+    check_number(config.eval, "eval", key, lo=0)
+  validate_mesh(config.mesh)
+  if config.mesh.data > 0 and not any(rule[0] == "batch" for rule in config.mesh.rules or ()):
+    check_batch_split(config, config.mesh.data)
+
+
+def validate_memory(mem: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> None:
+  """The `memory` group against the model it goes into."""
+  check_choice(mem, "memory", "mode", MEMORY_MODES)
+  check_choice(mem, "memory", "query_norm", QUERY_NORMS)
+  for key in ("n_keys", "heads", "k", "k_dim"):
+    check_number(mem, "memory", key, lo=1)
+  check_number(mem, "memory", "v_dim", lo=0)
+  validate_dropouts(mem, "memory", ("input_dropout", "query_dropout", "value_dropout"))
+  if mem.mode == "none":
+    return
+  if not mem.layers:
+    raise ConfigError(f"memory.mode={mem.mode!r} needs at least one index in memory.layers")
+  for layer in mem.layers:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < m.num_layers:
+      raise ConfigError(f"memory.layers has {layer!r}, out of range for model.num_layers="
+                        f"{m.num_layers} (indices are 0-based)")
+  if len(set(mem.layers)) != len(mem.layers):
+    raise ConfigError(f"memory.layers={list(mem.layers)} has duplicates")
+  if mem.k_dim % 2:
+    raise ConfigError(f"memory.k_dim={mem.k_dim} must be even (two sub-key halves)")
+  if mem.k > mem.n_keys:
+    raise ConfigError(f"memory.k={mem.k} must be in 1..memory.n_keys={mem.n_keys}")
+  if mem.v_dim not in (0, m.hidden_size):
+    raise ConfigError(f"memory.v_dim={mem.v_dim} must equal model.hidden_size="
+                      f"{m.hidden_size} (or 0): memory output is added to the residual")
+
+
+def check_batch_split(config: ml_collections.ConfigDict, data_ways: int) -> None:
+  """Each micro-batch must split evenly over the devices the batch is split over."""
+  micro_batch = config.data.batch_size // config.train.grad_accum_steps
+  if micro_batch % data_ways:
+    raise ConfigError(f"data.batch_size={config.data.batch_size} / train.grad_accum_steps="
+                      f"{config.train.grad_accum_steps} = {micro_batch} sequences per "
+                      f"micro-batch do not split over the {data_ways} devices of the batch "
+                      "axes (mesh.data)")
+
+
+def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None
+                 ) -> ModelConfig:
+  """The frozen ModelConfig for `config` (vocab size from the tokenizer when model's is 0)."""
+  m, mem = config.model, config.memory
+  vocab = m.vocab_size or vocab_size
+  if not vocab:
+    raise ConfigError("model.vocab_size is 0 and no tokenizer vocabulary size was given")
+  memory = MemoryConfig(
+      n_keys=mem.n_keys, heads=mem.heads, k=mem.k, k_dim=mem.k_dim,
+      v_dim=mem.v_dim or m.hidden_size, query_norm=mem.query_norm,
+      input_dropout=mem.input_dropout, query_dropout=mem.query_dropout,
+      value_dropout=mem.value_dropout, value_zero_init=mem.value_zero_init)
+  return ModelConfig(
+      vocab_size=vocab, hidden_size=m.hidden_size, num_layers=m.num_layers,
+      num_heads=m.num_heads, intermediate_size=m.intermediate_size,
+      max_position_embeddings=m.max_position_embeddings, type_vocab_size=m.type_vocab_size,
+      hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+      layer_norm_eps=m.layer_norm_eps, memory_mode=mem.mode,
+      memory_layers=tuple(mem.layers) if mem.mode != "none" else (),
+      memory=memory, use_pooler=m.use_pooler, remat=m.remat, dtype=m.dtype,
+      param_dtype=m.param_dtype)
+
+
+def to_dict(cfg: Any) -> dict:
+  """A ModelConfig as plain JSON-able data (saved beside checkpoints)."""
+  return dataclasses.asdict(cfg)
+
+
+# Mesh placement that model_config.json files written before placement left the model config
+# (pkm_jax.placement) still carry; it says nothing about the model, so it is dropped on reading.
+_PLACEMENT_KEYS = ("lookup", "slot_axes", "token_axes")
+
+
+def from_dict(d: dict) -> ModelConfig:
+  """A ModelConfig from `to_dict`'s data (also from files of earlier versions)."""
+  d = dict(d)
+  d["memory"] = {k: v for k, v in d["memory"].items() if k not in _PLACEMENT_KEYS}
+  d["memory"] = MemoryConfig(**d["memory"])
+  d["memory_layers"] = tuple(d["memory_layers"])
+  return ModelConfig(**d)

@@ -1,0 +1,140 @@
+"""The converted-checkpoint format: a pretrained model's parameters, config and tokenizer.
+
+Layout (written by `python -m pkm_jax.convert` or `save_pretrained`):
+  OUT/model_config.json   our ModelConfig (`pkm_jax.config.to_dict`)
+  OUT/tokenizer.json      the tokenizer (+ vocab.txt, tokenizer_config.json,
+                          special_tokens_map.json copied when the source had them)
+  OUT/params/             orbax StandardCheckpointer of nnx.state(model, nnx.Param).to_pure_dict()
+  OUT/conversion.json     {"format", "source", "architecture", "report"}
+A folder is written under a temporary name beside OUT and renamed when complete, so OUT is
+either absent, the previous contents, or the whole new checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+
+from pkm_jax import checkpoint as ckpt_lib
+from pkm_jax import config as config_lib
+from pkm_jax.bert import BertForMaskedLM
+from pkm_jax.config import ModelConfig
+from pkm_jax.data import tokenizer as tok_lib
+
+FORMAT = "pkm-jax-pretrained/1"
+_TOKENIZER_EXTRAS = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def is_converted_dir(path: str) -> bool:
+  return (os.path.isfile(os.path.join(path, "model_config.json"))
+          and os.path.isdir(os.path.join(path, "params")))
+
+
+def _write_tokenizer(tmp: str, tokenizer: Any, vocab_size: int) -> None:
+  if isinstance(tokenizer, (str, os.PathLike)):
+    src_file = tok_lib.resolve_tokenizer_path(os.fspath(tokenizer))
+    tok = tok_lib.load_tokenizer(src_file)
+    if src_file.endswith(".json"):
+      shutil.copyfile(src_file, os.path.join(tmp, "tokenizer.json"))  # byte-exact
+    else:
+      tok.save(os.path.join(tmp, "tokenizer.json"))
+    src_dir = os.path.dirname(src_file)
+    for name in _TOKENIZER_EXTRAS:
+      if os.path.isfile(os.path.join(src_dir, name)):
+        shutil.copyfile(os.path.join(src_dir, name), os.path.join(tmp, name))
+  else:
+    tok = tokenizer
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+  n = tok.get_vocab_size(with_added_tokens=True)
+  if n > vocab_size:
+    raise ValueError(f"the tokenizer has {n} tokens but the model's vocabulary has only "
+                     f"{vocab_size} rows")
+
+
+def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict, tokenizer: Any, *,
+                     info: dict[str, Any] | None = None, overwrite: bool = False) -> str:
+  """Writes the converted-checkpoint layout atomically; returns the absolute OUT path.
+
+  `tokenizer`: a tokenizers.Tokenizer, or a path to a tokenizer file / a folder holding one.
+  """
+  out = os.path.abspath(out_dir)
+  if os.path.exists(out):
+    if not os.path.isdir(out):
+      raise FileExistsError(f"--out {out} exists and is not a folder")
+    if os.listdir(out) and not overwrite:
+      raise FileExistsError(f"--out {out} exists and is not empty (pass --overwrite to "
+                            f"replace it)")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  try:
+    _write_tokenizer(tmp, tokenizer, cfg.vocab_size)
+    with open(os.path.join(tmp, "model_config.json"), "w") as f:
+      json.dump(config_lib.to_dict(cfg), f, indent=2, sort_keys=True)
+    with open(os.path.join(tmp, "conversion.json"), "w") as f:
+      json.dump({"format": FORMAT, **(info or {})}, f, indent=2, sort_keys=True)
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, "params"), jax.tree.map(jnp.asarray, params))
+      ckptr.wait_until_finished()
+    if os.path.exists(out):  # empty, or --overwrite: swap, then delete the old one
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+      os.rename(out, os.path.join(old, "x"))
+      os.rename(tmp, out)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+def save_pretrained(out_dir: str, model: BertForMaskedLM, tokenizer: Any, *,
+                    info: dict[str, Any] | None = None, overwrite: bool = False) -> str:
+  """Saves a model's parameters in the converted-checkpoint layout (see module docstring)."""
+  if jax.tree.leaves(nnx.state(model, nnx.BatchStat)):
+    raise ValueError("save_pretrained stores parameters only, and this model has BatchNorm "
+                     "statistics (memory query_norm='batchnorm'): keep its training checkpoint")
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+  return write_checkpoint(out_dir, model.cfg, params, tokenizer, info=info, overwrite=overwrite)
+
+
+def _abstract_params(cfg: ModelConfig) -> dict:
+  return nnx.state(nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0))),
+                   nnx.Param).to_pure_dict()
+
+
+def read_checkpoint(path: str) -> tuple[ModelConfig, dict, Any]:
+  """(ModelConfig, params pure dict, tokenizers.Tokenizer) of a converted checkpoint."""
+  what = f"{path} is not a complete converted checkpoint"
+  try:
+    cfg = config_lib.from_dict(ckpt_lib.read_json(os.path.join(path, "model_config.json"), what))
+  except (TypeError, KeyError, AttributeError) as e:
+    raise ValueError(f"{path}/model_config.json is not a pkm-jax ModelConfig: "
+                     f"{type(e).__name__}: {e}") from e
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        _abstract_params(cfg))
+  params_dir = os.path.join(os.path.abspath(path), "params")
+  ckpt_lib.ignore_closed_event_loop()
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(params_dir, target)
+  except Exception as e:  # orbax raises many types; the user needs the path and the cause
+    cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise ValueError(f"{params_dir} could not be restored (corrupt or from another model): "
+                     f"{type(e).__name__}: {cause[:240]}") from e
+  info_path = os.path.join(path, "conversion.json")
+  info = ckpt_lib.read_json(info_path, what) if os.path.isfile(info_path) else {}
+  for note in info.get("report", {}).get("notes", []):
+    logging.warning("%s: %s", path, note)
+  return cfg, params, tok_lib.load_tokenizer(os.path.join(path, "tokenizer.json"))

@@ -1,0 +1,37 @@
+"""MLM pretraining data: corpus -> WordPiece tokenizer -> packed sequences -> masked batches.
+
+A run uses two calls:
+
+  tokenizer = build_tokenizer(config.data, workdir)   # trains or loads; saves WORKDIR/tokenizer.json
+  train_iter, eval_data = make_mlm_data(config.data, tokenizer, seed=config.seed,
+                                        shard_index=jax.process_index(),
+                                        shard_count=jax.process_count())
+  batch = next(train_iter)            # this host's rows of the global batch
+  state = train_iter.get_state()      # JSON-able; train_iter.set_state(state) resumes exactly
+  for batch in eval_data(num_batches):  # fixed held-out batches (None: the whole split)
+    ...
+
+Batches are numpy dicts, all [B_host, max_len]: input_ids, attention_mask, token_type_ids
+(int32), mlm_labels (int32, original id where a token is predicted, else 0), mlm_weights
+(float32, 1 where predicted). Modules:
+  corpus.py     the embedded generated world corpus (default; no download)
+  sources.py    documents from data.source: 'generated' | 'files' | 'tfds'
+  tokenizer.py  WordPiece: train, load (tokenizer.json / vocab.txt / folder), save
+  mlm.py        BERT's 80/10/10 dynamic masking
+  pipeline.py   sentence packing, the train iterator and the eval batches
+"""
+
+from pkm_jax.data.corpus import GeneratedCorpus, World, generate_corpus
+from pkm_jax.data.mlm import mask_tokens
+from pkm_jax.data.pipeline import (MLMEvalData, MLMTrainIterator, make_mlm_data,
+                                   pack_sequences, tokenize_documents)
+from pkm_jax.data.sources import load_documents
+from pkm_jax.data.tokenizer import (TOKENIZER_FILE, build_tokenizer, load_tokenizer,
+                                    save_tokenizer, special_token_ids, train_tokenizer)
+
+__all__ = [
+    "GeneratedCorpus", "World", "generate_corpus", "mask_tokens", "MLMEvalData",
+    "MLMTrainIterator", "make_mlm_data", "pack_sequences", "tokenize_documents",
+    "load_documents", "build_tokenizer", "load_tokenizer", "special_token_ids",
+    "train_tokenizer", "TOKENIZER_FILE", "save_tokenizer",
+]

@@ -1,0 +1,205 @@
+"""BERT WordPiece tokenizers (Hugging Face `tokenizers`): train on the corpus, or load one.
+
+- `train_tokenizer(texts, vocab_size, lowercase)`: a WordPiece vocabulary learnt from the text,
+  special tokens first ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4).
+- `load_tokenizer(path)`: a `tokenizer.json`, a BERT `vocab.txt` (one token per line, id = line
+  number; casing from a `tokenizer_config.json` beside it), or a folder holding either (a
+  Hugging Face model folder such as bert-base-uncased works; tokenizer.json is preferred).
+- `build_tokenizer(data_cfg, workdir)`: what a run uses. The first run trains or loads one and
+  saves WORKDIR/tokenizer.json; every later run (resume, eval) loads that file, so a workdir's
+  token ids never change.
+Every tokenizer is BERT-style: BERT normaliser and pre-tokeniser, "##" continuation pieces,
+"[CLS] $A [SEP]" post-processing. Special tokens are found by their strings (`special_token_ids`),
+so Hugging Face vocabularies ([PAD]=0, [UNK]=100, [CLS]=101, ...) work unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import trainers
+
+from pkm_jax.data.sources import load_documents
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # trained vocabularies start with these, in order
+TOKENIZER_FILE = "tokenizer.json"
+VOCAB_FILE = "vocab.txt"
+MAX_CHARS_PER_WORD = 100  # longer words become [UNK], as in BERT
+
+
+def special_token_ids(tok: Tokenizer) -> dict[str, int]:
+  """{'pad', 'unk', 'cls', 'sep', 'mask'} -> id, looked up by token string."""
+  ids = {name: tok.token_to_id(token)
+         for name, token in zip(("pad", "unk", "cls", "sep", "mask"), SPECIAL_TOKENS)}
+  missing = [t for t, i in zip(SPECIAL_TOKENS, ids.values()) if i is None]
+  if missing:
+    raise ValueError(f"tokenizer lacks the BERT special token(s) {', '.join(missing)}")
+  return ids
+
+
+def _finish(tok: Tokenizer) -> Tokenizer:
+  """BERT post-processing and decoding; no padding/truncation (the pipeline packs itself)."""
+  ids = special_token_ids(tok)
+  tok.add_special_tokens(list(SPECIAL_TOKENS))  # "[MASK]" in text stays one token
+  tok.post_processor = processors.TemplateProcessing(
+      single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+      special_tokens=[(CLS, ids["cls"]), (SEP, ids["sep"])])
+  tok.decoder = decoders.WordPiece(prefix="##")
+  tok.no_padding()
+  tok.no_truncation()
+  return tok
+
+
+def _bert_tokenizer(model: models.WordPiece, lowercase: bool, strip_accents: bool | None = None,
+                    chinese_chars: bool = True) -> Tokenizer:
+  tok = Tokenizer(model)
+  tok.normalizer = normalizers.BertNormalizer(
+      clean_text=True, handle_chinese_chars=chinese_chars, strip_accents=strip_accents,
+      lowercase=lowercase)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  return tok
+
+
+def _continuation_chars(tok: Tokenizer, texts: list[str], chunk: int = 4096) -> list[str]:
+  """Sorted characters that occur inside a pre-tokenised word (after its first character)."""
+  chars: set[str] = set()
+  for i in range(0, len(texts), chunk):  # few large Rust calls instead of one per sentence
+    text = tok.normalizer.normalize_str("\n".join(texts[i:i + chunk]))
+    for word, _ in tok.pre_tokenizer.pre_tokenize_str(text):
+      chars.update(word[1:])
+  return sorted(chars)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, lowercase: bool = True) -> Tokenizer:
+  """A WordPiece tokenizer of at most `vocab_size` tokens learnt from `texts`; deterministic.
+
+  The `tokenizers` trainer alone is not deterministic (huggingface/tokenizers#1794): it creates
+  the "##c" continuation tokens in hash-map order, and their ids break ties between equally
+  frequent merges. Reserving every "##c" up front, in sorted order, fixes all ids, so every host
+  and every rerun learns the same vocabulary.
+  """
+  if vocab_size <= len(SPECIAL_TOKENS):
+    raise ValueError(f"data.vocab_size={vocab_size} is too small for a WordPiece vocabulary")
+  texts = list(texts)
+  tok = _bert_tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=
+                                         MAX_CHARS_PER_WORD), lowercase)
+  reserved = [f"##{c}" for c in _continuation_chars(tok, texts)]
+  trainer = trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                      special_tokens=list(SPECIAL_TOKENS) + reserved,
+                                      continuing_subword_prefix="##", show_progress=False)
+  tok.train_from_iterator(texts, trainer=trainer)
+  if tok.get_vocab_size() <= len(SPECIAL_TOKENS) + len(reserved):
+    raise ValueError("cannot train a tokenizer: the training text is empty")
+  # Rebuild from the learnt vocabulary so the reserved "##c" are ordinary tokens, not specials.
+  model = models.WordPiece(tok.get_vocab(), unk_token=UNK,
+                           max_input_chars_per_word=MAX_CHARS_PER_WORD)
+  return _finish(_bert_tokenizer(model, lowercase))
+
+
+def read_vocab(path: str) -> dict[str, int]:
+  """A BERT vocab.txt: token -> line number (0-based).
+
+  Ids are line numbers even for odd lines, so the vocabulary size always equals the line count
+  (the size of a checkpoint's embedding table): as in Hugging Face's loader a repeated token maps
+  to its last line, and an empty or superseded line keeps its id under a placeholder name.
+  """
+  with open(path, encoding="utf-8") as f:
+    lines = [line.rstrip("\r\n") for line in f]
+  if not any(lines):
+    raise ValueError(f"vocabulary file {path} is empty")
+  vocab = {}
+  for i, token in enumerate(lines):
+    if token:
+      vocab[token] = i
+  taken = set(vocab.values())
+  for i in range(len(lines)):
+    if i not in taken:
+      vocab[f"[unused_line_{i}]"] = i
+  return vocab
+
+
+def _vocab_casing(vocab_path: str) -> tuple[bool | None, bool | None, bool]:
+  """(do_lower_case, strip_accents, tokenize_chinese_chars) from tokenizer_config.json beside it."""
+  config_path = os.path.join(os.path.dirname(os.path.abspath(vocab_path)), "tokenizer_config.json")
+  if not os.path.isfile(config_path):
+    return None, None, True
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      cfg = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"cannot parse {config_path}: {e}") from e
+  return (cfg.get("do_lower_case"), cfg.get("strip_accents"),
+          cfg.get("tokenize_chinese_chars", True))
+
+
+def load_vocab_tokenizer(path: str, lowercase: bool | None = None) -> Tokenizer:
+  """A BERT tokenizer from vocab.txt; casing: tokenizer_config.json, else `lowercase`, else True."""
+  do_lower, strip_accents, chinese = _vocab_casing(path)
+  if do_lower is None:
+    do_lower = True if lowercase is None else lowercase
+  model = models.WordPiece(read_vocab(path), unk_token=UNK,
+                           max_input_chars_per_word=MAX_CHARS_PER_WORD)
+  return _finish(_bert_tokenizer(model, bool(do_lower), strip_accents, bool(chinese)))
+
+
+def resolve_tokenizer_path(path: str) -> str:
+  """A tokenizer file: `path` itself, or tokenizer.json / vocab.txt inside a folder."""
+  path = os.path.expanduser(path)
+  if os.path.isdir(path):
+    for name in (TOKENIZER_FILE, VOCAB_FILE):
+      if os.path.isfile(os.path.join(path, name)):
+        return os.path.join(path, name)
+    raise FileNotFoundError(f"no {TOKENIZER_FILE} or {VOCAB_FILE} in {path}")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"tokenizer {path} does not exist")
+  return path
+
+
+def load_tokenizer(path: str, lowercase: bool | None = None) -> Tokenizer:
+  """tokenizer.json, vocab.txt or a folder holding either -> a BERT tokenizer.
+
+  `lowercase` only matters for a vocab.txt without a tokenizer_config.json beside it.
+  """
+  file = resolve_tokenizer_path(path)
+  if not file.endswith(".json"):
+    return load_vocab_tokenizer(file, lowercase)
+  try:
+    tok = Tokenizer.from_file(file)
+  except Exception as e:  # the Rust side raises a bare Exception for malformed files
+    raise ValueError(f"cannot parse tokenizer file {file}: {str(e).splitlines()[0]}") from e
+  return _finish(tok)
+
+
+def save_tokenizer(tok: Tokenizer, path: str) -> None:
+  """Writes tokenizer.json atomically (several hosts may write the same file)."""
+  tmp = f"{path}.tmp.{os.getpid()}"
+  tok.save(tmp)
+  os.replace(tmp, path)
+
+
+def build_tokenizer(data_cfg, workdir: str | None, *, save: bool = True) -> Tokenizer:
+  """The run's tokenizer: WORKDIR/tokenizer.json if present, else loaded or trained, then saved
+  there (unless `save` is False: the trainer writes run files only once every check passed).
+
+  data.tokenizer = '' trains WordPiece (data.vocab_size, data.lowercase) on the training split of
+  data.source; otherwise it names a tokenizer.json / vocab.txt / folder. An existing
+  WORKDIR/tokenizer.json always wins (resume and eval must see the ids training saw) and is
+  never overwritten.
+  """
+  saved = os.path.join(workdir, TOKENIZER_FILE) if workdir else ""
+  if saved and os.path.isfile(saved):
+    return load_tokenizer(saved)
+  if data_cfg.tokenizer:
+    tok = load_tokenizer(data_cfg.tokenizer, lowercase=bool(data_cfg.lowercase))
+  else:
+    train_docs, _ = load_documents(data_cfg)
+    tok = train_tokenizer((s for doc in train_docs for s in doc), int(data_cfg.vocab_size),
+                          lowercase=bool(data_cfg.lowercase))
+  if saved and save:
+    os.makedirs(workdir, exist_ok=True)
+    save_tokenizer(tok, saved)
+  return tok

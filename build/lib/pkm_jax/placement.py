@@ -1,0 +1,86 @@
+"""Where a memory layer's table rows and tokens live on the device mesh, and so how it runs.
+
+A `MemoryPlacement` is built once, from (mesh, rules), by whoever builds the jitted program
+(`run_setup.build_placement`), and handed to the model: the layer asks it to search, to look up
+and (for sparse value updates) to build and apply row gradients. The model config says *what*
+the memory computes; the placement says *where*, so it is never saved with a checkpoint, and the
+same checkpoint restores onto any mesh.
+
+Rules of choice (each keeps the function bit-for-bit the same, only the communication differs):
+  - rows split over mesh axes of size > 1 (`slot_axes`): the hand-partitioned lookup and row
+    updates of `sharded_memory` (rows stay put; picks and token-sized partials move);
+  - tokens split over mesh axes of size > 1 (`token_axes`): each device runs the search for its
+    own tokens (`sharded_memory.sharded_product_key_topk`);
+  - neither (one device, or a replicated table with replicated tokens): the plain operations of
+    `product_keys`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pkm_jax import product_keys
+from pkm_jax import sharded_memory
+from pkm_jax import sharding as sharding_lib
+from pkm_jax import sparse_adam
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlacement:
+  """Mesh axes (of size > 1) that split the value-table rows and the tokens; () = not split."""
+
+  slot_axes: tuple[str, ...] = ()
+  token_axes: tuple[str, ...] = ()
+
+  @classmethod
+  def from_mesh(cls, mesh: jax.sharding.Mesh,
+                rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES) -> MemoryPlacement:
+    """The placement `rules` give on `mesh`: 'slots' -> row axes, 'batch' -> token axes."""
+    real = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)  # noqa: E731
+    return cls(slot_axes=real(sharding_lib.slot_axes(rules)),
+               token_axes=real(sharding_lib.rule_axes("batch", rules)))
+
+  def search(self, query: jax.Array, sub_keys: jax.Array, k: int
+             ) -> tuple[jax.Array, jax.Array]:
+    """`product_keys.product_key_topk`: query [B, T, H, Kd] -> scores, slots [B, T, H, k]."""
+    if self.token_axes:
+      return sharded_memory.sharded_product_key_topk(query, sub_keys, k,
+                                                     token_axes=self.token_axes)
+    return product_keys.product_key_topk(query, sub_keys, k)
+
+  def lookup(self, values_NxV: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
+    """`product_keys.weighted_lookup`: values [N, V], picks [B, T, H, k] -> [B, T, V]."""
+    if self.slot_axes:
+      return sharded_memory.sharded_weighted_lookup(values_NxV, indices, weights,
+                                                    slot_axes=self.slot_axes,
+                                                    token_axes=self.token_axes)
+    return product_keys.weighted_lookup(values_NxV, indices, weights)
+
+  def row_gradients(self, indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *,
+                    num_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients of the picked rows: picks [B, T, H, k] (ids >= num_rows: padding), d out
+    [B, T, V] -> row ids [R], row grads [R, V], their squared norm [] (for joint clipping).
+    Split tables build them inside each row block (`sharded_memory.sharded_row_gradients`)."""
+    if self.slot_axes:
+      return sharded_memory.sharded_row_gradients(indices, weights, grad_out, num_rows=num_rows,
+                                                  slot_axes=self.slot_axes,
+                                                  token_axes=self.token_axes)
+    row_ids, row_grads = sparse_adam.row_gradients(indices, weights, grad_out, num_rows=num_rows)
+    return row_ids, row_grads, jnp.sum(jnp.square(row_grads.astype(jnp.float32)))
+
+  def row_update(self, tx: sparse_adam.SparseGradientTransformation, row_ids: jax.Array,
+                 row_grads: jax.Array, opt_state: Any, table_NxV: jax.Array
+                 ) -> tuple[jax.Array, Any]:
+    """One row-wise optimizer step on the rows `row_gradients` returned -> (table, opt_state)."""
+    if self.slot_axes:
+      return sharded_memory.sharded_row_update(tx, row_ids, row_grads, opt_state, table_NxV,
+                                               slot_axes=self.slot_axes)
+    row_ids, row_updates, opt_state = tx.update(row_ids, row_grads, opt_state, table_NxV)
+    return sparse_adam.apply_row_updates(table_NxV, row_ids, row_updates), opt_state
+
+
+SINGLE_DEVICE = MemoryPlacement()

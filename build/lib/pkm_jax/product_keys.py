@@ -1,0 +1,124 @@
+"""Product-key memory's pure operations: the exact search, the weighted lookup, their gradients.
+
+A query is split into two halves; each half is scored against its own set of `n_keys` sub-keys.
+Because a product key's score is the sum of its two halves' scores, the top-k over all n_keys**2
+product keys lies inside the k x k grid of the per-half top-k: the exact search costs O(n_keys).
+
+These functions know nothing of meshes: the layer (`memory.py`) calls them on one device, and
+`sharded_memory.py` calls them inside each device's block of a `jax.shard_map`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pkm_jax import chunks
+
+
+class MemoryAux(NamedTuple):
+  """What a memory layer picked, for the usage metrics and sparse value updates."""
+
+  indices: jax.Array  # [B, T, H, K] int32 slot ids, best first
+  weights: jax.Array  # [B, T, H, K] softmax weights
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def subkey_topk(q_HxMxD: jax.Array, keys_HxNxD: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Top-k sub-keys of each query, per head: q [H, M, D], keys [H, n, D] -> scores, ids [H, M, k].
+
+  Head-major, so the [H, M, n] scores come out of the batched matmul in the layout top_k reads.
+  The backward touches only the k picked sub-keys of each query (see `_subkey_topk_bwd`).
+  """
+  scores, ids = jax.lax.top_k(jnp.einsum("hmd,hnd->hmn", q_HxMxD, keys_HxNxD), k)
+  return scores, ids
+
+
+def _subkey_topk_fwd(q_HxMxD, keys_HxNxD, k):
+  scores, ids = subkey_topk(q_HxMxD, keys_HxNxD, k)
+  return (scores, ids), (q_HxMxD, keys_HxNxD, ids)
+
+
+def _subkey_topk_bwd(k, res, cotangents):
+  """score[h, m, j] = q[h, m] . keys[h, ids[h, m, j]], so the gradients are gathered from / added
+  into the picked rows only: O(H M k D) work, where autodiff of top_k would fill a dense
+  [H, M, n] score gradient and run two matmuls over it -- growing with n_keys, i.e. with sqrt(N).
+  Picks go in chunks (`pkm_jax.chunks`) so that a gathered [H, M, chunk, D] block stays bounded
+  at large batches."""
+  q_HxMxD, keys_HxNxD, ids_HxMxk = res
+  g_HxMxk = cotangents[0].astype(q_HxMxD.dtype)
+  h, m, d = q_HxMxD.shape
+  n = keys_HxNxD.shape[1]
+  chunk = chunks.pick_chunk(k, h * m * d * q_HxMxD.dtype.itemsize)
+  take_rows = jax.vmap(  # over heads; padding ids (n) read zeros
+      lambda keys_NxD, ids: jnp.take(keys_NxD, ids, axis=0, mode="fill", fill_value=0))
+  add_rows = jax.vmap(lambda g_NxD, ids, upd: g_NxD.at[ids.reshape(-1)].add(
+      upd.reshape(-1, d), mode="drop"))
+
+  def add_chunk(carry, xs):
+    g_q, g_keys = carry
+    ids_HxMxc, g_HxMxc = xs
+    g_q = g_q + jnp.einsum("hmc,hmcd->hmd", g_HxMxc, take_rows(keys_HxNxD, ids_HxMxc))
+    g_keys = add_rows(g_keys, ids_HxMxc, g_HxMxc[..., None] * q_HxMxD[:, :, None, :])
+    return (g_q, g_keys), None
+
+  init = (jnp.zeros_like(q_HxMxD), jnp.zeros_like(keys_HxNxD))
+  xs = (chunks.to_chunks(ids_HxMxk, chunk, n), chunks.to_chunks(g_HxMxk, chunk, 0))
+  (g_q, g_keys), _ = jax.lax.scan(add_chunk, init, xs)
+  return g_q, g_keys
+
+
+subkey_topk.defvjp(_subkey_topk_fwd, _subkey_topk_bwd)
+
+
+def product_key_topk(query: jax.Array, sub_keys: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Exact top-k over all n_keys**2 product keys.
+
+  query [..., H, Kd], sub_keys [H, 2, n, Kd/2] -> scores, indices [..., H, k] (descending);
+  the slot of sub-key i (first half) and j (second half) is i * n + j.
+  """
+  n = sub_keys.shape[2]
+  if k > n:
+    raise ValueError(f"product_key_topk: k={k} exceeds n_keys={n}")
+  *lead, h, kd = query.shape
+  # Only the small [..., H, Kd] queries and [..., H, k] results are transposed, never the
+  # [..., H, n] scores (the search's largest arrays).
+  q_HxMxK = query.reshape(-1, h, kd).transpose(1, 0, 2)
+  q1, q2 = jnp.split(q_HxMxK, 2, axis=-1)
+  v1, i1 = subkey_topk(q1, sub_keys[:, 0], k)  # [H, M, k]
+  v2, i2 = subkey_topk(q2, sub_keys[:, 1], k)
+  cand_scores = (v1[..., :, None] + v2[..., None, :]).reshape(*v1.shape[:-1], k * k)
+  cand_slots = (i1[..., :, None] * n + i2[..., None, :]).reshape(*i1.shape[:-1], k * k)
+  scores, pos = jax.lax.top_k(cand_scores, k)
+  slots = jnp.take_along_axis(cand_slots, pos, axis=-1)
+  to_lead = lambda x: x.transpose(1, 0, 2).reshape(*lead, h, k)
+  return to_lead(scores), to_lead(slots)
+
+
+def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
+  """sum_{h,k} weights * values[indices] (EmbeddingBag 'sum' with per-sample weights).
+
+  values [N, V], indices/weights [..., H, K] -> [..., V].
+  """
+  lead = indices.shape[:-2]
+  picks = indices.shape[-2] * indices.shape[-1]
+  idx_MxP = indices.reshape(-1, picks)
+  w_MxP = weights.reshape(-1, picks).astype(values_NxV.dtype)
+  chunk = chunks.pick_chunk(picks, idx_MxP.shape[0] * values_NxV.shape[1] *
+                            values_NxV.dtype.itemsize)
+  if chunk == picks:
+    out_MxV = jnp.einsum("mp,mpv->mv", w_MxP, values_NxV[idx_MxP])
+  else:
+    # Padding picks read row N, past the end: zeros, and their gradient scatters are dropped.
+    def add_chunk(acc_MxV, xs):
+      idx, w = xs
+      rows = jnp.take(values_NxV, idx, axis=0, mode="fill", fill_value=0)
+      return acc_MxV + jnp.einsum("mc,mcv->mv", w, rows), None
+
+    init = jnp.zeros((idx_MxP.shape[0], values_NxV.shape[1]), values_NxV.dtype)
+    xs = (chunks.to_chunks(idx_MxP, chunk, values_NxV.shape[0]), chunks.to_chunks(w_MxP, chunk, 0))
+    out_MxV, _ = jax.lax.scan(add_chunk, init, xs)
+  return out_MxV.reshape(*lead, values_NxV.shape[1])

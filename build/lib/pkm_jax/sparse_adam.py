@@ -1,0 +1,145 @@
+"""Lazy (row-sparse) Adam for the memory value table, as TF's LazyAdam / PyTorch's SparseAdam.
+
+A step touches only the rows picked in the batch: their first/second moments are updated with
+the row's coalesced gradient (duplicate picks summed first) and the row moves by Adam's update,
+bias-corrected with the GLOBAL step count. Every other row -- its value and both moments -- is
+left bit-identical. All table-sized arrays are only ever gathered from / scattered into at the
+picked rows, so with donated buffers XLA updates them in place and a step's cost depends on the
+number of picked rows, not on N.
+
+How this differs from dense Adam on the same gradients (they agree exactly when every row is
+touched every step):
+- An untouched row's moments do not decay (dense Adam multiplies them by b1/b2 every step).
+- An untouched row does not move, although dense Adam would keep moving it with its old
+  momentum (mu_hat / sqrt(nu_hat) is non-zero long after the row's gradient stops).
+- A row touched again after a gap is corrected with the global count, so its first update after
+  the gap uses moments that decayed only over the steps it was touched.
+- Weight decay (decoupled, AdamW-style) applies to touched rows only.
+
+Interface (optax in spirit, but on rows):
+  tx = sparse_adam(learning_rate, b1, b2, eps, weight_decay)
+  state = tx.init(table)
+  row_ids, row_grads = row_gradients(indices, weights, grad_out, num_rows=N)
+  row_ids, row_updates, state = tx.update(row_ids, row_grads, state, table)
+  table = apply_row_updates(table, row_ids, row_updates)
+row_ids are unique; entries >= N are padding (their gathers read zeros, their scatters drop), so
+every array has a static shape and the step jits once. On a row-sharded table,
+`sharded_memory.sharded_row_gradients` builds each block's row gradients inside that block and
+`sharded_memory.sharded_row_update` runs this update there, so no [rows, V] array crosses devices.
+The train step clips row gradients together with the dense ones, by their joint global norm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from pkm_jax import chunks
+
+
+class SparseAdamState(NamedTuple):
+  count: jax.Array  # int32 [], steps taken (all rows share it)
+  mu: jax.Array  # [N, V] first moments
+  nu: jax.Array  # [N, V] second moments
+
+
+class SparseGradientTransformation(NamedTuple):
+  """init(table) -> state; update(row_ids [R], row_grads [R, V], state, table) ->
+  (row_ids, row_updates [R, V], state). row_ids unique; ids >= N are padding."""
+
+  init: Callable[[jax.Array], Any]
+  update: Callable[[jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]]
+
+
+def sparse_adam(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999,
+                eps: float = 1e-8, weight_decay: float = 0.0) -> SparseGradientTransformation:
+  """Lazy Adam(W) on table rows; matches optax.adamw(learning_rate, b1, b2, eps, weight_decay=...)
+  on every row that is touched at every step. A schedule is evaluated at the global step count."""
+
+  def init(table: jax.Array) -> SparseAdamState:
+    return SparseAdamState(count=jnp.zeros([], jnp.int32), mu=jnp.zeros_like(table),
+                           nu=jnp.zeros_like(table))
+
+  def update(row_ids: jax.Array, row_grads: jax.Array, state: SparseAdamState,
+             table: jax.Array) -> tuple[jax.Array, jax.Array, SparseAdamState]:
+    if row_grads.shape != (row_ids.shape[0], table.shape[1]):
+      raise ValueError(f"sparse_adam: row_grads {row_grads.shape} must be [len(row_ids)="
+                       f"{row_ids.shape[0]}, V={table.shape[1]}]")
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    count = optax.safe_increment(state.count)
+    g = row_grads.astype(state.mu.dtype)
+    # Same expressions, in the same order, as optax.scale_by_adam, restricted to the rows.
+    mu = (1 - b1) * g + b1 * state.mu.at[row_ids].get(mode="fill", fill_value=0)
+    nu = (1 - b2) * (g * g) + b2 * state.nu.at[row_ids].get(mode="fill", fill_value=0)
+    mu_hat = mu / (1 - b1**count).astype(mu.dtype)
+    nu_hat = nu / (1 - b2**count).astype(nu.dtype)
+    step = mu_hat / (jnp.sqrt(nu_hat) + eps)
+    if weight_decay:
+      step = step + weight_decay * table.at[row_ids].get(mode="fill", fill_value=0)
+    row_updates = (-lr * step).astype(table.dtype)
+    new_state = SparseAdamState(count=count,
+                                mu=state.mu.at[row_ids].set(mu, mode="drop"),
+                                nu=state.nu.at[row_ids].set(nu, mode="drop"))
+    return row_ids, row_updates, new_state
+
+  return SparseGradientTransformation(init, update)
+
+
+def apply_row_updates(table: jax.Array, row_ids: jax.Array, row_updates: jax.Array) -> jax.Array:
+  """table[row_ids] += row_updates (row_ids unique; ids >= N are dropped), in place if donated."""
+  return table.at[row_ids].add(row_updates.astype(table.dtype), mode="drop")
+
+
+def coalesce_rows(row_ids: jax.Array, row_grads: jax.Array, num_rows: int
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Sums the gradients of duplicate ids: ([R], [R, V]) -> unique ids [R] (sorted, padded with
+  num_rows) and their summed gradients [R, V] (zeros at padding)."""
+  ids, inverse = jnp.unique(row_ids, size=row_ids.shape[0], fill_value=num_rows,
+                            return_inverse=True)
+  grads = jax.ops.segment_sum(row_grads, inverse.reshape(-1), num_segments=row_ids.shape[0])
+  return ids.astype(jnp.int32), grads
+
+
+def row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *,
+                  num_rows: int, pick_chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """d loss / d values, only at picked rows, from d loss / d (memory output).
+
+  indices/weights [B, T, H, K], grad_out [B, T, V] -> row_ids [R] (unique, sorted, padded with
+  num_rows), row_grads [R, V] (zeros at padding), R = min(B*T*H*K, num_rows). Row r gets the sum
+  over picks with index r of weight * grad_out; picks with ids >= num_rows are dropped.
+  Coalescing is a fixed-size jnp.unique plus a segment sum done as a scan of in-place
+  scatter-adds over pick chunks, so [B, T, H, K, V] is never built.
+  """
+  if indices.shape != weights.shape or grad_out.shape[:-1] != indices.shape[:-2]:
+    raise ValueError(f"row_gradients: indices {indices.shape}, weights {weights.shape} and "
+                     f"grad_out {grad_out.shape} must be [B, T, H, K], [B, T, H, K], [B, T, V]")
+  v = grad_out.shape[-1]
+  picks = indices.shape[-2] * indices.shape[-1]
+  idx_MxP = indices.reshape(-1, picks)
+  m = idx_MxP.shape[0]
+  size = min(m * picks, num_rows)
+  row_ids, inverse = jnp.unique(idx_MxP, size=size, fill_value=num_rows, return_inverse=True)
+  if pick_chunk is None:
+    pick_chunk = chunks.pick_chunk(picks, m * v * 4)
+  chunk = max(1, min(pick_chunk, picks))
+  # Padding picks of the last chunk point at `size`, past the end: their scatters drop.
+  inv_CxMxc = chunks.to_chunks(inverse.reshape(m, picks), chunk, size)
+  w_CxMxc = chunks.to_chunks(weights.reshape(m, picks), chunk, 0)
+  g_MxV = grad_out.reshape(m, v).astype(jnp.float32)
+
+  def add_chunk(acc_RxV, xs):
+    inv, w = xs
+    return acc_RxV.at[inv].add(w.astype(jnp.float32)[..., None] * g_MxV[:, None, :],
+                               mode="drop"), None
+
+  # Inside shard_map (sharded_memory.sharded_row_gradients) the carry must vary over the mesh
+  # axes its inputs vary over.
+  init = chunks.zeros_varying((size, v), jnp.float32, inverse, weights, grad_out)
+  row_grads, _ = jax.lax.scan(add_chunk, init, (inv_CxMxc, w_CxMxc))
+  # Padding picks coalesce into the padding id itself; its gradient is zeroed so that the rows'
+  # norm (for clipping) counts real rows only.
+  row_grads = jnp.where((row_ids < num_rows)[:, None], row_grads, 0.0)
+  return row_ids.astype(jnp.int32), row_grads.astype(grad_out.dtype)

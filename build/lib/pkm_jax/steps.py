@@ -1,0 +1,168 @@
+"""The pure training step every run jits: a loss over a batch, its gradients (optionally
+accumulated over micro-batches), the joint global-norm clip, the optax update, and -- with
+`optim.values_optimizer='sparse_adam'` -- row-sparse updates of the memory value tables.
+
+Sparse path: each memory layer adds a zero "probe" [B, T, V] to its weighted sum and reads its
+table through stop_gradient, so the dense gradient never holds an [N, V] table; the probe's
+gradient times the softmax weights gives the gradient of exactly the picked rows, which the
+placement builds (inside each row block when the table is split) and the sparse optimizer
+applies to those rows only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from pkm_jax import metrics as metrics_lib
+from pkm_jax.optim import Optimizers
+from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
+from pkm_jax.product_keys import MemoryAux
+
+MLM_BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", "mlm_weights")
+
+# (model, batch, rngs, value_probes) -> (loss summed over the batch, sums, {layer: MemoryAux}).
+# `sums` holds "count" (what the loss is averaged over) and other totals that the step reports
+# divided by the count (e.g. "loss", "mlm_accuracy").
+LossFn = Callable[[nnx.Module, dict, nnx.Rngs, dict | None],
+                  tuple[jax.Array, dict[str, jax.Array], dict[int, MemoryAux]]]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State  # what the optimizer trains
+  model_state: nnx.State  # BatchNorm running statistics of the memory queries
+  opt_state: optax.OptState
+  sparse_opt_state: dict  # str(layer) -> SparseAdamState; empty unless sparse value updates
+  frozen: Any = dataclasses.field(default_factory=dict)  # params and statistics kept as they are
+
+
+def values_of(params: nnx.State, layer: int) -> nnx.Variable:
+  """The value table of encoder layer `layer` (BertForMaskedLM and the task heads alike)."""
+  return params["bert"]["layers"][layer]["memory"]["values"]
+
+
+def mlm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes: dict | None):
+  """The pretraining LossFn: masked-LM cross-entropy summed over the masked tokens."""
+  logits, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                      rngs=rngs, value_probes=value_probes)
+  loss, sums = metrics_lib.mlm_loss_and_metrics(logits, batch["mlm_labels"], batch["mlm_weights"])
+  return loss * sums["count"], {"count": sums["count"], "loss": sums["nll_sum"],
+                                "mlm_accuracy": sums["correct"]}, aux
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimizers, *,
+                    seed: int, placement: MemoryPlacement = SINGLE_DEVICE,
+                    sparse_layers: tuple[int, ...] = (), n_slots: int = 0, v_dim: int = 0,
+                    grad_accum_steps: int = 1,
+                    model_state_filter: nnx.filterlib.Filter = nnx.BatchStat) -> Callable:
+  """(TrainState, batch) -> (TrainState, metrics, {layer: MemoryAux}); pure, jit it once.
+
+  `optimizers.tx` updates the params from their dense gradients, `optimizers.sparse` (with
+  `sparse_layers`: the memory layers, [n_slots, v_dim] tables) the value tables from the
+  gradients of their picked rows; with grad_clip > 0 both are first clipped by their joint global
+  norm. `model_state_filter` selects the statistics the step updates (frozen ones stay).
+  """
+  base_key = jax.random.key(seed)
+  tx, sparse_tx, schedule = optimizers.tx, optimizers.sparse, optimizers.schedule
+  layers = sparse_layers if sparse_tx is not None else ()
+
+  def micro_grads(params, model_state, frozen, batch, key):
+    """One micro-batch: (grads, probe grads, sums, aux, new model_state)."""
+    b, t = batch["input_ids"].shape
+    probes = {layer: jnp.zeros((b, t, v_dim), jnp.float32) for layer in layers}
+
+    def loss_sum(params, probes):
+      model = nnx.merge(graphdef, params, frozen, model_state, copy=True)
+      # Sum, not mean, over micro-batches: the caller divides by the total count.
+      total, sums, aux = loss_fn(model, batch, nnx.Rngs(dropout=key), probes or None)
+      return total, (sums, aux, nnx.state(model, model_state_filter))
+
+    (_, (sums, aux, model_state)), (grads, probe_grads) = jax.value_and_grad(
+        loss_sum, argnums=(0, 1), has_aux=True)(params, probes)
+    return grads, probe_grads, sums, aux, model_state
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    # Dropout noise is a function of (seed, step) alone, so a resumed run repeats it exactly.
+    key = jax.random.fold_in(base_key, state.step)
+    if grad_accum_steps == 1:
+      grads, probe_grads, sums, aux, model_state = micro_grads(
+          state.params, state.model_state, state.frozen, batch, key)
+    else:
+      # Micro-batch i takes rows i, i + G, i + 2G, ...: every device keeps its own rows (a
+      # contiguous split would put each micro-batch on a few devices and reshuffle the batch).
+      # They run in sequence; BatchNorm statistics update after each, as in separate steps.
+      n_micro = grad_accum_steps
+      micro = jax.tree.map(lambda x: x.reshape(-1, n_micro, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def body(carry, xs):
+        grads_acc, model_state = carry
+        mb, i = xs
+        grads, probe_grads, sums, aux, model_state = micro_grads(
+            state.params, model_state, state.frozen, mb, jax.random.fold_in(key, i))
+        return (jax.tree.map(jnp.add, grads_acc, grads), model_state), (probe_grads, sums, aux)
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, model_state), (probe_grads, sums, aux) = jax.lax.scan(
+          body, (zeros, state.model_state), (micro, jnp.arange(n_micro)))
+      unmix = lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:])  # [G, B/G, ...] -> [B, ...]
+      probe_grads, aux = jax.tree.map(unmix, probe_grads), jax.tree.map(unmix, aux)
+      sums = jax.tree.map(lambda x: x.sum(0), sums)
+    count = jnp.maximum(sums["count"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+
+    # Sparse path: the gradients of the picked rows of every table (built inside each row block
+    # when the table is split). They join the global norm the dense gradients are clipped by.
+    rows, rows_sq_norm = {}, jnp.zeros((), jnp.float32)
+    for layer in layers:
+      # Padding tokens' picks become padding rows: a row read only by padding is not touched.
+      real = batch["attention_mask"][..., None, None] > 0
+      picks = jnp.where(real, aux[layer].indices, n_slots)
+      row_ids, row_grads, sq_norm = placement.row_gradients(
+          picks, aux[layer].weights, probe_grads[layer] / count, num_rows=n_slots)
+      rows[layer] = (row_ids, row_grads)
+      rows_sq_norm = rows_sq_norm + sq_norm
+    grad_norm = jnp.sqrt(jnp.square(optax.global_norm(grads)) + rows_sq_norm)
+    if optimizers.grad_clip > 0:
+      # As optax.clip_by_global_norm, over dense and row-sparse gradients together.
+      scale = jnp.where(grad_norm < optimizers.grad_clip, 1.0, optimizers.grad_clip / grad_norm)
+      grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
+      rows = {layer: (ids, (g * scale).astype(g.dtype)) for layer, (ids, g) in rows.items()}
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    sparse_opt_state = dict(state.sparse_opt_state)
+    for layer, (row_ids, row_grads) in rows.items():
+      table = values_of(params, layer)
+      new_table, sparse_opt_state[str(layer)] = placement.row_update(
+          sparse_tx, row_ids, row_grads, state.sparse_opt_state[str(layer)], table.get_value())
+      params["bert"]["layers"][layer]["memory"]["values"] = table.replace(new_table)
+
+    loss, lr = sums["loss"] / count, schedule(state.step)
+    metrics = {name: total / count for name, total in sums.items() if name != "count"}
+    metrics.update(grad_norm=grad_norm, learning_rate=lr,
+                   # False once anything that moves the params is NaN/inf: this step's update
+                   # may already have spoilt them, although its loss (computed before) is finite.
+                   finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr))
+    new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
+                           opt_state=opt_state, sparse_opt_state=sparse_opt_state,
+                           frozen=state.frozen)
+    return new_state, metrics, aux
+
+  return train_step
+
+
+def make_usage_accumulator(n_slots: int) -> Callable:
+  """(totals, aux, mask) -> totals + this batch's per-slot counts/weights/top-1 counts."""
+  def accumulate(totals, aux, mask_BxT):
+    return {layer: tuple(t + s for t, s in zip(totals[layer],
+                                                metrics_lib.slot_totals(a, mask_BxT, n_slots)))
+            for layer, a in aux.items()}
+  return accumulate

@@ -1,0 +1,227 @@
+"""MLM pretraining: `train_and_evaluate(config, workdir)`.
+
+Sections: checks (config, resume, +Init, tokenizer, data) -> program (mesh, placement, sharded
+init and step) -> restore or init -> run files -> loop. Nothing is written to the workdir until
+every check has passed and the state is in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from pkm_jax import checkpoint as ckpt_lib
+from pkm_jax import config as config_lib
+from pkm_jax import data as data_lib
+from pkm_jax import evaluate as eval_lib
+from pkm_jax import metrics as metrics_lib
+from pkm_jax import plus_init
+from pkm_jax import pretrained as pretrained_lib
+from pkm_jax import program as program_lib
+from pkm_jax.bert import BertForMaskedLM
+from pkm_jax.loop import Periodic, train_loop
+from pkm_jax.program import TrainProgram
+from pkm_jax.steps import make_usage_accumulator, mlm_loss
+from pkm_jax.writer import MetricWriter
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and run files
+# ---------------------------------------------------------------------------------------------
+
+
+def check_resumable(workdir: str, config: ml_collections.ConfigDict,
+                    model_cfg: config_lib.ModelConfig) -> None:
+  """How the model is computed (remat, compute dtype, mesh) may change on resume; what it is,
+  and the layout of its optimizer state, may not."""
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.exists(config_path):
+    saved = config_lib.upgrade(ckpt_lib.read_json(config_path, "the run's settings"))
+    for key in ("values_optimizer", "freeze_memory"):
+      was = saved.get("optim", {}).get(key, config_lib.optim_group()[key])
+      if was != config.optim[key]:
+        raise ValueError(f"{workdir} was trained with optim.{key}={was!r}, not "
+                         f"{config.optim[key]!r} (its optimizer state has another layout); use "
+                         "a new --workdir")
+
+  def structure(cfg):
+    return dataclasses.replace(cfg, remat=False, dtype="float32")
+  saved, now = structure(ckpt_lib.read_model_config(workdir)), structure(model_cfg)
+  if saved != now:
+    diff = [f.name for f in dataclasses.fields(saved)
+            if getattr(saved, f.name) != getattr(now, f.name)]
+    raise ValueError(f"{workdir} holds checkpoints of a different model ({', '.join(diff)} "
+                     "differ); use a new --workdir")
+
+
+def save_run_files(workdir: str, config: ml_collections.ConfigDict,
+                   model_cfg: config_lib.ModelConfig, tokenizer: Any) -> None:
+  """config.json, model_config.json and tokenizer.json (an existing tokenizer is never
+  replaced: resumes and evaluations must see the ids training saw)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+  ckpt_lib.write_json(os.path.join(workdir, "model_config.json"), config_lib.to_dict(model_cfg))
+  tokenizer_path = os.path.join(workdir, data_lib.TOKENIZER_FILE)
+  if not os.path.isfile(tokenizer_path):
+    data_lib.save_tokenizer(tokenizer, tokenizer_path)
+
+
+def _memory_images(writer: MetricWriter, step: int, usage: dict) -> None:
+  for layer, (counts, _, _) in usage.items():
+    grid = eval_lib.usage_histogram(np.asarray(counts))
+    writer.image(step, f"memory/layer{layer}/usage_map", grid[..., None])
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted program
+# ---------------------------------------------------------------------------------------------
+
+
+def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
+                        pretrained_cfg: config_lib.ModelConfig | None = None) -> TrainProgram:
+  """The pretraining program (MLM loss) for a validated config and tokenizer vocabulary."""
+  model_cfg = config_lib.model_config(config, vocab_size=vocab_size)
+
+  def make_model(placement):
+    return BertForMaskedLM(model_cfg, rngs=nnx.Rngs(params=config.seed), placement=placement)
+
+  def init_from(model, src_params):
+    return plus_init.init_from_pretrained(model, src_params, pretrained_cfg)
+
+  return program_lib.build_program(config, make_model=make_model, loss_fn=mlm_loss,
+                                   total_steps=config.train.steps,
+                                   batch_size=config.data.batch_size, init_from=init_from)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains with MLM into `workdir` (resuming if it has checkpoints); returns final metrics."""
+  # --- Checks: nothing is written before they have all passed ------------------------------
+  config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  steps = ckpt_lib.saved_steps(workdir)
+  pretrained_weights = None
+  if config.init.pretrained:
+    # +Init: sizes (and the tokenizer) come from the pretrained model unless set explicitly.
+    if steps:  # the workdir's own model config; the weights come from its checkpoint
+      config = plus_init.resolve_model_config(config, ckpt_lib.read_model_config(workdir))
+    else:
+      src_cfg, src_params, _ = pretrained_lib.load_pretrained(config.init.pretrained)
+      config = plus_init.resolve_model_config(config, src_cfg)
+      pretrained_weights = (src_cfg, src_params)
+  tokenizer = data_lib.build_tokenizer(config.data, workdir, save=False)
+  vocab_size = tokenizer.get_vocab_size()
+  config_lib.validate(config, vocab_size=vocab_size)
+  program = build_train_program(config, vocab_size,
+                                pretrained_weights[0] if pretrained_weights else None)
+  model_cfg = program.model_cfg
+  if steps:
+    check_resumable(workdir, config, model_cfg)
+  train_iter, make_eval_iter = data_lib.make_mlm_data(
+      config.data, tokenizer, seed=config.seed, shard_index=jax.process_index(),
+      shard_count=jax.process_count())
+  if not make_eval_iter.num_batches:
+    raise ValueError("the held-out split is empty: nothing to evaluate (raise "
+                     "data.eval_fraction or give more documents)")
+
+  # --- Restore, or init (+Init: from pretrained weights) straight into the shardings ---------
+  manager = ckpt_lib.make_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+  start_step = steps[-1] if steps else 0
+  if steps:
+    state, data_state = program_lib.restore_state(program, manager, start_step)
+    train_iter.set_state(data_state)
+    print(f"Resuming {workdir} from step {start_step}"
+          + (" (init.pretrained is ignored: the latest checkpoint wins)"
+             if config.init.pretrained else ""))
+  else:
+    # Host copies: the pretrained tensors enter the jitted init as arguments, not constants.
+    src = jax.tree.map(np.asarray, pretrained_weights[1]) if pretrained_weights else None
+    state = program_lib.init_state(program, src)
+    if program.init_reports:
+      print(f"+Init from {config.init.pretrained}: {program.init_reports[0].summary()}")
+  save_run_files(workdir, config, model_cfg, tokenizer)
+
+  # --- Evaluation and memory statistics -----------------------------------------------------
+  mesh, replicated = program.mesh, program.replicated
+  # Sums and per-slot usage totals come back replicated: every host reads the same numbers.
+  eval_step = jax.jit(eval_lib.make_eval_step(program.graphdef, model_cfg),
+                      in_shardings=(program.state_sharding.params,
+                                    program.state_sharding.model_state,
+                                    program.state_sharding.frozen, program.batch_sharding),
+                      out_shardings=replicated)
+
+  def evaluate(step: int, state, writer: MetricWriter | None = None) -> dict:
+    with jax.set_mesh(mesh):
+      result = eval_lib.run_eval(
+          eval_step, (state.params, state.model_state, state.frozen),
+          make_eval_iter(config.train.eval_batches or None), program.to_device, model_cfg)
+    if writer is not None:
+      scalars = {k: result[k] for k in ("mlm_loss", "mlm_perplexity", "mlm_accuracy")}
+      for layer, stats in result["memory"].items():
+        scalars.update({f"memory/layer{layer}/{k}": v for k, v in stats.items()})
+      writer.scalars(step, scalars, prefix="eval/")
+    return {"step": step, **result}
+
+  if start_step >= config.train.steps:
+    print(f"{workdir} is finished: its latest checkpoint is step {start_step} (train.steps="
+          f"{config.train.steps}); evaluating it")
+    return evaluate(start_step, state)
+
+  accumulate = jax.jit(make_usage_accumulator(model_cfg.memory.n_slots),
+                       out_shardings=replicated, donate_argnums=(0,))
+
+  def zero_usage():
+    # Placed as accumulate returns them, so it compiles once and can reuse the donated buffers.
+    z = lambda: jax.device_put(jnp.zeros((model_cfg.memory.n_slots,), jnp.float32),  # noqa: E731
+                               replicated)
+    return {layer: (z(), z(), z()) for layer in model_cfg.memory_layers}
+
+  usage = zero_usage()
+  stats_every = config.train.memory_stats_every if model_cfg.memory_layers else 0
+
+  def add_usage(state, metrics, aux, batch) -> None:
+    nonlocal usage
+    usage = accumulate(usage, aux, batch["attention_mask"])
+
+  def write_usage(step: int, state) -> None:
+    nonlocal usage
+    host_usage = jax.device_get(usage)
+    stats = {f"memory/layer{layer}/{k}": v
+             for layer, (c, w, t) in host_usage.items()
+             for k, v in metrics_lib.memory_usage_stats(c, w, t).items()}
+    writer.scalars(step, stats, prefix="train/")
+    _memory_images(writer, step, host_usage)
+    usage = zero_usage()
+
+  def save(step: int, state) -> None:
+    ckpt_lib.save_state(manager, step, state, train_iter.get_state())
+
+  # --- Loop ---------------------------------------------------------------------------------
+  t = config.train
+  with MetricWriter(os.path.join(workdir, "tensorboard")) as writer:
+    try:
+      _, result = train_loop(
+          program, state, train_iter, start_step=start_step, total_steps=t.steps,
+          writer=writer, log_every=t.log_every, save=Periodic(t.checkpoint_every, save),
+          latest_saved=manager.latest_step,
+          evaluate=Periodic(t.eval_every, lambda step, s: evaluate(step, s, writer)),
+          periodic=(Periodic(stats_every, write_usage),) if stats_every else (),
+          after_step=add_usage if stats_every else None,
+          sequences_per_step=config.data.batch_size)
+    finally:
+      manager.wait_until_finished()
+  return result

@@ -1,0 +1,376 @@
+"""Bad input, repeated and interrupted runs, through the commands users type.
+
+Each case runs the command and checks: the exit status (1 for an error, 0 for a finished
+re-run), one line on stderr naming the problem, no traceback, and every file that was in the
+workdir before still there, byte for byte. Config values are also checked exhaustively
+in-process: every key of both config schemas, with bad values of the right type.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from configs import default as default_config
+from configs import glue as glue_config
+from pkm_jax import config as config_lib
+from pkm_jax.config import ConfigError
+from pkm_jax.tasks import task_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.train.steps=4", "--config.train.log_every=2", "--config.train.eval_every=2",
+        "--config.train.checkpoint_every=2", "--config.train.eval_batches=2",
+        "--config.train.memory_stats_every=2", "--config.data.batch_size=8",
+        "--config.data.max_len=32", "--config.data.vocab_size=300",
+        "--config.data.generated.num_entities=40", "--config.data.generated.num_docs=200",
+        "--config.model.hidden_size=32", "--config.model.num_layers=2",
+        "--config.model.num_heads=2", "--config.model.intermediate_size=64",
+        "--config.memory.layers=(1,)", "--config.memory.n_keys=8", "--config.memory.k=4",
+        "--config.memory.k_dim=16", "--config.memory.heads=2"]
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def snapshot(folder: str) -> dict[str, str]:
+  """{relative path: sha256} of every file under `folder` ({} if it does not exist)."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith("error: "), lines[0]
+  assert "Traceback" not in proc.stdout + proc.stderr
+  assert "Event loop is closed" not in proc.stdout + proc.stderr
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+  return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A finished 4-step run (checkpoints 2 and 4) trained with data.max_len=32."""
+  workdir = str(tmp_path_factory.mktemp("run") / "w")
+  proc = run("train.py", f"--workdir={workdir}", *TINY, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture
+def workdir(trained, tmp_path):
+  """A private copy of the finished run, and its files' digests."""
+  copy = str(tmp_path / "w")
+  shutil.copytree(trained, copy)
+  return copy, snapshot(copy)
+
+
+# ------------------------------------------------------------------------------- the issue's
+def test_init_pretrained_parses_and_the_old_key_is_named(tmp_path):
+  # The key users type: a missing folder is named (the flag itself parsed).
+  proc = run("train.py", f"--workdir={tmp_path / 'w'}", "--config", "configs/bert_base_resm.py",
+             f"--config.init.pretrained={tmp_path / 'nope'}")
+  assert_one_line_error(proc, str(tmp_path / "nope"))
+  proc = run("train.py", f"--workdir={tmp_path / 'w'}", f"--config.init.from={tmp_path}")
+  assert_one_line_error(proc, "--config.init.from is now --config.init.pretrained")
+  assert not (tmp_path / "w").exists()
+
+
+def test_finished_run_says_so_and_changes_nothing(workdir):
+  path, before = workdir
+  proc = run("train.py", f"--workdir={path}", *TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "is finished" in proc.stdout and "Traceback" not in proc.stderr
+  assert f"step 4 eval mlm_loss=" in proc.stdout
+  assert snapshot(path) == before
+
+
+def test_retention_never_deletes_the_latest_checkpoint(workdir):
+  path, before = workdir
+  for keep in ("0", "-1"):
+    proc = run("train.py", f"--workdir={path}", *TINY, "--config.train.steps=6",
+               f"--config.train.keep_checkpoints={keep}")
+    assert_one_line_error(proc, f"train.keep_checkpoints={keep}")
+  assert snapshot(path) == before
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--config.model.hidden_size=64", "different model (hidden_size"),
+    ("--config.optim.values_optimizer=sparse_adam", "optim.values_optimizer='adam'"),
+    ("--config.data.generated.num_docs=300", "the corpus, tokenizer, seed or batch size changed"),
+])
+def test_refused_resume_writes_nothing(workdir, override, needle):
+  path, before = workdir
+  proc = run("train.py", f"--workdir={path}", *TINY, "--config.train.steps=6", override)
+  assert_one_line_error(proc, needle)
+  assert snapshot(path) == before
+
+
+def test_settings_that_cannot_work_are_refused_before_any_work(tmp_path):
+  proc = run("train.py", f"--workdir={tmp_path / 'w'}", *TINY, "--config.data.eval_fraction=0")
+  assert_one_line_error(proc, "data.eval_fraction=0")
+  assert not (tmp_path / "w").exists()
+
+
+def test_eval_starts_from_the_runs_config(workdir):
+  path, before = workdir
+  # The run trained with data.max_len=32 on its own tiny corpus: the plain README command
+  # evaluates that data. Its numbers equal the run's own last evaluation (same batches).
+  proc = run("eval.py", f"--workdir={path}", "--config.eval.batches=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["step"] == 4 and math.isfinite(result["mlm_loss"])
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import plots  # pylint: disable=g-import-not-at-top
+  scalars, _ = plots.read_events(os.path.join(path, "tensorboard"))
+  assert scalars["eval/mlm_loss"][-1][0] == 4
+  assert result["mlm_loss"] == pytest.approx(scalars["eval/mlm_loss"][-1][1], rel=1e-5)
+  # An earlier step, named in the result.
+  proc = run("eval.py", f"--workdir={path}", "--step=2")
+  assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])["step"] == 2
+  # Overrides that would change the model are refused; nothing of the run is touched.
+  proc = run("eval.py", f"--workdir={path}", "--config.model.num_layers=3")
+  assert_one_line_error(proc, "--config.model.num_layers=3 differs from the run's 2")
+  proc = run("eval.py", f"--workdir={path}", "--config.data.max_len=200")
+  assert_one_line_error(proc, "data.max_len=200")
+  proc = run("eval.py", f"--workdir={path}", "--step=3")
+  assert_one_line_error(proc, "no checkpoint for step 3")
+  after = snapshot(path)
+  assert {k: v for k, v in after.items() if not k.startswith("eval")} == before
+
+
+def _corrupt_checkpoint(path: str, step: int) -> None:
+  params = os.path.join(path, "checkpoints", str(step), "params", "d")
+  data_file = sorted(os.listdir(params))[0]
+  with open(os.path.join(params, data_file), "wb") as f:
+    f.write(b"\0" * 16)
+
+
+def test_corrupt_checkpoint_is_one_line_everywhere(workdir):
+  path, _ = workdir
+  _corrupt_checkpoint(path, 4)
+  before = snapshot(path)
+  for proc in (run("eval.py", f"--workdir={path}"),
+               run("train.py", f"--workdir={path}", *TINY, "--config.train.steps=6"),
+               run("-m", "pkm_jax.fill_mask", f"--model={path}", "a [MASK] word")):
+    assert_one_line_error(proc, "could not be restored")
+  assert snapshot(path) == before
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("config.json", b"{not json", "config.json could not be read"),
+    ("model_config.json", b'{"vocab_size": 3}', "model_config.json is not a pkm-jax model"),
+    ("tokenizer.json", b"\x00garbage", "tokenizer.json"),
+])
+def test_corrupt_run_files_are_one_line(workdir, name, content, needle):
+  path, _ = workdir
+  with open(os.path.join(path, name), "wb") as f:
+    f.write(content)
+  before = snapshot(path)
+  assert_one_line_error(run("eval.py", f"--workdir={path}"), needle)
+  assert_one_line_error(run("train.py", f"--workdir={path}", *TINY, "--config.train.steps=6"),
+                        needle)
+  assert snapshot(path) == before
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config.memory.heads=0"], "memory.heads=0"),
+    (["--config.model.num_heads=0"], "model.num_heads=0"),
+    (["--config.optim.lr=nan"], "optim.lr=nan"),
+    (["--config.train.steps=abc"], "train.steps"),
+    (["--config.mesh.rules=((\"slots\", \"gpu\"),)"], "unknown mesh axes ['gpu']"),
+    (["--coordinator_address=localhost:1"], "--num_processes"),
+    (["extra_argument"], "unexpected arguments: extra_argument"),
+    (["--config", "configs/nonexistent.py"], "nonexistent.py"),
+])
+def test_bad_numbers_and_flags_are_one_line(tmp_path, args, needle):
+  proc = run("train.py", f"--workdir={tmp_path / 'w'}", *args, *TINY)
+  assert_one_line_error(proc, needle)
+  assert not (tmp_path / "w").exists()
+
+
+def test_tools_refuse_bad_flags_in_one_line(workdir, tmp_path):
+  path, before = workdir
+  assert_one_line_error(run("-m", "pkm_jax.fill_mask", f"--model={path}", "--top_k=0",
+                            "a [MASK] word"), "top_k=0")
+  assert_one_line_error(run("-m", "pkm_jax.fill_mask", f"--model={path}", "no mask here"),
+                        "no [MASK]")
+  assert_one_line_error(run("-m", "pkm_jax.convert", f"--hf_dir={path}"), "--out")
+  assert_one_line_error(run("-m", "pkm_jax.convert", f"--hf_dir={tmp_path}",
+                            f"--out={tmp_path / 'o'}"), "no tokenizer.json")
+  assert snapshot(path) == before
+
+
+# ------------------------------------------------------------------------------- every key
+# (key, bad values) for every key of configs/default.py (a tiny ResM): each must be refused by
+# validate() with a ConfigError naming the key. Keys checked when their data is opened (paths,
+# TFDS names) are in FREE, with where they are checked.
+PRETRAINING_BAD = {
+    "seed": [-1],
+    "model.vocab_size": [-5],
+    "model.hidden_size": [0, -8, 130],
+    "model.num_layers": [0],
+    "model.num_heads": [0, -2],
+    "model.intermediate_size": [0],
+    "model.max_position_embeddings": [0, 16],
+    "model.type_vocab_size": [0],
+    "model.hidden_dropout": [-0.1, 1.0, float("nan")],
+    "model.attention_dropout": [1.5],
+    "model.layer_norm_eps": [0.0, -1e-5],
+    "model.dtype": ["float8"],
+    "model.param_dtype": ["int8"],
+    "memory.mode": ["pkm"],
+    "memory.layers": [(4,), (1, 1), (), (-1,)],
+    "memory.n_keys": [0, 8],
+    "memory.heads": [0],
+    "memory.k": [0, 1000],
+    "memory.k_dim": [0, 63],
+    "memory.v_dim": [-1, 7],
+    "memory.query_norm": ["rmsnorm"],
+    "memory.input_dropout": [1.0],
+    "memory.query_dropout": [-0.5],
+    "memory.value_dropout": [float("inf")],
+    "data.source": ["web"],
+    "data.vocab_size": [0, 5],
+    "data.max_len": [2, 0, 1000],
+    "data.batch_size": [0, -1],
+    "data.mask_prob": [0.0, 1.5, float("nan")],
+    "data.eval_fraction": [0.0, 1.0, -0.1],
+    "data.generated.num_entities": [0],
+    "data.generated.num_docs": [1],
+    "data.generated.seed": [-3],
+    "optim.lr": [-1e-3, float("nan"), float("inf")],
+    "optim.warmup_steps": [-5],
+    "optim.warmup_fraction": [1.0, -0.1],
+    "optim.decay": ["step"],
+    "optim.end_lr_factor": [-0.5],
+    "optim.weight_decay": [-0.01],
+    "optim.b1": [1.0, -0.1],
+    "optim.b2": [1.5],
+    "optim.eps": [0.0],
+    "optim.grad_clip": [-1.0, float("nan")],
+    "optim.values_optimizer": ["sgd"],
+    "optim.values_lr": [-1.0],
+    "optim.values_schedule": ["cosine"],
+    "optim.values_weight_decay": [-1.0],
+    "train.steps": [0],
+    "train.log_every": [0],
+    "train.eval_every": [0],
+    "train.checkpoint_every": [0],
+    "train.keep_checkpoints": [0, -1],
+    "train.eval_batches": [-1],
+    "train.memory_stats_every": [-1],
+    "train.grad_accum_steps": [0, 3],
+    "mesh.data": [0, -2, 3],
+    "mesh.model": [0],
+    "mesh.rules": [(("slots", ("model", "gpu")),), (("slots",),)],
+    "eval.batches": [-1],
+    "eval.batch_size": [-1],
+}
+# Checked together with another key.
+PRETRAINING_COMBOS = [
+    ({"optim.freeze_memory": True, "optim.values_optimizer": "sparse_adam"}, "freeze_memory"),
+    ({"mesh.data": -1, "mesh.model": -1}, "both be -1"),
+]
+FREE = {
+    "model.use_pooler": "a bool (the flag parser refuses other types)",
+    "model.remat": "a bool", "memory.value_zero_init": "a bool", "data.lowercase": "a bool",
+    "optim.freeze_memory": "a bool (checked with values_optimizer: PRETRAINING_COMBOS)",
+    "data.files": "opened by the data loader (FileNotFoundError naming the pattern)",
+    "data.tfds_name": "opened by tfds (ValueError naming the dataset)",
+    "data.tfds_split": "as data.tfds_name", "data.tfds_eval_split": "as data.tfds_name",
+    "data.text_key": "checked against the TFDS features", "data.data_dir": "as data.tfds_name",
+    "data.tokenizer": "opened by load_tokenizer (FileNotFoundError naming the path)",
+    "init.pretrained": "opened by load_pretrained (FileNotFoundError naming the path)",
+}
+FINETUNE_BAD = {
+    "task": ["sst3"], "tasks": ["sst2,bogus"], "seed": [-1],
+    "init.pretrained": [""],
+    "data.source": ["web"], "data.data_dir": [""],
+    "data.max_len": [2], "data.batch_size": [0], "data.doc_stride": [0],
+    "data.max_query_len": [0], "data.max_train_examples": [-1], "data.max_eval_examples": [-1],
+    "model.hidden_dropout": [1.0], "model.attention_dropout": [-0.5],
+    "model.classifier_dropout": [2.0],
+    "memory.input_dropout": [1.0], "memory.query_dropout": [-2.0],
+    "memory.value_dropout": [float("nan")],
+    "optim.lr": [float("nan")], "optim.values_lr": [-1.0], "optim.warmup_fraction": [1.0],
+    "optim.warmup_steps": [-1], "optim.decay": ["step"], "optim.end_lr_factor": [-1.0],
+    "optim.weight_decay": [-1.0], "optim.b1": [1.0], "optim.b2": [-0.1], "optim.eps": [0.0],
+    "optim.grad_clip": [-1.0], "optim.values_optimizer": ["sgd"],
+    "optim.values_schedule": ["x"], "optim.values_weight_decay": [-1.0],
+    "train.steps": [-1], "train.epochs": [-1.0], "train.log_every": [0],
+    "train.checkpoint_every": [0], "train.keep_checkpoints": [0], "train.grad_accum_steps": [0],
+    "eval.batch_size": [0], "eval.n_best": [0], "eval.max_answer_len": [0],
+    "mesh.data": [0], "mesh.model": [-3], "mesh.rules": [(("slots", "gpu"),)],
+}
+FINETUNE_FREE = {"optim.freeze_memory": "a bool"}
+
+
+def leaves(config, prefix=""):
+  for key in config.keys():
+    value = config[key]
+    if hasattr(value, "keys"):
+      yield from leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}"
+
+
+def with_value(config, key, value):
+  *groups, last = key.split(".")
+  target = config
+  for g in groups:
+    target = target[g]
+  target[last] = value
+  return config
+
+
+def test_every_key_has_bad_values():
+  assert set(leaves(default_config.get_config())) == set(PRETRAINING_BAD) | set(FREE)
+  assert set(leaves(task_config.base_config())) == set(FINETUNE_BAD) | set(FINETUNE_FREE)
+  default_config.get_config() and config_lib.validate(default_config.get_config())
+
+
+@pytest.mark.parametrize("key, value", [(k, v) for k, vs in PRETRAINING_BAD.items() for v in vs])
+def test_pretraining_value_is_refused(key, value):
+  config = with_value(default_config.get_config(), key, value)
+  with pytest.raises(ConfigError) as err:
+    config_lib.validate(config)
+  assert "\n" not in str(err.value)
+  name = key.split(".")[-1]
+  assert name in str(err.value) or key.split(".")[0] in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("values, needle", PRETRAINING_COMBOS)
+def test_pretraining_combination_is_refused(values, needle):
+  config = default_config.get_config()
+  for key, value in values.items():
+    with_value(config, key, value)
+  with pytest.raises(ConfigError, match=needle):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("key, value", [(k, v) for k, vs in FINETUNE_BAD.items() for v in vs])
+def test_finetuning_value_is_refused(key, value, tmp_path):
+  config = glue_config.get_config()
+  config.init.pretrained = str(tmp_path)  # an existing folder
+  config.data.data_dir = str(tmp_path)
+  with_value(config, key, value)
+  with pytest.raises(ConfigError) as err:
+    task_config.validate(config)
+  assert "\n" not in str(err.value)
