@@ -21,7 +21,7 @@ DECAYS = ("linear", "cosine", "constant")
 VALUE_OPTIMIZERS = ("adam", "sparse_adam")
 VALUE_SCHEDULES = ("constant", "network")
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_SOURCES = ("generated", "files", "tfds")
+DATA_SOURCES = ("generated", "files", "tfds", "prepared")
 MIN_VOCAB = 16  # a trained WordPiece needs room for its special tokens and some characters
 
 
@@ -132,6 +132,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       source="generated", files="", tfds_name="", tfds_split="train",
       tfds_eval_split="", text_key="text", data_dir="",
+      path="",  # source='prepared': a folder made by `python -m pkm_jax.data.prepare`
+      eval_files="",  # evaluate on every document of these text files (paths/globs)
+      eval_path="",  # evaluate on every row of this prepared folder ('eval' or its only split)
+      workers=0,  # grain worker processes making batches (0: threads in the training process)
+      prefetch=2,  # batches made ahead (per worker; 0: each batch made when asked for)
       tokenizer="", vocab_size=30522, lowercase=True,
       max_len=128, batch_size=256, mask_prob=0.15, eval_fraction=0.05,
       generated=ml_collections.ConfigDict(dict(num_entities=2000, num_docs=20000, seed=0))))
@@ -299,6 +304,14 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
                       f"model.num_heads={m.num_heads}")
   validate_memory(mem, m)
   check_choice(data, "data", "source", DATA_SOURCES)
+  if data.source == "prepared" and not data.path:
+    raise ConfigError("data.source='prepared' needs data.path (a folder made by python -m "
+                      "pkm_jax.data.prepare)")
+  if data.eval_files and data.eval_path:
+    raise ConfigError("set data.eval_files (text) or data.eval_path (a prepared folder), "
+                      "not both")
+  for key in ("workers", "prefetch"):
+    check_number(data, "data", key, lo=0)
   check_number(data, "data", "max_len", lo=3)
   check_number(data, "data", "batch_size", lo=1)
   check_number(data, "data", "mask_prob", lo=0, hi=1, lo_open=True)
@@ -308,7 +321,9 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
   check_number(data.generated, "data.generated", "num_entities", lo=1)
   check_number(data.generated, "data.generated", "num_docs", lo=2)
   check_number(data.generated, "data.generated", "seed", lo=0)
-  if data.eval_fraction == 0 and not (data.source == "tfds" and data.tfds_eval_split):
+  external_eval = data.source == "prepared" or data.eval_files or data.eval_path
+  if data.eval_fraction == 0 and not (data.source == "tfds" and data.tfds_eval_split
+                                      or external_eval):
     raise ConfigError(f"data.eval_fraction=0 leaves no held-out text for evaluation with "
                       f"data.source={data.source!r}; hold out a fraction > 0"
                       + (" or give data.tfds_eval_split" if data.source == "tfds" else ""))

@@ -34,6 +34,8 @@ def make_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig) -> Callable:
     model = nnx.merge(graphdef, params, frozen, model_state)
     logits, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     _, sums = metrics_lib.mlm_loss_and_metrics(logits, batch["mlm_labels"], batch["mlm_weights"])
+    # Packed rows evaluated; the all-padding rows that fill the last batch do not count.
+    sums["sequences"] = jnp.sum(jnp.any(batch["attention_mask"] > 0, axis=-1))
     usage = {layer: metrics_lib.slot_totals(a, batch["attention_mask"], n_slots)
              for layer, a in aux.items()}
     return sums, usage
@@ -45,7 +47,7 @@ def run_eval(eval_step: Callable, states: tuple, batches: Iterable[dict],
              to_device: Callable[[dict], dict], model_cfg: ModelConfig) -> dict:
   """Sums over all batches on the host (float64), then the metrics. `states` are eval_step's
   leading arguments (params, model_state, frozen)."""
-  totals = {"nll_sum": 0.0, "correct": 0.0, "count": 0.0}
+  totals = {"nll_sum": 0.0, "correct": 0.0, "count": 0.0, "sequences": 0.0}
   usage = {layer: metrics_lib.MemoryUsage(model_cfg.memory.n_slots)
            for layer in model_cfg.memory_layers}
   for batch in batches:
@@ -62,6 +64,7 @@ def run_eval(eval_step: Callable, states: tuple, batches: Iterable[dict],
       "mlm_perplexity": math.exp(min(loss, 700.0)),
       "mlm_accuracy": totals["correct"] / totals["count"],
       "eval_tokens": int(totals["count"]),
+      "eval_sequences": int(totals["sequences"]),
       "memory": {str(layer): u.stats() for layer, u in usage.items()},
   }
 
@@ -120,7 +123,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str,
   if config.eval.batch_size:
     data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
     data_cfg.batch_size = config.eval.batch_size
-  _, make_eval_iter = data_lib.make_mlm_data(data_cfg, tokenizer, seed=config.seed)
+  make_eval_iter = data_lib.make_eval_data(data_cfg, tokenizer)
   eval_step = jax.jit(make_eval_step(graphdef, model_cfg))
   result = run_eval(eval_step, (params, model_state, {}),
                     make_eval_iter(config.eval.batches or None),

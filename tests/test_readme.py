@@ -156,12 +156,15 @@ def checkout(tmp_path_factory):
   words = [w for w in hf_fixtures.WORDS]
   _glue(str(root / "data" / "glue"), words)
   _squad(str(root / "data" / "squad"), words)
-  wiki = root / "data" / "wiki"
-  wiki.mkdir(parents=True)
   rng = random.Random(2)
-  for i in range(2):
-    docs = ["\n".join(" ".join(rng.sample(words, 8)) + "." for _ in range(4)) for _ in range(6)]
-    (wiki / f"part{i}.txt").write_text("\n\n".join(docs) + "\n")
+  # Text: /data/wiki and /data/books (documents of sentences), WikiText-103's raw files.
+  for folder, names in (("wiki", ("part0.txt", "part1.txt")), ("books", ("part0.txt",)),
+                        ("wikitext-103", ("wiki.valid.raw", "wiki.test.raw"))):
+    (root / "data" / folder).mkdir(parents=True)
+    for name in names:
+      docs = ["\n".join(" ".join(rng.sample(words, 8)) + "." for _ in range(4))
+              for _ in range(6)]
+      (root / "data" / folder / name).write_text("\n\n".join(docs) + "\n")
   return {"root": str(root), "work": str(work)}
 
 
@@ -201,6 +204,8 @@ def plan(command: str, root: str) -> tuple[list[list[str]], dict[str, str]]:
       argv += shlex.split(extra)
     elif script == "eval.py" and "configs/" in config and ("glue" in config or "squad" in config):
       argv += shlex.split(TINY_FINETUNE + (" " + TINY_SQUAD if "squad" in config else ""))
+    elif argv[1:3] == ["-m", "pkm_jax.data.prepare"]:
+      argv += ["--max_len=32"]  # TINY_TRAIN's data.max_len
     elif script == "benchmarks/throughput.py":
       argv += shlex.split("--hidden 32 --layers 2 --heads 2 --intermediate 64 --vocab 200 "
                           "--n_keys 8 --mem_heads 2 --k 4 --k_dim 16 --batch 2 --seq 16 "

@@ -10,28 +10,40 @@ A run uses two calls:
   state = train_iter.get_state()      # JSON-able; train_iter.set_state(state) resumes exactly
   for batch in eval_data(num_batches):  # fixed held-out batches (None: the whole split)
     ...
+  eval_data = make_eval_data(config.data, tokenizer)  # evaluation alone (eval.py)
 
 Batches are numpy dicts, all [B_host, max_len]: input_ids, attention_mask, token_type_ids
 (int32), mlm_labels (int32, original id where a token is predicted, else 0), mlm_weights
 (float32, 1 where predicted). Modules:
-  corpus.py     the embedded generated world corpus (default; no download)
-  sources.py    documents from data.source: 'generated' | 'files' | 'tfds'
-  tokenizer.py  WordPiece: train, load (tokenizer.json / vocab.txt / folder), save
-  mlm.py        BERT's 80/10/10 dynamic masking
-  pipeline.py   sentence packing, the train iterator and the eval batches
+  corpus.py       the embedded generated world corpus (default; no download)
+  sources.py      documents from data.source: 'generated' | 'files' | 'tfds'
+  tokenizer.py    WordPiece: train (streamed), load (tokenizer.json / vocab.txt / folder), save
+  encoder.py      fast, exact token ids of many sentences
+  packing.py      FULL-SENTENCES packing, whole-corpus and streaming
+  text_stream.py  input text in blocks for streaming; the held-out documents rule
+  prepare.py      `python -m pkm_jax.data.prepare`: text -> prepared folder, once, offline
+  prepared.py     the prepared folder: sharded ArrayRecord rows + metadata; reading rows
+  keyed_random.py random numbers and permutations as pure functions of (seed, key)
+  mlm.py          BERT's 80/10/10 dynamic masking
+  loader.py       the grain pipeline: shuffle, read, mask, batch, prefetch; checkpointable
+  pipeline.py     config.data -> row sources -> the train iterator and the eval batches
 """
 
 from pkm_jax.data.corpus import GeneratedCorpus, World, generate_corpus
-from pkm_jax.data.mlm import mask_tokens
-from pkm_jax.data.pipeline import (MLMEvalData, MLMTrainIterator, make_mlm_data,
-                                   pack_sequences, tokenize_documents)
+from pkm_jax.data.loader import ArrayRows, MLMEvalData, MLMTrainIterator
+from pkm_jax.data.mlm import MLMMasker, mask_tokens
+from pkm_jax.data.packing import RowPacker, pack_sequences
+from pkm_jax.data.pipeline import make_eval_data, make_mlm_data, tokenize_documents
+from pkm_jax.data.prepared import PreparedRows
 from pkm_jax.data.sources import load_documents
 from pkm_jax.data.tokenizer import (TOKENIZER_FILE, build_tokenizer, load_tokenizer,
-                                    save_tokenizer, special_token_ids, train_tokenizer)
+                                    save_tokenizer, special_token_ids, tokenizer_fingerprint,
+                                    train_tokenizer)
 
 __all__ = [
-    "GeneratedCorpus", "World", "generate_corpus", "mask_tokens", "MLMEvalData",
-    "MLMTrainIterator", "make_mlm_data", "pack_sequences", "tokenize_documents",
-    "load_documents", "build_tokenizer", "load_tokenizer", "special_token_ids",
-    "train_tokenizer", "TOKENIZER_FILE", "save_tokenizer",
+    "GeneratedCorpus", "World", "generate_corpus", "ArrayRows", "MLMEvalData",
+    "MLMTrainIterator", "MLMMasker", "mask_tokens", "RowPacker", "pack_sequences",
+    "make_eval_data", "make_mlm_data", "tokenize_documents", "PreparedRows", "load_documents",
+    "build_tokenizer", "load_tokenizer", "save_tokenizer", "special_token_ids",
+    "tokenizer_fingerprint", "train_tokenizer", "TOKENIZER_FILE",
 ]

@@ -1,4 +1,4 @@
-"""Documents for MLM from `config.data.source`: 'generated' | 'files' | 'tfds'.
+"""Documents for MLM from `config.data.source`: 'generated' | 'files' | 'tfds' (in memory).
 
 `load_documents(data_cfg) -> (train_docs, eval_docs)`; a document is a tuple of sentences.
 - generated: the embedded world corpus (corpus.py) with its own held-out documents.
@@ -8,6 +8,8 @@
   breaks and sentence-final punctuation.
 Sources without a held-out split hold out `eval_fraction` of their documents, chosen by a fixed
 seed that does not depend on the run's seed, so runs with different seeds evaluate the same text.
+The fourth source, 'prepared' (rows made by `python -m pkm_jax.data.prepare`), has no documents
+to load: pipeline.py reads its rows.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from pkm_jax.data.corpus import Document, generate_corpus
 
-SOURCES = ("generated", "files", "tfds")
+SOURCES = ("generated", "files", "tfds", "prepared")
 _HOLDOUT_SEED = 20200101
 # A sentence ends at . ! ? followed by whitespace and something that can start a sentence.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
@@ -54,23 +56,28 @@ def read_text_documents(paths: Sequence[str]) -> list[Document]:
   return docs
 
 
-def expand_files(spec: str) -> list[str]:
-  """Comma-separated paths or globs -> existing files, globs sorted, in the order given."""
+def expand_files(spec: str, what: str = "data.files") -> list[str]:
+  """Comma-separated paths or globs -> existing files, globs sorted, in the order given.
+
+  `what` names the setting in error messages.
+  """
   patterns = [p.strip() for p in spec.split(",") if p.strip()]
   if not patterns:
-    raise ValueError("data.source='files' needs data.files (comma-separated paths or globs)")
+    raise ValueError(f"{what} is empty: give comma-separated paths or globs"
+                     if what != "data.files" else
+                     "data.source='files' needs data.files (comma-separated paths or globs)")
   paths: list[str] = []
   for pattern in patterns:
     pattern = os.path.expanduser(pattern)
     if glob.has_magic(pattern):
       matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
       if not matches:
-        raise FileNotFoundError(f"data.files: no file matches {pattern!r}")
+        raise FileNotFoundError(f"{what}: no file matches {pattern!r}")
       paths.extend(matches)
     elif os.path.isfile(pattern):
       paths.append(pattern)
     else:
-      raise FileNotFoundError(f"data.files: {pattern!r} does not exist or is not a file")
+      raise FileNotFoundError(f"{what}: {pattern!r} does not exist or is not a file")
   return paths
 
 
@@ -142,6 +149,8 @@ def _load(source: str, files: str, tfds_name: str, tfds_split: str, tfds_eval_sp
       return tuple(train), tuple(_tfds_documents(tfds_name, tfds_eval_split, data_dir, text_key))
     train, held = holdout_split(train, eval_fraction)
     return tuple(train), tuple(held)
+  if source == "prepared":
+    raise ValueError("data.source='prepared' has packed rows, not documents (pipeline.py)")
   raise ValueError(f"data.source={source!r} is not one of {SOURCES}")
 
 

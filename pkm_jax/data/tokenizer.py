@@ -1,13 +1,16 @@
 """BERT WordPiece tokenizers (Hugging Face `tokenizers`): train on the corpus, or load one.
 
 - `train_tokenizer(texts, vocab_size, lowercase)`: a WordPiece vocabulary learnt from the text,
-  special tokens first ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4).
+  special tokens first ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4). The text is streamed
+  (read twice, in chunks), so a corpus larger than memory can be passed as a function that
+  returns a fresh iterator of its sentences.
 - `load_tokenizer(path)`: a `tokenizer.json`, a BERT `vocab.txt` (one token per line, id = line
   number; casing from a `tokenizer_config.json` beside it), or a folder holding either (a
   Hugging Face model folder such as bert-base-uncased works; tokenizer.json is preferred).
 - `build_tokenizer(data_cfg, workdir)`: what a run uses. The first run trains or loads one and
   saves WORKDIR/tokenizer.json; every later run (resume, eval) loads that file, so a workdir's
-  token ids never change.
+  token ids never change. With data.source='prepared' it is the prepared folder's tokenizer
+  (or must equal it: `tokenizer_fingerprint`).
 Every tokenizer is BERT-style: BERT normaliser and pre-tokeniser, "##" continuation pieces,
 "[CLS] $A [SEP]" post-processing. Special tokens are found by their strings (`special_token_ids`),
 so Hugging Face vocabularies ([PAD]=0, [UNK]=100, [CLS]=101, ...) work unchanged.
@@ -15,14 +18,17 @@ so Hugging Face vocabularies ([PAD]=0, [UNK]=100, [CLS]=101, ...) work unchanged
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import trainers
 
-from pkm_jax.data.sources import load_documents
+from pkm_jax.data import prepared as prepared_lib
+from pkm_jax.data.sources import expand_files, load_documents
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # trained vocabularies start with these, in order
@@ -64,18 +70,29 @@ def _bert_tokenizer(model: models.WordPiece, lowercase: bool, strip_accents: boo
   return tok
 
 
-def _continuation_chars(tok: Tokenizer, texts: list[str], chunk: int = 4096) -> list[str]:
+def _chunks(texts: Iterable[str], size: int = 4096) -> Iterator[list[str]]:
+  it = iter(texts)
+  while chunk := list(itertools.islice(it, size)):
+    yield chunk
+
+
+def _continuation_chars(tok: Tokenizer, texts: Iterable[str]) -> list[str]:
   """Sorted characters that occur inside a pre-tokenised word (after its first character)."""
   chars: set[str] = set()
-  for i in range(0, len(texts), chunk):  # few large Rust calls instead of one per sentence
-    text = tok.normalizer.normalize_str("\n".join(texts[i:i + chunk]))
+  for chunk in _chunks(texts):  # few large Rust calls instead of one per sentence
+    text = tok.normalizer.normalize_str("\n".join(chunk))
     for word, _ in tok.pre_tokenizer.pre_tokenize_str(text):
       chars.update(word[1:])
   return sorted(chars)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, lowercase: bool = True) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str] | Callable[[], Iterable[str]], vocab_size: int,
+                    lowercase: bool = True) -> Tokenizer:
   """A WordPiece tokenizer of at most `vocab_size` tokens learnt from `texts`; deterministic.
+
+  `texts`: sentences, or a function returning a fresh iterator of them. The text is read
+  twice, a chunk at a time, so only the trainer's word counts stay in memory; a one-shot
+  iterator is first kept in a list (fine for small corpora; pass a function for large ones).
 
   The `tokenizers` trainer alone is not deterministic (huggingface/tokenizers#1794): it creates
   the "##c" continuation tokens in hash-map order, and their ids break ties between equally
@@ -84,20 +101,38 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, lowercase: bool = Tru
   """
   if vocab_size <= len(SPECIAL_TOKENS):
     raise ValueError(f"data.vocab_size={vocab_size} is too small for a WordPiece vocabulary")
-  texts = list(texts)
+  if callable(texts):
+    fresh = texts
+  else:
+    kept = list(texts) if iter(texts) is texts else texts
+    fresh = lambda: kept
   tok = _bert_tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=
                                          MAX_CHARS_PER_WORD), lowercase)
-  reserved = [f"##{c}" for c in _continuation_chars(tok, texts)]
+  reserved = [f"##{c}" for c in _continuation_chars(tok, fresh())]
   trainer = trainers.WordPieceTrainer(vocab_size=vocab_size,
                                       special_tokens=list(SPECIAL_TOKENS) + reserved,
                                       continuing_subword_prefix="##", show_progress=False)
-  tok.train_from_iterator(texts, trainer=trainer)
+  tok.train_from_iterator(_chunks(fresh()), trainer=trainer)
   if tok.get_vocab_size() <= len(SPECIAL_TOKENS) + len(reserved):
     raise ValueError("cannot train a tokenizer: the training text is empty")
   # Rebuild from the learnt vocabulary so the reserved "##c" are ordinary tokens, not specials.
   model = models.WordPiece(tok.get_vocab(), unk_token=UNK,
                            max_input_chars_per_word=MAX_CHARS_PER_WORD)
   return _finish(_bert_tokenizer(model, lowercase))
+
+
+def tokenizer_fingerprint(tok: Tokenizer) -> str:
+  """A hash of what turns text into ids: vocabulary (by id), WordPiece settings, normaliser,
+  pre-tokeniser and added tokens. Equal fingerprints mean equal ids for every text."""
+  spec = json.loads(tok.to_str())
+  model = dict(spec.get("model") or {})
+  vocab = model.pop("vocab", {})
+  what = {"vocab": sorted(vocab.items(), key=lambda kv: kv[1]) if isinstance(vocab, dict)
+                   else vocab,
+          "model": model, "normalizer": spec.get("normalizer"),
+          "pre_tokenizer": spec.get("pre_tokenizer"),
+          "added_tokens": sorted((t["id"], t["content"]) for t in spec.get("added_tokens", []))}
+  return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_vocab(path: str) -> dict[str, int]:
@@ -181,25 +216,62 @@ def save_tokenizer(tok: Tokenizer, path: str) -> None:
   os.replace(tmp, path)
 
 
+def check_prepared(tok: Tokenizer, meta: dict, folder: str, max_len: int,
+                   what: str = "data.path") -> None:
+  """A prepared folder's rows must come from this tokenizer and this data.max_len."""
+  if meta["max_len"] != max_len:
+    raise ValueError(f"{what}={folder} was prepared with max_len={meta['max_len']}, but "
+                     f"data.max_len={max_len}: prepare it again with --max_len {max_len}")
+  fingerprint = tokenizer_fingerprint(tok)
+  if meta["tokenizer"]["fingerprint"] != fingerprint:
+    raise ValueError(
+        f"{what}={folder} was prepared with another tokenizer (vocabulary of "
+        f"{meta['vocab_size']}, fingerprint {meta['tokenizer']['fingerprint']}) than this run's "
+        f"(vocabulary of {tok.get_vocab_size()}, fingerprint {fingerprint}): its token ids "
+        "mean other words to this model; prepare it with this run's tokenizer")
+
+
+def _check_data(tok: Tokenizer, data_cfg, meta: dict | None) -> None:
+  """Prepared folders and evaluation files a run names, checked before it saves anything."""
+  max_len = int(data_cfg.max_len)
+  if meta is not None:
+    check_prepared(tok, meta, data_cfg.path, max_len)
+    if "eval" not in meta["splits"] and not (data_cfg.eval_files or data_cfg.eval_path):
+      raise ValueError(f"data.path={data_cfg.path} has no 'eval' split: prepare it with "
+                       "--eval_input or --eval_fraction, or set data.eval_files / "
+                       "data.eval_path")
+  if data_cfg.eval_path:
+    check_prepared(tok, prepared_lib.read_metadata(data_cfg.eval_path, "data.eval_path"),
+                   data_cfg.eval_path, max_len, "data.eval_path")
+  if data_cfg.eval_files:
+    expand_files(data_cfg.eval_files, what="data.eval_files")
+
+
 def build_tokenizer(data_cfg, workdir: str | None, *, save: bool = True) -> Tokenizer:
   """The run's tokenizer: WORKDIR/tokenizer.json if present, else loaded or trained, then saved
   there (unless `save` is False: the trainer writes run files only once every check passed).
 
   data.tokenizer = '' trains WordPiece (data.vocab_size, data.lowercase) on the training split of
-  data.source; otherwise it names a tokenizer.json / vocab.txt / folder. An existing
-  WORKDIR/tokenizer.json always wins (resume and eval must see the ids training saw) and is
-  never overwritten.
+  data.source, or with data.source='prepared' takes the prepared folder's tokenizer; otherwise
+  it names a tokenizer.json / vocab.txt / folder. An existing WORKDIR/tokenizer.json always wins
+  (resume and eval must see the ids training saw) and is never overwritten. Prepared data made
+  with another tokenizer or max_len is refused here, before anything is saved.
   """
   saved = os.path.join(workdir, TOKENIZER_FILE) if workdir else ""
+  prepared = data_cfg.source == "prepared"
+  meta = prepared_lib.read_metadata(data_cfg.path) if prepared else None
   if saved and os.path.isfile(saved):
-    return load_tokenizer(saved)
-  if data_cfg.tokenizer:
+    tok = load_tokenizer(saved)
+  elif data_cfg.tokenizer:
     tok = load_tokenizer(data_cfg.tokenizer, lowercase=bool(data_cfg.lowercase))
+  elif prepared:
+    tok = load_tokenizer(os.path.join(data_cfg.path, prepared_lib.TOKENIZER_FILE))
   else:
     train_docs, _ = load_documents(data_cfg)
-    tok = train_tokenizer((s for doc in train_docs for s in doc), int(data_cfg.vocab_size),
+    tok = train_tokenizer([s for doc in train_docs for s in doc], int(data_cfg.vocab_size),
                           lowercase=bool(data_cfg.lowercase))
-  if saved and save:
+  _check_data(tok, data_cfg, meta)
+  if saved and save and not os.path.isfile(saved):
     os.makedirs(workdir, exist_ok=True)
     save_tokenizer(tok, saved)
   return tok
