@@ -258,6 +258,8 @@ PRETRAINING_BAD = {
     "data.generated.num_entities": [0],
     "data.generated.num_docs": [1],
     "data.generated.seed": [-3],
+    "data.workers": [-1],
+    "data.prefetch": [-2],
     "optim.lr": [-1e-3, float("nan"), float("inf")],
     "optim.warmup_steps": [-5],
     "optim.warmup_fraction": [1.0, -0.1],
@@ -290,6 +292,8 @@ PRETRAINING_BAD = {
 PRETRAINING_COMBOS = [
     ({"optim.freeze_memory": True, "optim.values_optimizer": "sparse_adam"}, "freeze_memory"),
     ({"mesh.data": -1, "mesh.model": -1}, "both be -1"),
+    ({"data.source": "prepared", "data.path": ""}, "needs data.path"),
+    ({"data.eval_files": "/data/*.txt", "data.eval_path": "/data/prepared"}, "not both"),
 ]
 FREE = {
     "model.use_pooler": "a bool (the flag parser refuses other types)",
@@ -299,6 +303,10 @@ FREE = {
     "data.tfds_name": "opened by tfds (ValueError naming the dataset)",
     "data.tfds_split": "as data.tfds_name", "data.tfds_eval_split": "as data.tfds_name",
     "data.text_key": "checked against the TFDS features", "data.data_dir": "as data.tfds_name",
+    "data.path": "opened by the prepared reader (one line naming the folder); empty with "
+                 "source=prepared: PRETRAINING_COMBOS",
+    "data.eval_files": "opened by the text reader (one line naming the pattern)",
+    "data.eval_path": "as data.path",
     "data.tokenizer": "opened by load_tokenizer (FileNotFoundError naming the path)",
     "init.pretrained": "opened by load_pretrained (FileNotFoundError naming the path)",
 }
