@@ -186,8 +186,8 @@ def test_shared_table_is_stored_once_and_its_gradient_is_the_sum(name):
                                rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["pkm", "memory_plus_silu", "peer_relu"])
-@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("name, share", [("pkm", False), ("memory_plus_silu", True),
+                                         ("peer_relu", False), ("peer_relu", True)])
 def test_plus_init_resm_starts_as_the_dense_model(name, share):
   """+Init +ResM with zero value init adds exactly 0 for every kind; PKM placement drops the
   memory layers' FFN and loads everything else."""
