@@ -17,6 +17,7 @@ import ml_collections
 from flax import nnx
 
 from pkm_jax import checkpoint as ckpt_lib
+from pkm_jax import memory_kinds
 from pkm_jax import optim as optim_lib
 from pkm_jax import sharding as sharding_lib
 from pkm_jax.config import ConfigError
@@ -56,7 +57,9 @@ def frozen_filter(freeze_memory: bool) -> nnx.filterlib.Filter:
   """What stays fixed: every memory parameter and statistic under freeze_memory, else nothing."""
   if not freeze_memory:
     return nnx.Nothing
-  return nnx.All(nnx.Any(nnx.Param, nnx.BatchStat), nnx.PathContains("memory"))
+  shared = [nnx.PathContains(memory_kinds.SHARED_PREFIX + name)  # tables on the BERT model
+            for name in (memory_kinds.VALUES, memory_kinds.DOWN)]
+  return nnx.All(nnx.Any(nnx.Param, nnx.BatchStat), nnx.Any(nnx.PathContains("memory"), *shared))
 
 
 def build_program(config: ml_collections.ConfigDict, *,
