@@ -205,3 +205,17 @@ def test_plus_init_resm_starts_as_the_dense_model(name, share):
   report = init_from_pretrained(pkm, params, dense.cfg)
   assert {n.split(".")[3] for n in report.dropped} == {"ffn"}
   assert all(".memory" in n or "memory_" in n for n in report.new)
+
+
+@pytest.mark.parametrize("name", ["memory_plus_silu", "peer_relu"])
+def test_bfloat16_compute_stays_close_to_float32(name):
+  cfg = mem_cfg(**KINDS[name])
+  f32 = ProductKeyMemory(D, cfg, rngs=nnx.Rngs(0))
+  bf16 = ProductKeyMemory(D, cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))  # same float32 params
+  x, mask = inputs()
+  want, want_aux = f32(x, mask)
+  got, got_aux = bf16(x.astype(jnp.bfloat16), mask)
+  assert got.dtype == jnp.bfloat16
+  # The query path runs in float32 whatever the compute dtype: the same rows are picked.
+  assert np.mean(np.asarray(got_aux.indices) == np.asarray(want_aux.indices)) > 0.95
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2)
