@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx, traverse_util  # noqa: E402
 
+from pkm_jax import config as config_lib  # noqa: E402
 from pkm_jax import sharding  # noqa: E402
 from pkm_jax.bert import BertForMaskedLM, is_value_table  # noqa: E402
 from pkm_jax.config import MemoryConfig, ModelConfig  # noqa: E402
@@ -219,3 +220,11 @@ def test_bfloat16_compute_stays_close_to_float32(name):
   # The query path runs in float32 whatever the compute dtype: the same rows are picked.
   assert np.mean(np.asarray(got_aux.indices) == np.asarray(want_aux.indices)) > 0.95
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2)
+
+
+def test_model_configs_saved_before_the_kinds_load_as_pkm():
+  saved = config_lib.to_dict(bert_cfg())
+  for key in ("kind", "gate", "share_values", "key_norm", "peer_activation"):
+    del saved["memory"][key]
+  cfg = config_lib.from_dict(saved)
+  assert cfg == bert_cfg() and cfg.memory.kind == "pkm" and cfg.memory.gate == "none"
