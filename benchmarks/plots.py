@@ -45,11 +45,11 @@ def read_events(logdir: str) -> tuple[dict[str, Series], dict[str, list[tuple[in
 # ---------------------------------------------------------------------------------------------
 
 _COLORS = {"a": "#000000", "b": "#7f7f7f", "c": "#1f77b4", "d": "#2ca02c", "e": "#ff7f0e",
-           "f": "#d62728"}
+           "f": "#d62728", "g": "#9467bd", "h": "#8c564b"}
 
 
 def _style(run: dict) -> dict:
-  return dict(color=_COLORS.get(run["key"]), linestyle="--" if run["key"] in "ef" else "-")
+  return dict(color=_COLORS.get(run["key"]), linestyle="--" if run["key"] in "efgh" else "-")
 
 
 def plot_loss_curves(runs: Sequence[dict], path: str) -> None:

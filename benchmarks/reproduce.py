@@ -93,6 +93,7 @@ class Variant:
   label: str
   mode: str  # memory.mode
   init: bool  # start from (a)'s final weights, train the extra steps
+  memory: tuple = ()  # (memory key, value) pairs of another memory kind, n_keys matched to (f)
 
 
 VARIANTS = (
@@ -102,7 +103,37 @@ VARIANTS = (
     Variant("d", "(d) +ResM", "residual", False),
     Variant("e", "(e) +Init +PKM", "replace", True),
     Variant("f", "(f) +Init +ResM", "residual", True),
+    Variant("g", "(g) +Init Memory+ shared", "residual", True,
+            (("kind", "memory_plus"), ("gate", "silu"), ("share_values", True))),
+    Variant("h", "(h) +Init PEER", "residual", True, (("kind", "peer"),)),
 )
+
+
+def count_params(config: ml_collections.ConfigDict) -> int:
+  """Parameters of the MLM model `config` builds (shapes only, nothing allocated)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from pkm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from pkm_jax.bert import BertForMaskedLM  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.model_config(config, vocab_size=config.data.vocab_size)
+  model = nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0)))
+  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def matched_n_keys(config: ml_collections.ConfigDict, memory: dict, target: int) -> int:
+  """n_keys (>= memory.k) whose model with `memory`'s fields has the parameter count nearest to
+  `target`: PEER holds two tables per layer (n_keys / sqrt 2), a shared table one for all."""
+  rows_per_table = config.memory.n_keys**2 * len(config.memory.layers)
+  tables = (2 if memory.get("kind") == "peer" else 1) * (
+      1 if memory.get("share_values") else len(config.memory.layers))
+  guess = round((rows_per_table / tables) ** 0.5)
+
+  def gap(n):
+    cfg = config.copy_and_resolve_references()
+    cfg.memory.update(n_keys=n, **memory)
+    return abs(count_params(cfg) - target)
+
+  return min(range(max(config.memory.k, guess - 3), guess + 4), key=gap)
 
 
 def finetune_settings(quick: bool) -> dict[str, Any]:
@@ -382,6 +413,9 @@ def run(config: ml_collections.ConfigDict, out: str, *, steps: int, extra_steps:
     workdir = os.path.join(out, "runs", v.key)
     cfg = config.copy_and_resolve_references()
     cfg.memory.mode = v.mode
+    if v.memory:
+      memory = dict(v.memory)
+      cfg.memory.update(n_keys=matched_n_keys(cfg, memory, count_params(cfg)), **memory)
     cfg.train.steps = extra_steps if v.init else steps
     if v.init:
       cfg.init.pretrained = os.path.join(out, "runs", "a")
@@ -394,6 +428,7 @@ def run(config: ml_collections.ConfigDict, out: str, *, steps: int, extra_steps:
     result, usage = evaluate_with_counts(cfg, workdir)
     timings[f"eval_{v.key}"] = time.perf_counter() - t0
     row = {"key": v.key, "label": label, "mode": v.mode, "init": v.init,
+           "kind": cfg.memory.kind, "n_keys": cfg.memory.n_keys,
            "steps": cfg.train.steps, "total_steps": cfg.train.steps + (steps if v.init else 0),
            "workdir": os.path.relpath(workdir, out), **result}
     if usage:
@@ -426,7 +461,7 @@ def run(config: ml_collections.ConfigDict, out: str, *, steps: int, extra_steps:
 
   t0 = time.perf_counter()
   plots.plot_loss_curves(curves, os.path.join(out, "loss_curves.png"))
-  plots.plot_memory_usage([c for c in curves if c["key"] in "cdef"], layers,
+  plots.plot_memory_usage([c for c in curves if c["key"] in "cdefgh"], layers,
                           os.path.join(out, "memory_usage.png"))
   plots.plot_usage_maps(usage_maps, os.path.join(out, "usage_maps.png"))
   timings["plots"] = time.perf_counter() - t0
@@ -445,6 +480,11 @@ def run(config: ml_collections.ConfigDict, out: str, *, steps: int, extra_steps:
   md = [f"# Kim & Jung (2020) at laptop scale: S = {steps}, E = {extra_steps} steps", "",
         table, "", "Paper's orderings on these numbers (KL: mean over memory layers):", ""]
   md += [f"- [{'x' if c['holds'] else ' '}] {c['claim']}" for c in claims]
+  md += ["", "(g) Memory+ (gated, one shared value table) and (h) PEER (single-neuron experts) "
+         "continue (a) as (f) does, with n_keys chosen for (f)'s parameter count. One seed at "
+         "this scale: a difference in the table is a measurement of this run, not evidence "
+         "that one kind is better; what it does show is that each kind trains, converts (+Init) "
+         "and fine-tunes through the same commands."]
   md += ["", "Plots: loss_curves.png, memory_usage.png, usage_maps.png", ""]
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(md))

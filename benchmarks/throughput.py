@@ -1,4 +1,6 @@
-"""Throughput of one BERT without memory, with PKM (FFN replaced) and with ResM (memory beside FFN).
+"""Throughput of one BERT without memory, with PKM (FFN replaced) and with ResM (memory beside FFN),
+and of the later memory kinds in the ResM placement: Memory+ (SiLU gate, one value table shared
+by the memory layers) and PEER (a down and an up table of single-neuron experts).
 
 The paper's speed table (Kim & Jung 2020, BERT-base, inference batch/s): base 79.8, +PKM 61.4
 (0.77x), +ResM 59.3 (0.74x). This measures the same three variants of one model, in sequences/s:
@@ -37,8 +39,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a
 from pkm_jax.bert import BertForMaskedLM  # noqa: E402
 from pkm_jax.config import MemoryConfig, ModelConfig  # noqa: E402
 
-MODES = (("BERT", "none"), ("+PKM", "replace"), ("+ResM", "residual"))
-PAPER_INFERENCE_RATIO = {"none": 1.0, "replace": 61.4 / 79.8, "residual": 59.3 / 79.8}
+# (row name, memory mode, memory kind fields: pkm_jax/memory_kinds.py)
+MODES = (("BERT", "none", {}), ("+PKM", "replace", {}), ("+ResM", "residual", {}),
+         ("+ResM Memory+ shared", "residual",
+          dict(kind="memory_plus", gate="silu", share_values=True)),
+         ("+ResM PEER", "residual", dict(kind="peer")))
+PAPER_INFERENCE_RATIO = {"BERT": 1.0, "+PKM": 61.4 / 79.8, "+ResM": 59.3 / 79.8}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,14 +87,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def model_config(args: argparse.Namespace, mode: str) -> ModelConfig:
+def model_config(args: argparse.Namespace, mode: str, kind: dict | None = None) -> ModelConfig:
   return ModelConfig(
       vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
       num_heads=args.heads, intermediate_size=args.intermediate,
       max_position_embeddings=max(512, args.seq), memory_mode=mode,
       memory_layers=args.memory_layers if mode != "none" else (),
       memory=MemoryConfig(n_keys=args.n_keys, heads=args.mem_heads, k=args.k,
-                          k_dim=args.k_dim, v_dim=args.hidden),
+                          k_dim=args.k_dim, v_dim=args.hidden, **(kind or {})),
       dtype=args.dtype)
 
 
@@ -162,18 +168,26 @@ def count_params(model: nnx.Module) -> int:
   return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def count_memory_params(model: nnx.Module) -> int:
+  """Parameters of the memory layers and of the tables they share (path contains 'memory')."""
+  flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+  return sum(math.prod(x.shape) for path, x in flat if "memory" in jax.tree_util.keystr(path))
+
+
 def markdown_table(results: list[dict]) -> str:
-  rows = ["| model | params | inference seq/s | train seq/s | inference ratio | train ratio "
-          "| paper inference ratio |",
-          "|---|---:|---:|---:|---:|---:|---:|"]
+  rows = ["| model | params | memory params | inference seq/s | train seq/s | inference ratio "
+          "| train ratio | paper inference ratio |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|"]
   base = results[0]
   for r in results:
+    paper = PAPER_INFERENCE_RATIO.get(r["model"])
     rows.append(
-        f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['inference_seq_per_s']:.1f} "
+        f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['memory_params'] / 1e6:.2f}M "
+        f"| {r['inference_seq_per_s']:.1f} "
         f"| {r['train_seq_per_s']:.1f} "
         f"| {r['inference_seq_per_s'] / base['inference_seq_per_s']:.3f} "
         f"| {r['train_seq_per_s'] / base['train_seq_per_s']:.3f} "
-        f"| {PAPER_INFERENCE_RATIO[r['mode']]:.3f} |")
+        f"| {'-' if paper is None else f'{paper:.3f}'} |")
   return "\n".join(rows)
 
 
@@ -181,14 +195,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
   args = parse_args(argv)
   batch = random_batch(args)
   results = []
-  for name, mode in MODES:
-    cfg = model_config(args, mode)
+  for name, mode, kind in MODES:
+    cfg = model_config(args, mode, kind)
     model = BertForMaskedLM(cfg, rngs=nnx.Rngs(args.seed))
-    params = count_params(model)
+    params, memory_params = count_params(model), count_memory_params(model)
     infer_s = inference_seconds(model, batch, args)
     train_s = train_seconds(model, batch, args)  # donates the model's arrays: measured last
     del model
-    results.append(dict(model=name, mode=mode, params=params,
+    results.append(dict(model=name, mode=mode, kind=kind, params=params,
+                        memory_params=memory_params,
                         inference_step_s=infer_s, train_step_s=train_s,
                         inference_seq_per_s=args.batch / infer_s,
                         train_seq_per_s=args.batch / train_s))

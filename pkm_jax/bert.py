@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pkm_jax import memory_kinds
 from pkm_jax.config import ModelConfig
 from pkm_jax.memory import ProductKeyMemory
 from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
@@ -118,7 +119,7 @@ class EncoderLayer(nnx.Module):
     self.output_norm = _layer_norm(cfg, rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout)
 
-  def __call__(self, x_BxTxD, mask_BxT, *, rngs=None, value_probe=None
+  def __call__(self, x_BxTxD, mask_BxT, *, rngs=None, value_probe=None, tables=None
                ) -> tuple[jax.Array, MemoryAux | None]:
     det = rngs is None
     dtype = x_BxTxD.dtype
@@ -130,7 +131,8 @@ class EncoderLayer(nnx.Module):
       update += self.dropout(self.ffn(a_BxTxD), deterministic=det, rngs=rngs)
     aux = None
     if self.memory is not None:
-      mem, aux = self.memory(a_BxTxD, mask_BxT, rngs=rngs, value_probe=value_probe)
+      mem, aux = self.memory(a_BxTxD, mask_BxT, rngs=rngs, value_probe=value_probe,
+                             tables=tables)
       update += mem
     return self.output_norm(a_BxTxD + update).astype(dtype), aux
 
@@ -143,8 +145,8 @@ class Pooler(nnx.Module):
     return jnp.tanh(self.dense(h_BxTxD[:, 0]))
 
 
-def _call_layer(layer: EncoderLayer, h_BxTxD, mask_BxT, rngs, probe):
-  return layer(h_BxTxD, mask_BxT, rngs=rngs, value_probe=probe)
+def _call_layer(layer: EncoderLayer, h_BxTxD, mask_BxT, rngs, probe, tables):
+  return layer(h_BxTxD, mask_BxT, rngs=rngs, value_probe=probe, tables=tables)
 
 
 class BertModel(nnx.Module):
@@ -159,6 +161,12 @@ class BertModel(nnx.Module):
     self.embeddings = Embeddings(cfg, rngs=rngs)
     self.layers = nnx.List([EncoderLayer(cfg, i, rngs=rngs, placement=placement)
                             for i in range(cfg.num_layers)])
+    if cfg.memory.share_values and cfg.memory_layers:
+      # One table for all memory layers (memory_values, and memory_down for peer): read by each,
+      # so its gradient is the sum of theirs.
+      for name, table in memory_kinds.make_tables(cfg.memory, cfg.hidden_size,
+                                                  jnp.dtype(cfg.param_dtype), rngs).items():
+        setattr(self, memory_kinds.SHARED_PREFIX + name, table)
     self.pooler = Pooler(cfg, rngs=rngs) if cfg.use_pooler else None
 
   def __call__(self, input_ids_BxT, attention_mask_BxT, token_type_ids_BxT=None, *, rngs=None,
@@ -172,9 +180,15 @@ class BertModel(nnx.Module):
     call = _call_layer
     if self.cfg.remat:  # activations of each layer are recomputed in the backward pass
       call = nnx.remat(_call_layer)
+    tables = None
+    if self.cfg.memory.share_values and self.cfg.memory_layers:
+      tables = {name: getattr(self, memory_kinds.SHARED_PREFIX + name)[...]
+                for name in memory_kinds.table_names(self.cfg.memory)}
+      if value_probes:  # sparse updates: the step builds the tables' row gradients
+        tables = jax.lax.stop_gradient(tables)
     for i, layer in enumerate(self.layers):
       probe = value_probes.get(i) if value_probes else None
-      h_BxTxD, layer_aux = call(layer, h_BxTxD, attention_mask_BxT, rngs, probe)
+      h_BxTxD, layer_aux = call(layer, h_BxTxD, attention_mask_BxT, rngs, probe, tables)
       if layer_aux is not None:
         aux[i] = layer_aux
     return h_BxTxD, aux
@@ -195,16 +209,46 @@ class MLMHead(nnx.Module):
     return logits_BxTxV.astype(jnp.float32) + self.bias[...]
 
 
+_TABLES = (memory_kinds.VALUES, memory_kinds.DOWN)
+
+
 def is_value_table(names: Sequence[str]) -> bool:
-  """Whether a parameter path (e.g. ('bert', 'layers', '3', 'memory', 'values')) names a memory
-  value table: what the value optimizer trains and sparse updates touch row by row."""
-  return list(names[-2:]) == ["memory", "values"]
+  """Whether a parameter path (e.g. ('bert', 'layers', '3', 'memory', 'values'), or a shared
+  ('bert', 'memory_values')) names a memory row table -- values, or PEER's down vectors: what the
+  value optimizer trains and sparse updates touch row by row."""
+  names = [str(n) for n in names]
+  return ((len(names) >= 2 and names[-2] == "memory" and names[-1] in _TABLES)
+          or (bool(names) and names[-1] in [memory_kinds.SHARED_PREFIX + t for t in _TABLES]))
+
+
+def row_tables(cfg: ModelConfig) -> dict[str, tuple[tuple[str | int, ...], str, tuple[int, ...]]]:
+  """Every memory row table: key (a layer's value table keeps the key str(layer) it always had)
+  -> (path in a param State under its root module, table name, the layers that read it)."""
+  out = {}
+  for name in memory_kinds.table_names(cfg.memory):
+    if cfg.memory.share_values and cfg.memory_layers:
+      out[memory_kinds.SHARED_PREFIX + name] = (
+          ("bert", memory_kinds.SHARED_PREFIX + name), name, tuple(cfg.memory_layers))
+      continue
+    for layer in cfg.memory_layers:
+      key = str(layer) if name == memory_kinds.VALUES else f"{layer}.{name}"
+      out[key] = (("bert", "layers", layer, "memory", name), name, (layer,))
+  return out
+
+
+def state_at(params: nnx.State, path: tuple[str | int, ...]) -> nnx.Variable:
+  """params[path[0]][path[1]]..."""
+  for p in path:
+    params = params[p]
+  return params
 
 
 def value_table(params: nnx.State, layer: int) -> nnx.Variable:
-  """The value table of encoder layer `layer` in a param State of BertForMaskedLM or of a task
-  head (both keep the encoder under 'bert')."""
-  return params["bert"]["layers"][layer]["memory"]["values"]
+  """The value table encoder layer `layer` reads (its own or the shared one) in a param State of
+  BertForMaskedLM or of a task head (both keep the encoder under 'bert')."""
+  bert = params["bert"]
+  shared = memory_kinds.SHARED_PREFIX + memory_kinds.VALUES
+  return bert[shared] if shared in bert else bert["layers"][layer]["memory"]["values"]
 
 
 class BertForMaskedLM(nnx.Module):

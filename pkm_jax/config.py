@@ -17,6 +17,9 @@ from pkm_jax import sharding
 
 MEMORY_MODES = ("none", "replace", "residual")
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
+MEMORY_KINDS = ("pkm", "memory_plus", "peer")  # pkm_jax.memory_kinds says what each computes
+GATES = ("none", "silu", "sigmoid")
+PEER_ACTIVATIONS = ("relu", "gelu", "silu", "sigmoid", "identity")
 DECAYS = ("linear", "cosine", "constant")
 VALUE_OPTIMIZERS = ("adam", "sparse_adam")
 VALUE_SCHEDULES = ("constant", "network")
@@ -43,6 +46,12 @@ class MemoryConfig:
   query_dropout: float = 0.0
   value_dropout: float = 0.0
   value_zero_init: bool = False  # ResM then starts as exactly the dense model (+Init)
+  # Later members of the family (pkm_jax/memory_kinds.py); the defaults are Lample et al.'s layer.
+  kind: str = "pkm"  # 'memory_plus' (Berges et al. 2024) | 'peer' (He 2024)
+  gate: str = "none"  # memory_plus: out = W_o(sum w v * act(W_g x)), act silu | sigmoid
+  share_values: bool = False  # one table (two for peer) read by every memory layer
+  key_norm: bool = False  # sub-keys L2-normalised before scoring (Memory+'s qk-norm, keys side)
+  peer_activation: str = "relu"  # peer: out = sum w act(u . x) v
 
   @property
   def n_slots(self) -> int:
@@ -127,7 +136,8 @@ def base_config() -> ml_collections.ConfigDict:
       mode="none", layers=(3, 7),  # "4L/8L" of the paper's tables, 0-based
       n_keys=512, heads=4, k=32, k_dim=256, v_dim=0,  # v_dim 0: hidden size
       query_norm="batchnorm", input_dropout=0.0, query_dropout=0.0, value_dropout=0.0,
-      value_zero_init=False))
+      value_zero_init=False, kind="pkm", gate="none", share_values=False, key_norm=False,
+      peer_activation="relu"))
 
   c.data = ml_collections.ConfigDict(dict(
       source="generated", files="", tfds_name="", tfds_split="train",
@@ -351,6 +361,12 @@ def validate_memory(mem: ml_collections.ConfigDict, m: ml_collections.ConfigDict
   """The `memory` group against the model it goes into."""
   check_choice(mem, "memory", "mode", MEMORY_MODES)
   check_choice(mem, "memory", "query_norm", QUERY_NORMS)
+  check_choice(mem, "memory", "kind", MEMORY_KINDS)
+  check_choice(mem, "memory", "gate", GATES)
+  check_choice(mem, "memory", "peer_activation", PEER_ACTIVATIONS)
+  if (mem.kind == "memory_plus") != (mem.gate != "none"):
+    raise ConfigError(f"memory.gate={mem.gate!r} does not go with memory.kind={mem.kind!r}: "
+                      "memory_plus needs gate 'silu' or 'sigmoid', the other kinds 'none'")
   for key in ("n_keys", "heads", "k", "k_dim"):
     check_number(mem, "memory", key, lo=1)
   check_number(mem, "memory", "v_dim", lo=0)
@@ -395,7 +411,9 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
       n_keys=mem.n_keys, heads=mem.heads, k=mem.k, k_dim=mem.k_dim,
       v_dim=mem.v_dim or m.hidden_size, query_norm=mem.query_norm,
       input_dropout=mem.input_dropout, query_dropout=mem.query_dropout,
-      value_dropout=mem.value_dropout, value_zero_init=mem.value_zero_init)
+      value_dropout=mem.value_dropout, value_zero_init=mem.value_zero_init, kind=mem.kind,
+      gate=mem.gate, share_values=bool(mem.share_values), key_norm=bool(mem.key_norm),
+      peer_activation=mem.peer_activation)
   return ModelConfig(
       vocab_size=vocab, hidden_size=m.hidden_size, num_layers=m.num_layers,
       num_heads=m.num_heads, intermediate_size=m.intermediate_size,

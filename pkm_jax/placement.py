@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pkm_jax import memory_kinds
 from pkm_jax import product_keys
 from pkm_jax import sharded_memory
 from pkm_jax import sharding as sharding_lib
@@ -59,6 +60,14 @@ class MemoryPlacement:
                                                     slot_axes=self.slot_axes,
                                                     token_axes=self.token_axes)
     return product_keys.weighted_lookup(values_NxV, indices, weights)
+
+  def row_dots(self, table_NxD: jax.Array, indices: jax.Array, x: jax.Array) -> jax.Array:
+    """`memory_kinds.row_dots` (PEER's u_i . x): table [N, D], picks [B, T, H, k], x [B, T, D]
+    -> [B, T, H, k] float32."""
+    if self.slot_axes:
+      return sharded_memory.sharded_row_dots(table_NxD, indices, x, slot_axes=self.slot_axes,
+                                             token_axes=self.token_axes)
+    return memory_kinds.row_dots(table_NxD, indices, x)
 
   def row_gradients(self, indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *,
                     num_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:

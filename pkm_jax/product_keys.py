@@ -24,6 +24,10 @@ class MemoryAux(NamedTuple):
 
   indices: jax.Array  # [B, T, H, K] int32 slot ids, best first
   weights: jax.Array  # [B, T, H, K] softmax weights
+  # peer (pkm_jax.memory_kinds): what each value row is weighted by, w * act(u . x), and the
+  # layer's input x [B, T, D] -- what sparse updates of the two tables need. None otherwise.
+  row_weights: jax.Array | None = None
+  inputs: jax.Array | None = None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

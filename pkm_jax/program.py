@@ -17,11 +17,12 @@ import ml_collections
 from flax import nnx
 
 from pkm_jax import checkpoint as ckpt_lib
+from pkm_jax import memory_kinds
 from pkm_jax import optim as optim_lib
 from pkm_jax import sharding as sharding_lib
 from pkm_jax.config import ConfigError
 from pkm_jax.placement import MemoryPlacement
-from pkm_jax.bert import value_table
+from pkm_jax.bert import row_tables, state_at
 from pkm_jax.steps import LossFn, TrainState, make_train_step
 
 
@@ -56,7 +57,9 @@ def frozen_filter(freeze_memory: bool) -> nnx.filterlib.Filter:
   """What stays fixed: every memory parameter and statistic under freeze_memory, else nothing."""
   if not freeze_memory:
     return nnx.Nothing
-  return nnx.All(nnx.Any(nnx.Param, nnx.BatchStat), nnx.PathContains("memory"))
+  shared = [nnx.PathContains(memory_kinds.SHARED_PREFIX + name)  # tables on the BERT model
+            for name in (memory_kinds.VALUES, memory_kinds.DOWN)]
+  return nnx.All(nnx.Any(nnx.Param, nnx.BatchStat), nnx.Any(nnx.PathContains("memory"), *shared))
 
 
 def build_program(config: ml_collections.ConfigDict, *,
@@ -87,15 +90,15 @@ def build_program(config: ml_collections.ConfigDict, *,
   abstract_model = nnx.eval_shape(lambda: make_model(placement))
   cfg = abstract_model.cfg
   graphdef = split(abstract_model)[0]
-  sparse_layers = tuple(cfg.memory_layers) if optimizers.sparse is not None else ()
+  sparse_tables = row_tables(cfg) if optimizers.sparse is not None else {}
 
   def init_state(source=None) -> TrainState:
     model = make_model(placement)
     if source is not None:  # pretrained weights replace the random ones
       init_reports.append(init_from(model, source))
     _, frozen, params, model_state = split(model)
-    sparse = {str(layer): optimizers.sparse.init(value_table(params, layer).get_value())
-              for layer in sparse_layers}
+    sparse = {key: optimizers.sparse.init(state_at(params, path).get_value())
+              for key, (path, _, _) in sparse_tables.items()}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=optimizers.tx.init(params), sparse_opt_state=sparse,
                       frozen=frozen)
@@ -104,14 +107,13 @@ def build_program(config: ml_collections.ConfigDict, *,
   state_sharding = sharding_lib.state_shardings(abstract_state, mesh, rules)
   # Sparse Adam's moments are plain arrays: split their rows like the table's.
   state_sharding.sparse_opt_state = {
-      str(layer): sharding_lib.row_state_shardings(
-          abstract_state.sparse_opt_state[str(layer)],
-          value_table(state_sharding.params, layer).get_value(), cfg.memory.n_slots)
-      for layer in sparse_layers}
+      key: sharding_lib.row_state_shardings(
+          abstract_state.sparse_opt_state[key],
+          state_at(state_sharding.params, path).get_value(), cfg.memory.n_slots)
+      for key, (path, _, _) in sparse_tables.items()}
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   step = make_train_step(graphdef, loss_fn, optimizers, seed=config.seed, placement=placement,
-                         sparse_layers=sparse_layers, n_slots=cfg.memory.n_slots,
-                         v_dim=cfg.memory.v_dim, grad_accum_steps=accum,
+                         sparse_tables=sparse_tables, memory=cfg.memory, grad_accum_steps=accum,
                          model_state_filter=nnx.All(nnx.BatchStat, nnx.Not(freeze)))
   train_step = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, None, None), donate_argnums=(0,))

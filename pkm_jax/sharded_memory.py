@@ -229,6 +229,88 @@ def sharded_weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: 
   return lookup(values_NxV, idx_BxSxP, w_BxSxP).reshape(*lead, v)
 
 
+def _local_row_dots(table_nxD, lidx_MxP, x_MxD, chunk):
+  """table[lidx] . x per pick (rows outside the block read zeros) -> [M, P] float32."""
+  def dots(_, idx_Mxc):
+    rows = jnp.take(table_nxD, idx_Mxc, axis=0, mode="fill", fill_value=0)
+    return None, jnp.einsum("mcd,md->mc", rows, x_MxD.astype(rows.dtype),
+                            preferred_element_type=jnp.float32)
+
+  _, s_CxMxc = jax.lax.scan(dots, None, chunks.to_chunks(lidx_MxP, chunk, table_nxD.shape[0]))
+  return chunks.from_chunks(s_CxMxc, lidx_MxP.shape[1])
+
+
+def sharded_row_dots(table_NxD: jax.Array, indices: jax.Array, x: jax.Array, *,
+                     slot_axes: Sequence[str] = (MODEL,), token_axes: Sequence[str] = (DATA,)
+                     ) -> jax.Array:
+  """`memory_kinds.row_dots` (PEER's expert scores u_i . x) with the table's rows split over
+  `slot_axes`: table [N, D], indices [B, ..., H, K], x [B, ..., D] (B split over token_axes) ->
+  [B, ..., H, K] float32. As the lookup: each block dots its own picked rows and the partial
+  [tokens, picks] scores are summed over the blocks; its backward is the lookup (d x) and each
+  block's own scatter-add (d table)."""
+  slot_axes, token_axes = tuple(slot_axes), tuple(token_axes)
+  mesh = _context_mesh(slot_axes, token_axes, "sharded_row_dots")
+  n, d = table_NxD.shape
+  _check_row_split(n, slot_axes, mesh, "sharded_row_dots")
+  slot_axes, token_axes = _real_axes(slot_axes, mesh), _real_axes(token_axes, mesh)
+  b, lead, picks = indices.shape[0], indices.shape[:-2], indices.shape[-2] * indices.shape[-1]
+  idx_BxSxP = indices.reshape(b, -1, picks).astype(jnp.int32)
+  x_BxSxD = x.reshape(b, -1, d)
+  gathered = tuple(a for a in token_axes if a in slot_axes)
+  reduced = tuple(a for a in slot_axes if a not in token_axes)
+  table_copies = tuple(a for a in token_axes if a not in slot_axes)
+  seen = b // math.prod(mesh.shape[a] for a in token_axes) * math.prod(
+      mesh.shape[a] for a in gathered)
+  chunk = chunks.pick_chunk(picks, seen * idx_BxSxP.shape[1] * d * 4)
+  table_spec, token_spec = P(_axes_entry(slot_axes), None), P(_axes_entry(token_axes))
+
+  def gather_tokens(*xs):
+    return [jax.lax.all_gather(v, gathered, axis=0, tiled=True) if gathered else v for v in xs]
+
+  def combine(partial):
+    if gathered:
+      partial = jax.lax.psum_scatter(partial, gathered, scatter_dimension=0, tiled=True)
+    return jax.lax.psum(partial, reduced) if reduced else partial
+
+  def local(table, idx, x):
+    idx, x = gather_tokens(idx, x)
+    bb, s, p = idx.shape
+    return bb, s, _to_local_rows(idx.reshape(bb * s, p), table.shape[0], slot_axes), x
+
+  def fwd_local(table, idx, x):
+    bb, s, lidx, x = local(table, idx, x)
+    return combine(_local_row_dots(table, lidx, x.reshape(bb * s, d), chunk).reshape(bb, s, -1))
+
+  def bwd_local(table, idx, x, g_s):
+    bb, s, lidx, x = local(table, idx, x)
+    (g_s,) = gather_tokens(g_s)
+    g_table, _ = _local_lookup_grads(table, lidx, g_s.reshape(bb * s, -1).astype(jnp.float32),
+                                     x.reshape(bb * s, d), chunk)
+    if table_copies:
+      g_table = jax.lax.psum(g_table, table_copies)
+    g_x = _local_lookup(table, lidx, g_s.reshape(bb * s, -1), chunk)
+    return g_table, combine(g_x.reshape(bb, s, d)).astype(x.dtype)
+
+  fwd_sm = jax.shard_map(fwd_local, in_specs=(table_spec, token_spec, token_spec),
+                         out_specs=token_spec)
+  bwd_sm = jax.shard_map(bwd_local, in_specs=(table_spec, token_spec, token_spec, token_spec),
+                         out_specs=(table_spec, token_spec))
+
+  @jax.custom_vjp
+  def dots(table, idx, x):
+    return fwd_sm(table, idx, x)
+
+  def dots_fwd(table, idx, x):
+    return fwd_sm(table, idx, x), (table, idx, x)
+
+  def dots_bwd(res, g):
+    g_table, g_x = bwd_sm(*res, g)
+    return g_table, None, g_x
+
+  dots.defvjp(dots_fwd, dots_bwd)
+  return dots(table_NxD, idx_BxSxP, x_BxSxD).reshape(*lead, *indices.shape[-2:])
+
+
 # ---------------------------------------------------------------------------------------------
 # Sharded sparse optimizer step
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ import optax
 from flax import nnx
 
 from pkm_jax import metrics as metrics_lib
-from pkm_jax.bert import value_table
+from pkm_jax.bert import state_at
+from pkm_jax.config import MemoryConfig
+from pkm_jax.memory_kinds import DOWN
 from pkm_jax.optim import Optimizers
 from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
 from pkm_jax.product_keys import MemoryAux
@@ -56,24 +58,29 @@ def mlm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimizers, *,
                     seed: int, placement: MemoryPlacement = SINGLE_DEVICE,
-                    sparse_layers: tuple[int, ...] = (), n_slots: int = 0, v_dim: int = 0,
+                    sparse_tables: dict | None = None, memory: MemoryConfig | None = None,
                     grad_accum_steps: int = 1,
                     model_state_filter: nnx.filterlib.Filter = nnx.BatchStat) -> Callable:
   """(TrainState, batch) -> (TrainState, metrics, {layer: MemoryAux}); pure, jit it once.
 
   `optimizers.tx` updates the params from their dense gradients, `optimizers.sparse` (with
-  `sparse_layers`: the memory layers, [n_slots, v_dim] tables) the value tables from the
-  gradients of their picked rows; with grad_clip > 0 both are first clipped by their joint global
-  norm. `model_state_filter` selects the statistics the step updates (frozen ones stay).
+  `sparse_tables`: `bert.row_tables(cfg)`, and `memory`: the memory config) the row tables from
+  the gradients of their picked rows; with grad_clip > 0 both are first clipped by their joint
+  global norm. `model_state_filter` selects the statistics the step updates (frozen ones stay).
   """
   base_key = jax.random.key(seed)
   tx, sparse_tx, schedule = optimizers.tx, optimizers.sparse, optimizers.schedule
-  layers = sparse_layers if sparse_tx is not None else ()
+  tables = sparse_tables if sparse_tx is not None else {}
+  layers = sorted({layer for _, _, readers in tables.values() for layer in readers})
+  peer = memory is not None and memory.kind == "peer"
 
   def micro_grads(params, model_state, frozen, batch, key):
     """One micro-batch: (grads, probe grads, sums, aux, new model_state)."""
     b, t = batch["input_ids"].shape
-    probes = {layer: jnp.zeros((b, t, v_dim), jnp.float32) for layer in layers}
+    probe = lambda *shape: jnp.zeros((b, t, *shape), jnp.float32)  # noqa: E731
+    # PEER: a second probe on the expert scores u . x gives the down table's row gradients.
+    probes = {layer: (probe(memory.v_dim), probe(memory.heads, memory.k)) if peer
+              else probe(memory.v_dim) for layer in layers}
 
     def loss_sum(params, probes):
       model = nnx.merge(graphdef, params, frozen, model_state, copy=True)
@@ -117,29 +124,45 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimiz
     # Sparse path: the gradients of the picked rows of every table (built inside each row block
     # when the table is split). They join the global norm the dense gradients are clipped by.
     rows, rows_sq_norm = {}, jnp.zeros((), jnp.float32)
-    for layer in layers:
+    n_slots = memory.n_slots if memory is not None else 0
+    for key, (_, name, readers) in tables.items():
       # Padding tokens' picks become padding rows: a row read only by padding is not touched.
       real = batch["attention_mask"][..., None, None] > 0
-      picks = jnp.where(real, aux[layer].indices, n_slots)
+      # d table[r] = sum over the picks of r of weight * d out. Values: weight = what the row
+      # was weighted by, d out = the value probe's gradient; PEER's down table: weight = d loss
+      # / d (u . x) (the score probe's gradient), d out = the layer input x. A shared table's
+      # picks from every layer are joined along the token axis: one coalesced gradient.
+      parts = []
+      for layer in readers:
+        a = aux[layer]
+        g = probe_grads[layer]
+        if name == DOWN:
+          parts.append((a.indices, g[1] / count, a.inputs))
+        else:
+          w = a.weights if a.row_weights is None else a.row_weights
+          parts.append((a.indices, w, (g[0] if peer else g) / count))
+      picks, weights, grad_out = (jnp.concatenate(x, axis=1) for x in zip(*parts))
+      picks = jnp.where(jnp.concatenate([real] * len(readers), axis=1), picks, n_slots)
       row_ids, row_grads, sq_norm = placement.row_gradients(
-          picks, aux[layer].weights, probe_grads[layer] / count, num_rows=n_slots)
-      rows[layer] = (row_ids, row_grads)
+          picks, weights, grad_out.astype(jnp.float32), num_rows=n_slots)
+      rows[key] = (row_ids, row_grads)
       rows_sq_norm = rows_sq_norm + sq_norm
     grad_norm = jnp.sqrt(jnp.square(optax.tree.norm(grads)) + rows_sq_norm)
     if optimizers.grad_clip > 0:
       # As optax.clip_by_global_norm, over dense and row-sparse gradients together.
       scale = jnp.where(grad_norm < optimizers.grad_clip, 1.0, optimizers.grad_clip / grad_norm)
       grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
-      rows = {layer: (ids, (g * scale).astype(g.dtype)) for layer, (ids, g) in rows.items()}
+      rows = {key: (ids, (g * scale).astype(g.dtype)) for key, (ids, g) in rows.items()}
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     sparse_opt_state = dict(state.sparse_opt_state)
-    for layer, (row_ids, row_grads) in rows.items():
-      table = value_table(params, layer)
-      new_table, sparse_opt_state[str(layer)] = placement.row_update(
-          sparse_tx, row_ids, row_grads, state.sparse_opt_state[str(layer)], table.get_value())
-      params["bert"]["layers"][layer]["memory"]["values"] = table.replace(new_table)  # in place
+    for key, (row_ids, row_grads) in rows.items():
+      path = tables[key][0]
+      table = state_at(params, path)
+      new_table, sparse_opt_state[key] = placement.row_update(
+          sparse_tx, row_ids, row_grads, state.sparse_opt_state[key], table.get_value())
+      state_at(params, path[:-1])[path[-1]] = table.replace(new_table)  # in place
 
     loss, lr = sums["loss"] / count, schedule(state.step)
     metrics = {name: total / count for name, total in sums.items() if name != "count"}

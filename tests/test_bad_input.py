@@ -249,6 +249,9 @@ PRETRAINING_BAD = {
     "memory.input_dropout": [1.0],
     "memory.query_dropout": [-0.5],
     "memory.value_dropout": [float("inf")],
+    "memory.kind": ["moe", "memory_plus"],  # memory_plus with the default gate 'none'
+    "memory.gate": ["relu", "silu"],  # a gate on the default kind 'pkm'
+    "memory.peer_activation": ["tanh2"],
     "data.source": ["web"],
     "data.vocab_size": [0, 5],
     "data.max_len": [2, 0, 1000],
@@ -298,6 +301,7 @@ PRETRAINING_COMBOS = [
 FREE = {
     "model.use_pooler": "a bool (the flag parser refuses other types)",
     "model.remat": "a bool", "memory.value_zero_init": "a bool", "data.lowercase": "a bool",
+    "memory.share_values": "a bool", "memory.key_norm": "a bool",
     "optim.freeze_memory": "a bool (checked with values_optimizer: PRETRAINING_COMBOS)",
     "data.files": "opened by the data loader (FileNotFoundError naming the pattern)",
     "data.tfds_name": "opened by tfds (ValueError naming the dataset)",

@@ -23,8 +23,8 @@ import reproduce  # noqa: E402
 
 QUICK = reproduce.get_config("quick")
 S, E = QUICK.train.steps, QUICK.train.steps // 2
-KEYS = "abcdef"
-MEMORY_KEYS = "cdef"
+KEYS = "abcdefgh"
+MEMORY_KEYS = "cdefgh"
 
 
 def _env():
@@ -71,8 +71,8 @@ def test_json_values_are_sane(report):
   variants = report["variants"]
   assert sorted(variants) == list(KEYS) and (report["steps"], report["extra_steps"]) == (S, E)
   for key, v in variants.items():
-    assert v["steps"] == (E if key in "bef" else S)
-    assert v["total_steps"] == (S + E if key in "bef" else S)
+    assert v["steps"] == (E if key in "befgh" else S)
+    assert v["total_steps"] == (S + E if key in "befgh" else S)
     assert math.isfinite(v["mlm_perplexity"]) and v["mlm_perplexity"] > 1
     assert math.isclose(v["mlm_perplexity"], math.exp(v["mlm_loss"]), rel_tol=1e-9)
     assert 0 <= v["mlm_accuracy"] <= 1 and 0 <= v["downstream"]["accuracy"] <= 1
@@ -91,13 +91,17 @@ def test_json_values_are_sane(report):
   memory = (n_keys**2 * h + heads * 2 * n_keys * (k_dim // 2)  # values, sub-keys
             + h * heads * k_dim + heads * k_dim + 2 * heads * k_dim)  # query net + BatchNorm
   assert p["d"] - p["a"] == 2 * memory
+  # (g) Memory+ and (h) PEER: n_keys chosen for (f)'s count, within a few percent at tiny sizes.
+  assert [variants[k]["kind"] for k in "fgh"] == ["pkm", "memory_plus", "peer"]
+  for key in "gh":
+    assert variants[key]["n_keys"] != n_keys and abs(p[key] / p["f"] - 1) < 0.05
   assert [c["claim"] for c in report["claims"]] and all(
       isinstance(c["holds"], bool) for c in report["claims"])
 
 
 def test_memory_metrics_match_scipy_on_the_saved_counts(out, report):
-  n = QUICK.memory.n_keys**2
   for key in MEMORY_KEYS:
+    n = report["variants"][key]["n_keys"]**2
     saved = np.load(os.path.join(out, "usage", f"{key}.npz"))
     for layer, stats in report["variants"][key]["memory"].items():
       counts, weights, top1 = (saved[f"layer{layer}_{x}"] for x in ("counts", "weights", "top1"))
@@ -128,8 +132,8 @@ def test_final_eval_in_tensorboard_matches_the_restored_checkpoint(out, report):
 
 def test_live_memory_monitoring_in_event_files(out, report):
   every = QUICK.train.memory_stats_every
-  n_keys = QUICK.memory.n_keys
   for key, v in report["variants"].items():
+    n_keys = v.get("n_keys")
     scalars, images = plots.read_events(os.path.join(out, "runs", key, "tensorboard"))
     assert "train/loss" in scalars
     if key in "ab":

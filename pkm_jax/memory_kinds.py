@@ -1,0 +1,93 @@
+"""The product-key memory family: what each `memory.kind` computes from the same search.
+
+With picks i (slot ids from the product-key search, per head) and softmax weights w_i:
+  pkm          out = sum_i w_i v_i                                (Lample et al. 2019)
+  memory_plus  out = W_o((sum_i w_i v_i) * act(W_g x)), act silu | sigmoid
+                                                                  (Berges et al. 2024, Memory+)
+  peer         out = sum_i w_i act(u_i . x) v_i                   (He 2024, PEER)
+Sums run over heads and picks. PEER's slot i is a tiny expert: a down vector u_i [D] (the
+"down" table) and an up vector v_i [V] (the value table), both [N, .] row tables read only at
+the picks. `memory.share_values` keeps one value table (and one down table) on the BERT model
+that every memory layer reads; each layer keeps its own query network and keys.
+
+PEER's expert scores are `row_dots`, the lookup's dual: sum_d table[idx, d] * x[d]. Its
+gradient is a lookup (into x) and a scatter into the picked rows, so the sparse value updates
+apply to the down table exactly as to the values (`steps.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pkm_jax import chunks
+from pkm_jax.config import MemoryConfig
+
+VALUES, DOWN = "values", "down"  # row-table names, in a layer and (prefixed) on the BERT model
+SHARED_PREFIX = "memory_"  # shared tables live on BertModel as memory_values, memory_down
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu, "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid, "identity": lambda x: x,
+}
+
+
+def table_names(cfg: MemoryConfig) -> tuple[str, ...]:
+  """The row tables a memory layer of this kind reads: ('values',) or ('values', 'down')."""
+  return (VALUES, DOWN) if cfg.kind == "peer" else (VALUES,)
+
+
+def make_tables(cfg: MemoryConfig, d_in: int, param_dtype, rngs: nnx.Rngs
+                ) -> dict[str, nnx.Param]:
+  """Fresh row tables for `cfg`: values [N, V] (zeros with value_zero_init, so ResM starts as
+  the dense model) and, for peer, down [N, d_in] scaled so that u . x is ~unit for a
+  layer-normed x."""
+  value_init = (nnx.initializers.zeros if cfg.value_zero_init
+                else nnx.initializers.normal(stddev=cfg.v_dim**-0.5))
+  tables = {VALUES: nnx.Param(value_init(rngs.params(), (cfg.n_slots, cfg.v_dim), param_dtype),
+                              logical_axes=("slots", "value_embed"))}
+  if cfg.kind == "peer":
+    down = nnx.initializers.normal(stddev=d_in**-0.5)(rngs.params(), (cfg.n_slots, d_in),
+                                                       param_dtype)
+    tables[DOWN] = nnx.Param(down, logical_axes=("slots", "value_embed"))
+  return tables
+
+
+def row_dots(table_NxD: jax.Array, indices: jax.Array, x: jax.Array) -> jax.Array:
+  """table[indices] . x per pick: table [N, D], indices [..., H, K], x [..., D] -> [..., H, K]
+  float32. Scans pick chunks (`pkm_jax.chunks`) so [tokens, picks, D] is never built."""
+  *lead, h, k = indices.shape
+  idx_MxP = indices.reshape(-1, h * k)
+  x_MxD = x.reshape(-1, x.shape[-1])
+  chunk = chunks.pick_chunk(h * k, idx_MxP.shape[0] * table_NxD.shape[1] *
+                            table_NxD.dtype.itemsize)
+
+  def dots(_, idx_Mxc):
+    rows = jnp.take(table_NxD, idx_Mxc, axis=0, mode="fill", fill_value=0)
+    return None, jnp.einsum("mcd,md->mc", rows, x_MxD.astype(rows.dtype),
+                            preferred_element_type=jnp.float32)
+
+  _, s_CxMxc = jax.lax.scan(dots, None, chunks.to_chunks(idx_MxP, chunk, table_NxD.shape[0]))
+  return chunks.from_chunks(s_CxMxc, h * k).reshape(*lead, h, k)
+
+
+class Gate(nnx.Module):
+  """Memory+'s output: W_o(m * act(W_g x)); x [B, T, D], m [B, T, V] -> [B, T, D]."""
+
+  def __init__(self, d_in: int, cfg: MemoryConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    init = nnx.initializers.lecun_normal()
+    zeros = nnx.initializers.zeros
+    self.act = ACTIVATIONS[cfg.gate]
+    self.gate = nnx.Linear(d_in, cfg.v_dim, dtype=dtype, param_dtype=param_dtype,
+                           kernel_init=nnx.with_metadata(init, logical_axes=("embed", "mlp")),
+                           bias_init=nnx.with_metadata(zeros, logical_axes=("mlp",)), rngs=rngs)
+    self.output = nnx.Linear(cfg.v_dim, d_in, dtype=dtype, param_dtype=param_dtype,
+                             kernel_init=nnx.with_metadata(init, logical_axes=("mlp", "embed")),
+                             bias_init=nnx.with_metadata(zeros, logical_axes=("embed",)),
+                             rngs=rngs)
+
+  def __call__(self, x_BxTxD: jax.Array, m_BxTxV: jax.Array) -> jax.Array:
+    return self.output(m_BxTxV * self.act(self.gate(x_BxTxD)).astype(m_BxTxV.dtype))
