@@ -9,7 +9,7 @@ from flax import nnx
 from pkm_jax import chunks
 from pkm_jax.config import MemoryConfig
 from pkm_jax.memory import ProductKeyMemory
-from pkm_jax.product_keys import product_key_topk, weighted_lookup
+from pkm_jax.product_keys import candidate_pairs, product_key_topk, weighted_lookup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +111,50 @@ def test_topk_equals_brute_force(lead, heads, n, k_dim, k):
   np.testing.assert_array_equal(np.asarray(slots), ref_slots)
   np.testing.assert_allclose(np.asarray(scores), ref_scores, rtol=1e-5, atol=1e-5)
   assert np.all(np.diff(np.asarray(scores), axis=-1) <= 0), "scores not sorted descending"
+
+
+def _full_grid_topk(query, sub_keys, k):
+  """The search as it was before the candidate pruning: one lax.top_k over all k x k pairs of
+  the per-half top-k lists (ties: the first pair row-major)."""
+  n, half = sub_keys.shape[2], sub_keys.shape[3]
+  v1, i1 = jax.lax.top_k(jnp.einsum("...hd,hnd->...hn", query[..., :half], sub_keys[:, 0]), k)
+  v2, i2 = jax.lax.top_k(jnp.einsum("...hd,hnd->...hn", query[..., half:], sub_keys[:, 1]), k)
+  grid = lambda a, b: a.reshape(*a.shape, 1) + b.reshape(*b.shape[:-1], 1, k)
+  scores, pos = jax.lax.top_k(grid(v1, v2).reshape(*v1.shape[:-1], k * k), k)
+  slots = jnp.take_along_axis(grid(i1 * n, i2).reshape(*i1.shape[:-1], k * k), pos, axis=-1)
+  return scores, slots
+
+
+def test_candidate_pairs_are_the_pruned_grid():
+  for k, count in ((1, 1), (4, 8), (32, 119), (64, 280)):
+    i_P, j_P = candidate_pairs(k)
+    want = [(i, j) for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
+    assert list(zip(i_P.tolist(), j_P.tolist())) == want and len(want) == count
+
+
+@pytest.mark.parametrize("levels, n, k", [(3, 8, 8), (2, 32, 32), (5, 12, 12), (1, 6, 5)])
+def test_pruned_search_on_ties_equals_full_grid_and_brute_force(levels, n, k):
+  """Tie-heavy inputs (sub-keys and queries on a few integer levels; levels=1: every score
+  equal): the same picks, in the same order, as the unpruned k x k grid, and the brute-force
+  top-k scores over all n**2 product keys, each pick scoring what the brute force gives it."""
+  r = np.random.default_rng(levels * 100 + n + k)
+  heads, half = 2, 3
+  query = r.integers(0, levels, size=(4, 5, heads, 2 * half)).astype(np.float32)
+  sub_keys = r.integers(0, levels, size=(heads, 2, n, half)).astype(np.float32)
+  scores, slots = product_key_topk(jnp.asarray(query), jnp.asarray(sub_keys), k)
+  grid_scores, grid_slots = _full_grid_topk(jnp.asarray(query), jnp.asarray(sub_keys), k)
+  np.testing.assert_array_equal(np.asarray(slots), np.asarray(grid_slots))
+  np.testing.assert_array_equal(np.asarray(scores), np.asarray(grid_scores))
+  ref_scores, _ = brute_force_topk(query, sub_keys, k)
+  np.testing.assert_array_equal(np.asarray(scores), ref_scores)  # small integers: exact
+  # Every pick is a distinct slot whose own product-key score is the one returned.
+  slots = np.asarray(slots)
+  assert all(len(set(row)) == k for row in slots.reshape(-1, k))
+  i_sub, j_sub = slots // n, slots % n
+  h_idx = np.arange(heads)[:, None]
+  own = (np.einsum("bthd,bthkd->bthk", query[..., :half], sub_keys[h_idx, 0, i_sub])
+         + np.einsum("bthd,bthkd->bthk", query[..., half:], sub_keys[h_idx, 1, j_sub]))
+  np.testing.assert_array_equal(own, ref_scores)
 
 
 def _full_key_topk(query, sub_keys, k):
