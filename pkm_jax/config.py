@@ -21,6 +21,7 @@ DECAYS = ("linear", "cosine", "constant")
 VALUE_OPTIMIZERS = ("adam", "sparse_adam")
 VALUE_SCHEDULES = ("constant", "network")
 DTYPES = ("float32", "bfloat16", "float16")
+VALUE_DTYPES = ("float32", "bfloat16")  # memory.value_dtype
 DATA_SOURCES = ("generated", "files", "tfds", "prepared")
 MIN_VOCAB = 16  # a trained WordPiece needs room for its special tokens and some characters
 
@@ -43,6 +44,10 @@ class MemoryConfig:
   query_dropout: float = 0.0
   value_dropout: float = 0.0
   value_zero_init: bool = False  # ResM then starts as exactly the dense model (+Init)
+  # 'bfloat16' stores the value table (and so its Adam moments, which take the table's dtype)
+  # in bf16 whatever model.param_dtype is: half the bytes read per lookup; 'float32' leaves
+  # the table at model.param_dtype, as files without this key were written.
+  value_dtype: str = "float32"
 
   @property
   def n_slots(self) -> int:
@@ -127,7 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
       mode="none", layers=(3, 7),  # "4L/8L" of the paper's tables, 0-based
       n_keys=512, heads=4, k=32, k_dim=256, v_dim=0,  # v_dim 0: hidden size
       query_norm="batchnorm", input_dropout=0.0, query_dropout=0.0, value_dropout=0.0,
-      value_zero_init=False))
+      value_zero_init=False, value_dtype="float32"))
 
   c.data = ml_collections.ConfigDict(dict(
       source="generated", files="", tfds_name="", tfds_split="train",
@@ -351,6 +356,7 @@ def validate_memory(mem: ml_collections.ConfigDict, m: ml_collections.ConfigDict
   """The `memory` group against the model it goes into."""
   check_choice(mem, "memory", "mode", MEMORY_MODES)
   check_choice(mem, "memory", "query_norm", QUERY_NORMS)
+  check_choice(mem, "memory", "value_dtype", VALUE_DTYPES)
   for key in ("n_keys", "heads", "k", "k_dim"):
     check_number(mem, "memory", key, lo=1)
   check_number(mem, "memory", "v_dim", lo=0)
@@ -395,7 +401,8 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
       n_keys=mem.n_keys, heads=mem.heads, k=mem.k, k_dim=mem.k_dim,
       v_dim=mem.v_dim or m.hidden_size, query_norm=mem.query_norm,
       input_dropout=mem.input_dropout, query_dropout=mem.query_dropout,
-      value_dropout=mem.value_dropout, value_zero_init=mem.value_zero_init)
+      value_dropout=mem.value_dropout, value_zero_init=mem.value_zero_init,
+      value_dtype=mem.value_dtype)
   return ModelConfig(
       vocab_size=vocab, hidden_size=m.hidden_size, num_layers=m.num_layers,
       num_heads=m.num_heads, intermediate_size=m.intermediate_size,

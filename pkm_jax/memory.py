@@ -55,7 +55,8 @@ class ProductKeyMemory(nnx.Module):
         logical_axes=("mem_heads", None, "mem_keys", None))
     value_init = (nnx.initializers.zeros if cfg.value_zero_init
                   else nnx.initializers.normal(stddev=cfg.v_dim**-0.5))
-    self.values = nnx.Param(value_init(rngs.params(), (cfg.n_slots, cfg.v_dim), param_dtype),
+    value_dtype = jnp.bfloat16 if cfg.value_dtype == "bfloat16" else param_dtype
+    self.values = nnx.Param(value_init(rngs.params(), (cfg.n_slots, cfg.v_dim), value_dtype),
                             logical_axes=("slots", "value_embed"))
     self.value_dropout = nnx.Dropout(cfg.value_dropout)
 

@@ -249,6 +249,7 @@ PRETRAINING_BAD = {
     "memory.input_dropout": [1.0],
     "memory.query_dropout": [-0.5],
     "memory.value_dropout": [float("inf")],
+    "memory.value_dtype": ["float16", "int8"],
     "data.source": ["web"],
     "data.vocab_size": [0, 5],
     "data.max_len": [2, 0, 1000],

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pkm_jax import chunks
+from pkm_jax import chunks, product_keys
 from pkm_jax.config import MemoryConfig
 from pkm_jax.memory import ProductKeyMemory
 from pkm_jax.product_keys import candidate_pairs, product_key_topk, weighted_lookup
@@ -284,8 +284,49 @@ def test_chunked_lookup_gradient_equals_einsum(monkeypatch):
     np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_bytes", [96, 200, 1 << 30])  # 1 pick a step; 2, padded; no loop
+def test_lookup_gradient_equals_take_einsum(chunk_bytes, monkeypatch):
+  """The lookup's own backward (gathers for d weights, scatter-adds into one [N, V] buffer for
+  d values) against jax.grad of take + einsum, duplicate rows included; with the table's
+  gradient stopped (sparse updates) no scatter is traced at all."""
+  monkeypatch.setattr(product_keys, "LOOKUP_CHUNK_BYTES", chunk_bytes)
+  values, indices, weights = _lookup_inputs(seed=5, heads=3, k=5, n=7)  # 6 tokens x 4 dims
+  cot = np.random.default_rng(6).normal(size=indices.shape[:-2] + (values.shape[1],))
+
+  def loss(lookup):
+    return lambda v, w: jnp.sum(jnp.sin(lookup(v, indices, w)) * cot)
+
+  lookup = lambda *a: weighted_lookup(*a)
+  assert _traced_lookup_has_scan(values, indices, weights) == (chunk_bytes < 1 << 30)
+  ref_grads = jax.grad(loss(_einsum_lookup), argnums=(0, 1))(values, weights)
+  grads = jax.jit(jax.grad(loss(lookup), argnums=(0, 1)))(values, weights)
+  for g, ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-6)
+  frozen = lambda w: loss(lookup)(jax.lax.stop_gradient(jnp.asarray(values)), w)
+  np.testing.assert_allclose(np.asarray(jax.grad(frozen)(weights)), np.asarray(ref_grads[1]),
+                             rtol=1e-5, atol=1e-6)
+  if chunk_bytes < 1 << 30:
+    assert "scatter" not in str(jax.make_jaxpr(jax.grad(frozen))(weights))
+
+
 # ---------------------------------------------------------------------------------------------
 # ProductKeyMemory
+
+def test_bf16_value_table_equals_dense_reference():
+  """memory.value_dtype=bfloat16: the table is stored in bf16, the weighted sum of its rows is
+  accumulated in float32 (the reference reads the same bf16 rows in float64)."""
+  mem = make_memory("none", value_dtype="bfloat16", n_keys=16, k=8, v_dim=32)
+  assert mem.values[...].dtype == jnp.bfloat16
+  x = np.random.default_rng(2).normal(size=(3, 4, 10)).astype(np.float32)
+  out, aux = mem(jnp.asarray(x), jnp.ones((3, 4)))
+  ref_out, ref_slots, _ = dense_memory_reference(mem, x)
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(aux.indices), ref_slots)
+  np.testing.assert_allclose(np.asarray(out), ref_out, rtol=1e-5, atol=1e-6)
+  grad = jax.grad(lambda v: jnp.sum(mem.placement.lookup(v, aux.indices, aux.weights)))(
+      mem.values[...])
+  assert grad.dtype == jnp.bfloat16
+
 
 @pytest.mark.parametrize("query_norm", ["batchnorm", "layernorm", "none"])
 def test_memory_equals_dense_reference(query_norm):
