@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> list[dict]:
   scores, idx_TxHxk = product_keys.product_key_topk(q_TxHxK, keys, k)
   w_TxHxk = jax.nn.softmax(scores, axis=-1).astype(dtype)
   lookup = product_keys.weighted_lookup
-  g_TxV = jnp.asarray(r.normal(size=(t, d)), dtype)
+  g_TxV = jnp.asarray(r.normal(size=(t, d)), jnp.float32)  # the lookup sums in float32
 
   def lookup_backward(values, idx, w, g):
     return jax.vjp(lambda v, w: lookup(v, idx, w), values, w)[1](g)

@@ -132,7 +132,8 @@ def base_config() -> ml_collections.ConfigDict:
       mode="none", layers=(3, 7),  # "4L/8L" of the paper's tables, 0-based
       n_keys=512, heads=4, k=32, k_dim=256, v_dim=0,  # v_dim 0: hidden size
       query_norm="batchnorm", input_dropout=0.0, query_dropout=0.0, value_dropout=0.0,
-      value_zero_init=False, value_dtype="float32"))
+      value_zero_init=False,
+      value_dtype="float32"))  # 'bfloat16': the value table (and its Adam moments) in bf16
 
   c.data = ml_collections.ConfigDict(dict(
       source="generated", files="", tfds_name="", tfds_split="train",
