@@ -309,6 +309,28 @@ def test_lookup_gradient_equals_take_einsum(chunk_bytes, monkeypatch):
     assert "scatter" not in str(jax.make_jaxpr(jax.grad(frozen))(weights))
 
 
+def test_bf16_table_lookup_gradient_sums_in_float32(monkeypatch):
+  """A bf16 table through the lookup loop: the output is float32, d values comes back bf16 but
+  is summed in float32 (duplicate picks included) and rounded once."""
+  monkeypatch.setattr(product_keys, "LOOKUP_CHUNK_BYTES", 1)  # one pick a step
+  values, indices, weights = _lookup_inputs(seed=7, heads=3, k=5, n=7)
+  values16 = jnp.asarray(values, jnp.bfloat16)
+  cot = np.random.default_rng(8).normal(size=indices.shape[:-2] + (values.shape[1],))
+  loss = lambda lookup: lambda v, w: jnp.sum(lookup(v, indices, w) * cot)
+  out = weighted_lookup(values16, indices, weights)
+  assert out.dtype == jnp.float32
+  g_values, g_weights = jax.grad(loss(lambda *a: weighted_lookup(*a)), argnums=(0, 1))(
+      values16, weights)
+  ref_values, ref_weights = jax.grad(loss(_einsum_lookup), argnums=(0, 1))(
+      values16.astype(jnp.float32), weights)
+  assert g_values.dtype == jnp.bfloat16
+  # One rounding of the float32 sum: within half a bf16 ulp of the float32 reference.
+  np.testing.assert_allclose(np.asarray(g_values, np.float32), np.asarray(ref_values),
+                             rtol=2.0**-8, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(g_weights), np.asarray(ref_weights), rtol=1e-5,
+                             atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # ProductKeyMemory
 
