@@ -4,7 +4,8 @@ by the memory layers) and PEER (a down and an up table of single-neuron experts)
 
 The paper's speed table (Kim & Jung 2020, BERT-base, inference batch/s): base 79.8, +PKM 61.4
 (0.77x), +ResM 59.3 (0.74x). This measures the same three variants of one model, in sequences/s:
-  inference  jitted encoder forward in eval mode (what fine-tuning and feature extraction run);
+  inference  jitted encoder forward in eval mode (what fine-tuning and feature extraction run),
+             the three models timed round-robin so that their ratios survive a shared machine;
   training   jitted value_and_grad of the MLM loss + optax AdamW on every parameter (the value
              table too, densely, as the paper's Adam did), params and optimizer state donated.
              Logits are taken at round(0.15 * seq) positions per sequence, as BERT pretraining
@@ -67,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="compute dtype; parameters stay float32")
+  p.add_argument("--value_dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="memory value table storage (memory.value_dtype); Adam keeps its moments "
+                      "in the same dtype")
+  p.add_argument("--skip_train", action="store_true",
+                 help="inference only (train columns NaN): more timed steps in the same time")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" /
                                       "throughput.json"))
@@ -94,7 +100,8 @@ def model_config(args: argparse.Namespace, mode: str, kind: dict | None = None) 
       max_position_embeddings=max(512, args.seq), memory_mode=mode,
       memory_layers=args.memory_layers if mode != "none" else (),
       memory=MemoryConfig(n_keys=args.n_keys, heads=args.mem_heads, k=args.k,
-                          k_dim=args.k_dim, v_dim=args.hidden, **(kind or {})),
+                          k_dim=args.k_dim, v_dim=args.hidden, value_dtype=args.value_dtype,
+                          **(kind or {})),
       dtype=args.dtype)
 
 
@@ -122,7 +129,8 @@ def median_seconds(step: Callable[[], object], warmup: int, steps: int) -> float
   return statistics.median(times)
 
 
-def inference_seconds(model: BertForMaskedLM, batch: dict, args: argparse.Namespace) -> float:
+def inference_step(model: BertForMaskedLM, batch: dict) -> Callable[[], jax.Array]:
+  """One jitted encoder forward of `batch` in eval mode -> h [B, T, D]."""
   graphdef, state = nnx.split(model)
 
   @jax.jit
@@ -130,8 +138,23 @@ def inference_seconds(model: BertForMaskedLM, batch: dict, args: argparse.Namesp
     h_BxTxD, _ = nnx.merge(graphdef, state).bert(input_ids_BxT, mask_BxT)  # eval: no rngs
     return h_BxTxD
 
-  return median_seconds(lambda: forward(state, batch["input_ids"], batch["attention_mask"]),
-                        args.warmup, args.steps)
+  return lambda: forward(state, batch["input_ids"], batch["attention_mask"])
+
+
+def interleaved_median_seconds(steps: list[Callable[[], object]], warmup: int, n: int
+                               ) -> list[float]:
+  """The median time of each step, the steps run round-robin: a change in the load of a shared
+  machine during the run then slows every model alike, and their ratios hold."""
+  for step in steps:
+    for _ in range(warmup):
+      jax.block_until_ready(step())
+  times = [[] for _ in steps]
+  for _ in range(n):
+    for step, step_times in zip(steps, times):
+      start = time.perf_counter()
+      jax.block_until_ready(step())
+      step_times.append(time.perf_counter() - start)
+  return [statistics.median(t) for t in times]
 
 
 def train_seconds(model: BertForMaskedLM, batch: dict, args: argparse.Namespace) -> float:
@@ -194,13 +217,16 @@ def markdown_table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
   args = parse_args(argv)
   batch = random_batch(args)
+  models = [BertForMaskedLM(model_config(args, mode, kind), rngs=nnx.Rngs(args.seed))
+             for _, mode, kind in MODES]
+  infer = interleaved_median_seconds([inference_step(m, batch) for m in models], args.warmup,
+                                     args.steps)
   results = []
-  for name, mode, kind in MODES:
-    cfg = model_config(args, mode, kind)
-    model = BertForMaskedLM(cfg, rngs=nnx.Rngs(args.seed))
+  for (name, mode, kind), infer_s in zip(MODES, infer):
+    model = models.pop(0)
     params, memory_params = count_params(model), count_memory_params(model)
-    infer_s = inference_seconds(model, batch, args)
-    train_s = train_seconds(model, batch, args)  # donates the model's arrays: measured last
+    # One model at a time (several optimizer states would not fit); donates the model's arrays.
+    train_s = math.nan if args.skip_train else train_seconds(model, batch, args)
     del model
     results.append(dict(model=name, mode=mode, kind=kind, params=params,
                         memory_params=memory_params,
@@ -212,7 +238,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
   table = markdown_table(results)
   print(f"\n{jax.devices()[0].device_kind} x{jax.device_count()}, batch {args.batch} x seq "
-        f"{args.seq}, {args.dtype}, memory layers {list(args.memory_layers)}\n\n{table}")
+        f"{args.seq}, {args.dtype}, value table {args.value_dtype}, memory layers "
+        f"{list(args.memory_layers)}\n\n{table}")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}

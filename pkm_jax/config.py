@@ -24,6 +24,7 @@ DECAYS = ("linear", "cosine", "constant")
 VALUE_OPTIMIZERS = ("adam", "sparse_adam")
 VALUE_SCHEDULES = ("constant", "network")
 DTYPES = ("float32", "bfloat16", "float16")
+VALUE_DTYPES = ("float32", "bfloat16")  # memory.value_dtype
 DATA_SOURCES = ("generated", "files", "tfds", "prepared")
 MIN_VOCAB = 16  # a trained WordPiece needs room for its special tokens and some characters
 
@@ -52,6 +53,10 @@ class MemoryConfig:
   share_values: bool = False  # one table (two for peer) read by every memory layer
   key_norm: bool = False  # sub-keys L2-normalised before scoring (Memory+'s qk-norm, keys side)
   peer_activation: str = "relu"  # peer: out = sum w act(u . x) v
+  # 'bfloat16' stores the row tables (values; peer's down too) and so their Adam moments
+  # (which take the table's dtype) in bf16 whatever model.param_dtype is: half the bytes read
+  # per lookup; 'float32' leaves them at model.param_dtype, as files without this key were.
+  value_dtype: str = "float32"
 
   @property
   def n_slots(self) -> int:
@@ -137,7 +142,8 @@ def base_config() -> ml_collections.ConfigDict:
       n_keys=512, heads=4, k=32, k_dim=256, v_dim=0,  # v_dim 0: hidden size
       query_norm="batchnorm", input_dropout=0.0, query_dropout=0.0, value_dropout=0.0,
       value_zero_init=False, kind="pkm", gate="none", share_values=False, key_norm=False,
-      peer_activation="relu"))
+      peer_activation="relu",
+      value_dtype="float32"))  # 'bfloat16': the value table (and its Adam moments) in bf16
 
   c.data = ml_collections.ConfigDict(dict(
       source="generated", files="", tfds_name="", tfds_split="train",
@@ -367,6 +373,7 @@ def validate_memory(mem: ml_collections.ConfigDict, m: ml_collections.ConfigDict
   if (mem.kind == "memory_plus") != (mem.gate != "none"):
     raise ConfigError(f"memory.gate={mem.gate!r} does not go with memory.kind={mem.kind!r}: "
                       "memory_plus needs gate 'silu' or 'sigmoid', the other kinds 'none'")
+  check_choice(mem, "memory", "value_dtype", VALUE_DTYPES)
   for key in ("n_keys", "heads", "k", "k_dim"):
     check_number(mem, "memory", key, lo=1)
   check_number(mem, "memory", "v_dim", lo=0)
@@ -413,7 +420,7 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
       input_dropout=mem.input_dropout, query_dropout=mem.query_dropout,
       value_dropout=mem.value_dropout, value_zero_init=mem.value_zero_init, kind=mem.kind,
       gate=mem.gate, share_values=bool(mem.share_values), key_norm=bool(mem.key_norm),
-      peer_activation=mem.peer_activation)
+      peer_activation=mem.peer_activation, value_dtype=mem.value_dtype)
   return ModelConfig(
       vocab_size=vocab, hidden_size=m.hidden_size, num_layers=m.num_layers,
       num_heads=m.num_heads, intermediate_size=m.intermediate_size,

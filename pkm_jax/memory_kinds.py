@@ -44,7 +44,9 @@ def make_tables(cfg: MemoryConfig, d_in: int, param_dtype, rngs: nnx.Rngs
                 ) -> dict[str, nnx.Param]:
   """Fresh row tables for `cfg`: values [N, V] (zeros with value_zero_init, so ResM starts as
   the dense model) and, for peer, down [N, d_in] scaled so that u . x is ~unit for a
-  layer-normed x."""
+  layer-normed x. `memory.value_dtype` 'bfloat16' stores both in bf16 whatever param_dtype."""
+  if cfg.value_dtype == "bfloat16":
+    param_dtype = jnp.bfloat16
   value_init = (nnx.initializers.zeros if cfg.value_zero_init
                 else nnx.initializers.normal(stddev=cfg.v_dim**-0.5))
   tables = {VALUES: nnx.Param(value_init(rngs.params(), (cfg.n_slots, cfg.v_dim), param_dtype),
@@ -67,7 +69,9 @@ def row_dots(table_NxD: jax.Array, indices: jax.Array, x: jax.Array) -> jax.Arra
 
   def dots(_, idx_Mxc):
     rows = jnp.take(table_NxD, idx_Mxc, axis=0, mode="fill", fill_value=0)
-    return None, jnp.einsum("mcd,md->mc", rows, x_MxD.astype(rows.dtype),
+    # The wider of the two dtypes: a bf16 table must not round a float32 x.
+    ct = jnp.promote_types(rows.dtype, x_MxD.dtype)
+    return None, jnp.einsum("mcd,md->mc", rows.astype(ct), x_MxD.astype(ct),
                             preferred_element_type=jnp.float32)
 
   _, s_CxMxc = jax.lax.scan(dots, None, chunks.to_chunks(idx_MxP, chunk, table_NxD.shape[0]))

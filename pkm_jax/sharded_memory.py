@@ -110,7 +110,8 @@ def _local_lookup(values_nxV, lidx_MxP, w_MxP, chunk):
   def add_chunk(acc_MxV, xs):
     idx, w = xs
     rows_Mxcxv = jnp.take(values_nxV, idx, axis=0, mode="fill", fill_value=0)
-    return acc_MxV + jnp.einsum("mc,mcv->mv", w.astype(rows_Mxcxv.dtype), rows_Mxcxv,
+    # Weights stay float32 (product_keys.weighted_lookup): a bf16 table rounds only itself.
+    return acc_MxV + jnp.einsum("mc,mcv->mv", w.astype(jnp.float32), rows_Mxcxv,
                                 preferred_element_type=jnp.float32), None
 
   init = chunks.zeros_varying((lidx_MxP.shape[0], values_nxV.shape[1]), jnp.float32,
@@ -160,8 +161,9 @@ def _make_lookup(slot_axes: tuple[str, ...], token_axes: tuple[str, ...], chunk:
     b, s, p = idx.shape
     lidx = _to_local_rows(idx.reshape(b * s, p), values_nxV.shape[0], slot_axes)
     out_MxV = _local_lookup(values_nxV, lidx, w.reshape(b * s, p), chunk)
-    # Partials are summed across blocks in float32, whatever the table's dtype.
-    return combine(out_MxV.reshape(b, s, -1)).astype(values_nxV.dtype)
+    # Partials are summed across blocks in float32 and stay float32, whatever the table's
+    # dtype, as the one-device lookup's output does.
+    return combine(out_MxV.reshape(b, s, -1))
 
   def bwd_local(values_nxV, idx_BxSxP, w_BxSxP, g_BxSxV):
     idx, w, g = gather_tokens(idx_BxSxP, w_BxSxP, g_BxSxV)
@@ -233,7 +235,8 @@ def _local_row_dots(table_nxD, lidx_MxP, x_MxD, chunk):
   """table[lidx] . x per pick (rows outside the block read zeros) -> [M, P] float32."""
   def dots(_, idx_Mxc):
     rows = jnp.take(table_nxD, idx_Mxc, axis=0, mode="fill", fill_value=0)
-    return None, jnp.einsum("mcd,md->mc", rows, x_MxD.astype(rows.dtype),
+    ct = jnp.promote_types(rows.dtype, x_MxD.dtype)  # as memory_kinds.row_dots
+    return None, jnp.einsum("mcd,md->mc", rows.astype(ct), x_MxD.astype(ct),
                             preferred_element_type=jnp.float32)
 
   _, s_CxMxc = jax.lax.scan(dots, None, chunks.to_chunks(lidx_MxP, chunk, table_nxD.shape[0]))

@@ -252,6 +252,7 @@ PRETRAINING_BAD = {
     "memory.kind": ["moe", "memory_plus"],  # memory_plus with the default gate 'none'
     "memory.gate": ["relu", "silu"],  # a gate on the default kind 'pkm'
     "memory.peer_activation": ["tanh2"],
+    "memory.value_dtype": ["float16", "int8"],
     "data.source": ["web"],
     "data.vocab_size": [0, 5],
     "data.max_len": [2, 0, 1000],

@@ -100,3 +100,9 @@ def test_model_config_round_trips_through_json(name):
   restored = from_dict(json.loads(json.dumps(to_dict(cfg))))
   assert restored == cfg
   assert hash(restored) == hash(cfg)  # frozen, hashable: usable as a static jit argument
+
+
+def test_model_config_written_before_value_dtype_restores():
+  data = to_dict(model_config(load("bert_base_resm"), vocab_size=100))
+  del data["memory"]["value_dtype"]
+  assert from_dict(data).memory.value_dtype == "float32"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pkm_jax import chunks
+from pkm_jax import chunks, product_keys
 from pkm_jax.config import MemoryConfig
 from pkm_jax.memory import ProductKeyMemory
-from pkm_jax.product_keys import product_key_topk, weighted_lookup
+from pkm_jax.product_keys import candidate_pairs, product_key_topk, weighted_lookup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +111,50 @@ def test_topk_equals_brute_force(lead, heads, n, k_dim, k):
   np.testing.assert_array_equal(np.asarray(slots), ref_slots)
   np.testing.assert_allclose(np.asarray(scores), ref_scores, rtol=1e-5, atol=1e-5)
   assert np.all(np.diff(np.asarray(scores), axis=-1) <= 0), "scores not sorted descending"
+
+
+def _full_grid_topk(query, sub_keys, k):
+  """The search as it was before the candidate pruning: one lax.top_k over all k x k pairs of
+  the per-half top-k lists (ties: the first pair row-major)."""
+  n, half = sub_keys.shape[2], sub_keys.shape[3]
+  v1, i1 = jax.lax.top_k(jnp.einsum("...hd,hnd->...hn", query[..., :half], sub_keys[:, 0]), k)
+  v2, i2 = jax.lax.top_k(jnp.einsum("...hd,hnd->...hn", query[..., half:], sub_keys[:, 1]), k)
+  grid = lambda a, b: a.reshape(*a.shape, 1) + b.reshape(*b.shape[:-1], 1, k)
+  scores, pos = jax.lax.top_k(grid(v1, v2).reshape(*v1.shape[:-1], k * k), k)
+  slots = jnp.take_along_axis(grid(i1 * n, i2).reshape(*i1.shape[:-1], k * k), pos, axis=-1)
+  return scores, slots
+
+
+def test_candidate_pairs_are_the_pruned_grid():
+  for k, count in ((1, 1), (4, 8), (32, 119), (64, 280)):
+    i_P, j_P = candidate_pairs(k)
+    want = [(i, j) for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
+    assert list(zip(i_P.tolist(), j_P.tolist())) == want and len(want) == count
+
+
+@pytest.mark.parametrize("levels, n, k", [(3, 8, 8), (2, 32, 32), (5, 12, 12), (1, 6, 5)])
+def test_pruned_search_on_ties_equals_full_grid_and_brute_force(levels, n, k):
+  """Tie-heavy inputs (sub-keys and queries on a few integer levels; levels=1: every score
+  equal): the same picks, in the same order, as the unpruned k x k grid, and the brute-force
+  top-k scores over all n**2 product keys, each pick scoring what the brute force gives it."""
+  r = np.random.default_rng(levels * 100 + n + k)
+  heads, half = 2, 3
+  query = r.integers(0, levels, size=(4, 5, heads, 2 * half)).astype(np.float32)
+  sub_keys = r.integers(0, levels, size=(heads, 2, n, half)).astype(np.float32)
+  scores, slots = product_key_topk(jnp.asarray(query), jnp.asarray(sub_keys), k)
+  grid_scores, grid_slots = _full_grid_topk(jnp.asarray(query), jnp.asarray(sub_keys), k)
+  np.testing.assert_array_equal(np.asarray(slots), np.asarray(grid_slots))
+  np.testing.assert_array_equal(np.asarray(scores), np.asarray(grid_scores))
+  ref_scores, _ = brute_force_topk(query, sub_keys, k)
+  np.testing.assert_array_equal(np.asarray(scores), ref_scores)  # small integers: exact
+  # Every pick is a distinct slot whose own product-key score is the one returned.
+  slots = np.asarray(slots)
+  assert all(len(set(row)) == k for row in slots.reshape(-1, k))
+  i_sub, j_sub = slots // n, slots % n
+  h_idx = np.arange(heads)[:, None]
+  own = (np.einsum("bthd,bthkd->bthk", query[..., :half], sub_keys[h_idx, 0, i_sub])
+         + np.einsum("bthd,bthkd->bthk", query[..., half:], sub_keys[h_idx, 1, j_sub]))
+  np.testing.assert_array_equal(own, ref_scores)
 
 
 def _full_key_topk(query, sub_keys, k):
@@ -240,8 +284,71 @@ def test_chunked_lookup_gradient_equals_einsum(monkeypatch):
     np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_bytes", [96, 200, 1 << 30])  # 1 pick a step; 2, padded; no loop
+def test_lookup_gradient_equals_take_einsum(chunk_bytes, monkeypatch):
+  """The lookup's own backward (gathers for d weights, scatter-adds into one [N, V] buffer for
+  d values) against jax.grad of take + einsum, duplicate rows included; with the table's
+  gradient stopped (sparse updates) no scatter is traced at all."""
+  monkeypatch.setattr(product_keys, "CACHE_CHUNK_BYTES", chunk_bytes)
+  values, indices, weights = _lookup_inputs(seed=5, heads=3, k=5, n=7)  # 6 tokens x 4 dims
+  cot = np.random.default_rng(6).normal(size=indices.shape[:-2] + (values.shape[1],))
+
+  def loss(lookup):
+    return lambda v, w: jnp.sum(jnp.sin(lookup(v, indices, w)) * cot)
+
+  lookup = lambda *a: weighted_lookup(*a)
+  assert _traced_lookup_has_scan(values, indices, weights) == (chunk_bytes < 1 << 30)
+  ref_grads = jax.grad(loss(_einsum_lookup), argnums=(0, 1))(values, weights)
+  grads = jax.jit(jax.grad(loss(lookup), argnums=(0, 1)))(values, weights)
+  for g, ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-6)
+  frozen = lambda w: loss(lookup)(jax.lax.stop_gradient(jnp.asarray(values)), w)
+  np.testing.assert_allclose(np.asarray(jax.grad(frozen)(weights)), np.asarray(ref_grads[1]),
+                             rtol=1e-5, atol=1e-6)
+  if chunk_bytes < 1 << 30:
+    assert "scatter" not in str(jax.make_jaxpr(jax.grad(frozen))(weights))
+
+
+def test_bf16_table_lookup_gradient_sums_in_float32(monkeypatch):
+  """A bf16 table through the lookup loop: the output is float32, d values comes back bf16 but
+  is summed in float32 (duplicate picks included) and rounded once."""
+  monkeypatch.setattr(product_keys, "CACHE_CHUNK_BYTES", 1)  # one pick a step
+  values, indices, weights = _lookup_inputs(seed=7, heads=3, k=5, n=7)
+  values16 = jnp.asarray(values, jnp.bfloat16)
+  cot = np.random.default_rng(8).normal(size=indices.shape[:-2] + (values.shape[1],))
+  loss = lambda lookup: lambda v, w: jnp.sum(lookup(v, indices, w) * cot)
+  out = weighted_lookup(values16, indices, weights)
+  assert out.dtype == jnp.float32
+  g_values, g_weights = jax.grad(loss(lambda *a: weighted_lookup(*a)), argnums=(0, 1))(
+      values16, weights)
+  ref_values, ref_weights = jax.grad(loss(_einsum_lookup), argnums=(0, 1))(
+      values16.astype(jnp.float32), weights)
+  assert g_values.dtype == jnp.bfloat16
+  # One rounding of the float32 sum: within half a bf16 ulp of the float32 reference.
+  np.testing.assert_allclose(np.asarray(g_values, np.float32), np.asarray(ref_values),
+                             rtol=2.0**-8, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(g_weights), np.asarray(ref_weights), rtol=1e-5,
+                             atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # ProductKeyMemory
+
+def test_bf16_value_table_equals_dense_reference():
+  """memory.value_dtype=bfloat16: the table is stored in bf16, the weighted sum of its rows is
+  accumulated in float32 (the reference reads the same bf16 rows in float64)."""
+  mem = make_memory("none", value_dtype="bfloat16", n_keys=16, k=8, v_dim=32)
+  assert mem.values[...].dtype == jnp.bfloat16
+  x = np.random.default_rng(2).normal(size=(3, 4, 10)).astype(np.float32)
+  out, aux = mem(jnp.asarray(x), jnp.ones((3, 4)))
+  ref_out, ref_slots, _ = dense_memory_reference(mem, x)
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(aux.indices), ref_slots)
+  np.testing.assert_allclose(np.asarray(out), ref_out, rtol=1e-5, atol=1e-6)
+  grad = jax.grad(lambda v: jnp.sum(mem.placement.lookup(v, aux.indices, aux.weights)))(
+      mem.values[...])
+  assert grad.dtype == jnp.bfloat16
+
 
 @pytest.mark.parametrize("query_norm", ["batchnorm", "layernorm", "none"])
 def test_memory_equals_dense_reference(query_norm):

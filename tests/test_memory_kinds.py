@@ -222,6 +222,25 @@ def test_bfloat16_compute_stays_close_to_float32(name):
   np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2)
 
 
+@pytest.mark.parametrize("name", ["memory_plus_silu", "peer_relu"])
+def test_bfloat16_row_tables_are_read_as_stored(name):
+  """memory.value_dtype=bfloat16 stores every row table of the kind in bf16 (PEER's down table
+  too, and the shared tables on the model); the layer's float32 output is the kind's formula
+  on those stored rows."""
+  cfg = mem_cfg(value_dtype="bfloat16", **KINDS[name])
+  mem = ProductKeyMemory(D, cfg, rngs=nnx.Rngs(0))
+  tables = ("values", "down") if cfg.kind == "peer" else ("values",)
+  assert all(getattr(mem, t)[...].dtype == jnp.bfloat16 for t in tables)
+  x, mask = inputs()
+  out, aux = mem(x, mask)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out), numpy_reference(mem, cfg, x, aux),
+                             rtol=1e-4, atol=1e-5)
+  bert = BertForMaskedLM(bert_cfg(share_values=True, value_dtype="bfloat16", **KINDS[name]),
+                         rngs=nnx.Rngs(0))
+  assert all(getattr(bert.bert, "memory_" + t)[...].dtype == jnp.bfloat16 for t in tables)
+
+
 def test_model_configs_saved_before_the_kinds_load_as_pkm():
   saved = config_lib.to_dict(bert_cfg())
   for key in ("kind", "gate", "share_values", "key_norm", "peer_activation"):

@@ -206,6 +206,8 @@ def plan(command: str, root: str) -> tuple[list[list[str]], dict[str, str]]:
       argv += shlex.split(TINY_FINETUNE + (" " + TINY_SQUAD if "squad" in config else ""))
     elif argv[1:3] == ["-m", "pkm_jax.data.prepare"]:
       argv += ["--max_len=32"]  # TINY_TRAIN's data.max_len
+    elif script == "benchmarks/memory_layer.py":
+      argv += ["--tiny", "--out", f"{root}/memory_layer.json"]
     elif script == "benchmarks/throughput.py":
       argv += shlex.split("--hidden 32 --layers 2 --heads 2 --intermediate 64 --vocab 200 "
                           "--n_keys 8 --mem_heads 2 --k 4 --k_dim 16 --batch 2 --seq 16 "

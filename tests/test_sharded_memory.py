@@ -83,6 +83,27 @@ def test_sharded_lookup_matches_dense(data, model, slot_axes, chunk):
   assert got_gv.sharding.is_equivalent_to(table, 2)
 
 
+def test_sharded_lookup_of_a_bf16_table_matches_one_device():
+  """memory.value_dtype=bfloat16: like the one-device lookup, the sharded one keeps the weights
+  in float32 and returns float32, so both read the same stored rows the same way."""
+  values, idx, weights, g_out = lookup_inputs()
+  values16 = values.astype(jnp.bfloat16)
+  loss = lambda lookup: lambda v, w: jnp.sum(lookup(v, idx, w) * g_out)
+  want_out = weighted_lookup(values16, idx, weights)
+  want_gv, want_gw = jax.grad(loss(weighted_lookup), (0, 1))(values16, weights)
+  mesh = sharding.make_mesh(4, 2)
+  lookup = lambda v, i, w: sharded_memory.sharded_weighted_lookup(v, i, w, pick_chunk=3)
+  table = jax.device_put(values16, NamedSharding(mesh, P("model", None)))
+  with jax.set_mesh(mesh):
+    out = jax.jit(lookup)(table, idx, weights)
+    got_gv, got_gw = jax.jit(jax.grad(loss(lookup), (0, 1)))(table, weights)
+  assert out.dtype == want_out.dtype == jnp.float32 and got_gv.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_gv.astype(np.float32), want_gv.astype(np.float32), rtol=1e-2,
+                             atol=1e-2)
+  np.testing.assert_allclose(got_gw, want_gw, rtol=1e-5, atol=1e-5)
+
+
 def test_sharded_lookup_needs_mesh_and_divisible_rows():
   values, idx, weights, _ = lookup_inputs()
   with pytest.raises(ValueError, match="needs a device mesh"):

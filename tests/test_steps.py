@@ -22,11 +22,11 @@ NO_DROPOUT = {"model.hidden_dropout": 0.0, "model.attention_dropout": 0.0,
               "memory.value_dropout": 0.0}
 
 
-def one_step(values_optimizer: str, grad_clip: float):
+def one_step(values_optimizer: str, grad_clip: float, **overrides):
   config = tiny_config(**NO_DROPOUT, **{
       "optim.values_optimizer": values_optimizer, "optim.grad_clip": grad_clip,
       "optim.eps": 1.0, "optim.values_lr": 0.5, "optim.lr": 0.5, "optim.warmup_steps": 0,
-      "mesh.data": 1, "mesh.model": 1})
+      "mesh.data": 1, "mesh.model": 1, **overrides})
   program = trainer.build_train_program(config, VOCAB)
   rng = np.random.default_rng(0)
   b, t = config.data.batch_size, config.data.max_len
@@ -53,3 +53,16 @@ def test_sparse_rows_are_clipped_like_dense_gradients(grad_clip):
   np.testing.assert_allclose(sparse_table, dense_table, rtol=1e-5, atol=1e-7)
   for a, b in zip(jax.tree.leaves(sparse_params), jax.tree.leaves(dense_params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_value_table_dense_and_sparse_steps_agree():
+  """memory.value_dtype=bfloat16: the table (and so its Adam moments) stays bf16 through a step,
+  and dense and lazy Adam still agree on it after one step (to bf16 rounding)."""
+  bf16 = {"memory.value_dtype": "bfloat16"}
+  dense_norm, dense_table, _ = one_step("adam", 0.0, **bf16)
+  sparse_norm, sparse_table, _ = one_step("sparse_adam", 0.0, **bf16)
+  assert dense_table.dtype == sparse_table.dtype == jax.numpy.bfloat16
+  assert sparse_norm == pytest.approx(dense_norm, rel=1e-3)
+  scale = np.abs(dense_table.astype(np.float32)).max()
+  np.testing.assert_allclose(sparse_table.astype(np.float32), dense_table.astype(np.float32),
+                             rtol=0, atol=scale / 64)
