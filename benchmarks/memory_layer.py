@@ -40,7 +40,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a plain script
 from pkm_jax import product_keys, sparse_adam  # noqa: E402
-from pkm_jax.config import MemoryConfig  # noqa: E402
+from pkm_jax.architecture import MemoryConfig  # noqa: E402
 from pkm_jax.memory import ProductKeyMemory  # noqa: E402
 
 TINY = dict(hidden=32, n_keys=16, heads=2, k=4, k_dim=8, tokens=64, steps=2, warmup=1)

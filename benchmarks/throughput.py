@@ -10,6 +10,9 @@ The paper's speed table (Kim & Jung 2020, BERT-base, inference batch/s): base 79
              table too, densely, as the paper's Adam did), params and optimizer state donated.
              Logits are taken at round(0.15 * seq) positions per sequence, as BERT pretraining
              does, so the vocabulary projection does not swamp the encoder.
+  --values_optimizer sparse_adam (or adam) adds a column: pkm-jax's own train step (the one
+             `train.py` runs: pkm_jax.trainer's program, gradient clipping, logits at every
+             position) with that value-table optimizer; sparse_adam updates only picked rows.
 Each number is the median over --steps timed steps after --warmup untimed ones (compilation),
 each step ended with block_until_ready. Token batches are random: speed does not depend on them.
 
@@ -37,8 +40,11 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a plain script
+from configs import default as default_config  # noqa: E402
+from pkm_jax import config as config_lib  # noqa: E402
+from pkm_jax import trainer  # noqa: E402
+from pkm_jax.architecture import MemoryConfig, ModelConfig  # noqa: E402
 from pkm_jax.bert import BertForMaskedLM  # noqa: E402
-from pkm_jax.config import MemoryConfig, ModelConfig  # noqa: E402
 
 # (row name, memory mode, memory kind fields: pkm_jax/memory_kinds.py)
 MODES = (("BERT", "none", {}), ("+PKM", "replace", {}), ("+ResM", "residual", {}),
@@ -71,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--value_dtype", choices=("float32", "bfloat16"), default="float32",
                  help="memory value table storage (memory.value_dtype); Adam keeps its moments "
                       "in the same dtype")
+  p.add_argument("--values_optimizer", choices=("", "adam", "sparse_adam"), default="",
+                 help="also time pkm-jax's own train step with this optim.values_optimizer")
+  p.add_argument("--models", default=",".join(m[0] for m in MODES),
+                 help="comma-separated row names to measure, of: " + ", ".join(m[0] for m in MODES))
   p.add_argument("--skip_train", action="store_true",
                  help="inference only (train columns NaN): more timed steps in the same time")
   p.add_argument("--seed", type=int, default=0)
@@ -88,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.error(f"--memory_layers {args.memory_layers} out of range for --layers {args.layers}")
   if args.k > args.n_keys:
     p.error(f"--k {args.k} exceeds --n_keys {args.n_keys}")
+  args.models = tuple(args.models.split(","))
+  if unknown := set(args.models) - {m[0] for m in MODES}:
+    p.error(f"--models: unknown {sorted(unknown)}")
   if args.steps < 1 or args.warmup < 0:
     p.error("--steps must be >= 1 and --warmup >= 0")
   return args
@@ -187,6 +200,40 @@ def train_seconds(model: BertForMaskedLM, batch: dict, args: argparse.Namespace)
   return median_seconds(run, args.warmup, args.steps)
 
 
+def program_train_seconds(args: argparse.Namespace, mode: str, kind: dict) -> float:
+  """Median seconds of the train step `train.py` runs, built from configs/default.py resized to
+  these args, one device, `--values_optimizer` for the value tables."""
+  config = default_config.get_config()
+  config.model.update(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                      intermediate_size=args.intermediate,
+                      max_position_embeddings=max(512, args.seq), dtype=args.dtype)
+  config.memory.update(mode=mode, layers=args.memory_layers, n_keys=args.n_keys,
+                       heads=args.mem_heads, k=args.k, k_dim=args.k_dim, v_dim=args.hidden,
+                       value_dtype=args.value_dtype, **kind)
+  config.data.update(batch_size=args.batch, max_len=args.seq, vocab_size=args.vocab)
+  config.optim.values_optimizer = args.values_optimizer
+  config.train.memory_stats_every = 0
+  config.mesh.update(data=1, model=1)
+  config_lib.validate(config, vocab_size=args.vocab)
+  program = trainer.build_train_program(config, args.vocab)
+  rng = np.random.default_rng(args.seed)
+  b, t = args.batch, args.seq
+  weights = (rng.random((b, t)) < 0.15).astype(np.float32)
+  batch = program.to_device({
+      "input_ids": rng.integers(5, args.vocab, (b, t), dtype=np.int32),
+      "attention_mask": np.ones((b, t), np.int32), "token_type_ids": np.zeros((b, t), np.int32),
+      "mlm_labels": (rng.integers(5, args.vocab, (b, t)) * weights).astype(np.int32),
+      "mlm_weights": weights})
+  with jax.set_mesh(program.mesh):
+    carry = [program.init_state()]
+
+    def run():
+      carry[0], metrics, _ = program.train_step(carry[0], batch)
+      return metrics["loss"]
+
+    return median_seconds(run, args.warmup, args.steps)
+
+
 def count_params(model: nnx.Module) -> int:
   return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
@@ -198,9 +245,11 @@ def count_memory_params(model: nnx.Module) -> int:
 
 
 def markdown_table(results: list[dict]) -> str:
+  program = "program_train_seq_per_s" in results[0]
   rows = ["| model | params | memory params | inference seq/s | train seq/s | inference ratio "
-          "| train ratio | paper inference ratio |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+          "| train ratio |" + (" train.py step seq/s | ratio |" if program else "")
+          + " paper inference ratio |",
+          "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if program else "") + "---:|"]
   base = results[0]
   for r in results:
     paper = PAPER_INFERENCE_RATIO.get(r["model"])
@@ -210,19 +259,23 @@ def markdown_table(results: list[dict]) -> str:
         f"| {r['train_seq_per_s']:.1f} "
         f"| {r['inference_seq_per_s'] / base['inference_seq_per_s']:.3f} "
         f"| {r['train_seq_per_s'] / base['train_seq_per_s']:.3f} "
-        f"| {'-' if paper is None else f'{paper:.3f}'} |")
+        + (f"| {r['program_train_seq_per_s']:.2f} "
+           f"| {r['program_train_seq_per_s'] / base['program_train_seq_per_s']:.3f} "
+           if program else "")
+        + f"| {'-' if paper is None else f'{paper:.3f}'} |")
   return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
   args = parse_args(argv)
   batch = random_batch(args)
+  modes = [m for m in MODES if m[0] in args.models]
   models = [BertForMaskedLM(model_config(args, mode, kind), rngs=nnx.Rngs(args.seed))
-             for _, mode, kind in MODES]
+            for _, mode, kind in modes]
   infer = interleaved_median_seconds([inference_step(m, batch) for m in models], args.warmup,
                                      args.steps)
   results = []
-  for (name, mode, kind), infer_s in zip(MODES, infer):
+  for (name, mode, kind), infer_s in zip(modes, infer):
     model = models.pop(0)
     params, memory_params = count_params(model), count_memory_params(model)
     # One model at a time (several optimizer states would not fit); donates the model's arrays.
@@ -233,8 +286,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         inference_step_s=infer_s, train_step_s=train_s,
                         inference_seq_per_s=args.batch / infer_s,
                         train_seq_per_s=args.batch / train_s))
-    print(f"{name}: {params / 1e6:.1f}M params, inference {infer_s * 1e3:.1f} ms/step, "
-          f"train {train_s * 1e3:.1f} ms/step", flush=True)
+    line = (f"{name}: {params / 1e6:.1f}M params, inference {infer_s * 1e3:.1f} ms/step, "
+            f"train {train_s * 1e3:.1f} ms/step")
+    if args.values_optimizer:
+      step_s = program_train_seconds(args, mode, kind)
+      results[-1].update(program_train_step_s=step_s, program_train_seq_per_s=args.batch / step_s)
+      line += f", train.py step ({args.values_optimizer}) {step_s * 1e3:.1f} ms"
+    print(line, flush=True)
 
   table = markdown_table(results)
   print(f"\n{jax.devices()[0].device_kind} x{jax.device_count()}, batch {args.batch} x seq "

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pkm_jax import memory_kinds
-from pkm_jax.config import ModelConfig
+from pkm_jax.architecture import ModelConfig
 from pkm_jax.memory import ProductKeyMemory
 from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
 from pkm_jax.product_keys import MemoryAux

@@ -21,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from pkm_jax import config as config_lib
+from pkm_jax import architecture
 from pkm_jax.bert import BertForMaskedLM
 from pkm_jax.data.tokenizer import load_tokenizer
 from pkm_jax.steps import TrainState
@@ -134,11 +134,11 @@ def read_json(path: str, what: str) -> Any:
     raise ValueError(f"{path} could not be read ({type(e).__name__}: {e}); {what}") from e
 
 
-def read_model_config(workdir: str) -> config_lib.ModelConfig:
+def read_model_config(workdir: str) -> architecture.ModelConfig:
   path = os.path.join(workdir, "model_config.json")
   what = f"{workdir} is not a complete pkm-jax training workdir"
   try:
-    return config_lib.from_dict(read_json(path, what))
+    return architecture.from_dict(read_json(path, what))
   except (TypeError, KeyError, AttributeError) as e:
     raise ValueError(f"{path} is not a pkm-jax model config: {type(e).__name__}: {e}") from e
 

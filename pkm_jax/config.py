@@ -1,4 +1,4 @@
-"""The config schema (one ConfigDict tree) and the frozen dataclasses model code receives.
+"""The config schema: one ConfigDict tree, its checks, and the model config it yields.
 
 Every config file in `configs/` starts from `base_config()` and overrides values, so the set of
 keys is defined here once; `validate()` rejects anything else before any work starts.
@@ -6,7 +6,6 @@ keys is defined here once; `validate()` rejects anything else before any work st
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from pkm_jax import sharding
+from pkm_jax.architecture import MemoryConfig, ModelConfig
 
 MEMORY_MODES = ("none", "replace", "residual")
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
@@ -31,65 +31,6 @@ MIN_VOCAB = 16  # a trained WordPiece needs room for its special tokens and some
 
 class ConfigError(ValueError):
   """A config that cannot run; the message is one line naming the key."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryConfig:
-  """Product-key memory hyper-parameters (Lample et al. 2019, §3; XLM's memory layer)."""
-
-  n_keys: int = 512  # sub-keys per half: n_keys**2 slots
-  heads: int = 4
-  k: int = 32  # picks per head
-  k_dim: int = 256  # query / product-key dimension (two halves of k_dim // 2)
-  v_dim: int = 768  # value dimension (= hidden size in BERT)
-  query_norm: str = "batchnorm"
-  input_dropout: float = 0.0
-  query_dropout: float = 0.0
-  value_dropout: float = 0.0
-  value_zero_init: bool = False  # ResM then starts as exactly the dense model (+Init)
-  # Later members of the family (pkm_jax/memory_kinds.py); the defaults are Lample et al.'s layer.
-  kind: str = "pkm"  # 'memory_plus' (Berges et al. 2024) | 'peer' (He 2024)
-  gate: str = "none"  # memory_plus: out = W_o(sum w v * act(W_g x)), act silu | sigmoid
-  share_values: bool = False  # one table (two for peer) read by every memory layer
-  key_norm: bool = False  # sub-keys L2-normalised before scoring (Memory+'s qk-norm, keys side)
-  peer_activation: str = "relu"  # peer: out = sum w act(u . x) v
-  # 'bfloat16' stores the row tables (values; peer's down too) and so their Adam moments
-  # (which take the table's dtype) in bf16 whatever model.param_dtype is: half the bytes read
-  # per lookup; 'float32' leaves them at model.param_dtype, as files without this key were.
-  value_dtype: str = "float32"
-
-  @property
-  def n_slots(self) -> int:
-    return self.n_keys**2
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """BERT sizes plus where and how memory enters it (Kim & Jung 2020, §3: PKM / ResM)."""
-
-  vocab_size: int = 30522
-  hidden_size: int = 768
-  num_layers: int = 12
-  num_heads: int = 12
-  intermediate_size: int = 3072
-  max_position_embeddings: int = 512
-  type_vocab_size: int = 2
-  hidden_dropout: float = 0.1
-  attention_dropout: float = 0.1
-  layer_norm_eps: float = 1e-12
-  memory_mode: str = "none"  # 'replace' = PKM, 'residual' = ResM
-  memory_layers: tuple[int, ...] = ()
-  memory: MemoryConfig = MemoryConfig()
-  use_pooler: bool = False
-  remat: bool = False  # recompute each encoder layer in the backward pass (less activation memory)
-  dtype: str = "float32"  # compute dtype
-  param_dtype: str = "float32"
-
-  def has_memory(self, layer: int) -> bool:
-    return self.memory_mode != "none" and layer in self.memory_layers
-
-  def has_ffn(self, layer: int) -> bool:
-    return not (self.memory_mode == "replace" and layer in self.memory_layers)
 
 
 def optim_group(**overrides: Any) -> ml_collections.ConfigDict:
@@ -430,22 +371,3 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
       memory_layers=tuple(mem.layers) if mem.mode != "none" else (),
       memory=memory, use_pooler=m.use_pooler, remat=m.remat, dtype=m.dtype,
       param_dtype=m.param_dtype)
-
-
-def to_dict(cfg: Any) -> dict:
-  """A ModelConfig as plain JSON-able data (saved beside checkpoints)."""
-  return dataclasses.asdict(cfg)
-
-
-# Mesh placement that model_config.json files written before placement left the model config
-# (pkm_jax.placement) still carry; it says nothing about the model, so it is dropped on reading.
-_PLACEMENT_KEYS = ("lookup", "slot_axes", "token_axes")
-
-
-def from_dict(d: dict) -> ModelConfig:
-  """A ModelConfig from `to_dict`'s data (also from files of earlier versions)."""
-  d = dict(d)
-  d["memory"] = {k: v for k, v in d["memory"].items() if k not in _PLACEMENT_KEYS}
-  d["memory"] = MemoryConfig(**d["memory"])
-  d["memory_layers"] = tuple(d["memory_layers"])
-  return ModelConfig(**d)

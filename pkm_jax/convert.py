@@ -28,10 +28,10 @@ from absl import flags
 from flax import nnx
 
 from pkm_jax import cli, converted
-from pkm_jax.hf_files import load_hf_tensors, read_hf_config
+from pkm_jax.architecture import ModelConfig
 from pkm_jax.bert import BertForMaskedLM, MLMHead
 from pkm_jax.data import tokenizer as tok_lib
-from pkm_jax.config import ModelConfig
+from pkm_jax.hf_files import load_hf_tensors, read_hf_config
 
 ARCHITECTURES = {
     "BertForMaskedLM": "bert", "BertForPreTraining": "bert", "BertModel": "bert",

@@ -24,10 +24,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
+from pkm_jax import architecture
 from pkm_jax import checkpoint as ckpt_lib
-from pkm_jax import config as config_lib
+from pkm_jax.architecture import ModelConfig
 from pkm_jax.bert import BertForMaskedLM
-from pkm_jax.config import ModelConfig
 from pkm_jax.data import tokenizer as tok_lib
 
 FORMAT = "pkm-jax-pretrained/1"
@@ -79,7 +79,7 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict, tokenizer: An
   try:
     _write_tokenizer(tmp, tokenizer, cfg.vocab_size)
     with open(os.path.join(tmp, "model_config.json"), "w") as f:
-      json.dump(config_lib.to_dict(cfg), f, indent=2, sort_keys=True)
+      json.dump(architecture.to_dict(cfg), f, indent=2, sort_keys=True)
     with open(os.path.join(tmp, "conversion.json"), "w") as f:
       json.dump({"format": FORMAT, **(info or {})}, f, indent=2, sort_keys=True)
     with ocp.StandardCheckpointer() as ckptr:
@@ -117,7 +117,7 @@ def read_checkpoint(path: str) -> tuple[ModelConfig, dict, Any]:
   """(ModelConfig, params pure dict, tokenizers.Tokenizer) of a converted checkpoint."""
   what = f"{path} is not a complete converted checkpoint"
   try:
-    cfg = config_lib.from_dict(ckpt_lib.read_json(os.path.join(path, "model_config.json"), what))
+    cfg = architecture.from_dict(ckpt_lib.read_json(os.path.join(path, "model_config.json"), what))
   except (TypeError, KeyError, AttributeError) as e:
     raise ValueError(f"{path}/model_config.json is not a pkm-jax ModelConfig: "
                      f"{type(e).__name__}: {e}") from e

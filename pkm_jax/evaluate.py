@@ -23,7 +23,8 @@ from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import config as config_lib
 from pkm_jax import data as data_lib
 from pkm_jax import metrics as metrics_lib
-from pkm_jax.config import ConfigError, ModelConfig
+from pkm_jax.architecture import ModelConfig
+from pkm_jax.config import ConfigError
 
 
 def make_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig) -> Callable:

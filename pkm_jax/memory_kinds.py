@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pkm_jax import chunks
-from pkm_jax.config import MemoryConfig
+from pkm_jax.architecture import MemoryConfig
 
 VALUES, DOWN = "values", "down"  # row-table names, in a layer and (prefixed) on the BERT model
 SHARED_PREFIX = "memory_"  # shared tables live on BertModel as memory_values, memory_down

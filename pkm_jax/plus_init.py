@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from pkm_jax import config as config_lib
-from pkm_jax.config import ConfigError, ModelConfig
+from pkm_jax.architecture import ModelConfig
+from pkm_jax.config import ConfigError
 
 # Fields that fix parameter shapes or the function computed: source and target must agree.
 SIZE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",

@@ -14,8 +14,8 @@ from flax import nnx
 from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import convert as convert_lib
 from pkm_jax import converted, hf_files
+from pkm_jax.architecture import ModelConfig
 from pkm_jax.bert import BertForMaskedLM
-from pkm_jax.config import ModelConfig
 from pkm_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from pkm_jax.plus_init import init_from_pretrained
 

@@ -20,8 +20,8 @@ import optax
 from flax import nnx
 
 from pkm_jax import metrics as metrics_lib
+from pkm_jax.architecture import MemoryConfig
 from pkm_jax.bert import state_at
-from pkm_jax.config import MemoryConfig
 from pkm_jax.memory_kinds import DOWN
 from pkm_jax.optim import Optimizers
 from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from pkm_jax import architecture
 from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import config as config_lib
 from pkm_jax import data as data_lib
@@ -39,7 +40,7 @@ from pkm_jax.writer import MetricWriter
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict,
-                    model_cfg: config_lib.ModelConfig) -> None:
+                    model_cfg: architecture.ModelConfig) -> None:
   """How the model is computed (remat, compute dtype, mesh) may change on resume; what it is,
   and the layout of its optimizer state, may not."""
   config_path = os.path.join(workdir, "config.json")
@@ -63,14 +64,14 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict,
 
 
 def save_run_files(workdir: str, config: ml_collections.ConfigDict,
-                   model_cfg: config_lib.ModelConfig, tokenizer: Any) -> None:
+                   model_cfg: architecture.ModelConfig, tokenizer: Any) -> None:
   """config.json, model_config.json and tokenizer.json (an existing tokenizer is never
   replaced: resumes and evaluations must see the ids training saw)."""
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
   ckpt_lib.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
-  ckpt_lib.write_json(os.path.join(workdir, "model_config.json"), config_lib.to_dict(model_cfg))
+  ckpt_lib.write_json(os.path.join(workdir, "model_config.json"), architecture.to_dict(model_cfg))
   tokenizer_path = os.path.join(workdir, data_lib.TOKENIZER_FILE)
   if not os.path.isfile(tokenizer_path):
     data_lib.save_tokenizer(tokenizer, tokenizer_path)
@@ -88,7 +89,7 @@ def _memory_images(writer: MetricWriter, step: int, usage: dict) -> None:
 
 
 def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
-                        pretrained_cfg: config_lib.ModelConfig | None = None) -> TrainProgram:
+                        pretrained_cfg: architecture.ModelConfig | None = None) -> TrainProgram:
   """The pretraining program (MLM loss) for a validated config and tokenizer vocabulary."""
   model_cfg = config_lib.model_config(config, vocab_size=vocab_size)
 

@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 from scipy.special import erf
 
+from pkm_jax.architecture import MemoryConfig, ModelConfig
 from pkm_jax.bert import BertForMaskedLM, BertModel, EncoderLayer
-from pkm_jax.config import MemoryConfig, ModelConfig, model_config
+from pkm_jax.config import model_config
 
 TINY = ModelConfig(
     vocab_size=50, hidden_size=16, num_layers=3, num_heads=2, intermediate_size=32,

@@ -7,7 +7,8 @@ import pathlib
 import pytest
 
 from pkm_jax import config as config_lib
-from pkm_jax.config import ConfigError, ModelConfig, from_dict, model_config, to_dict, validate
+from pkm_jax.architecture import ModelConfig, from_dict, to_dict
+from pkm_jax.config import ConfigError, model_config, validate
 
 # Pretraining configs; fine-tuning configs (glue.py, squad.py) have their own schema and tests.
 CONFIG_NAMES = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")

@@ -12,10 +12,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx, traverse_util  # noqa: E402
 
-from pkm_jax import config as config_lib  # noqa: E402
+from pkm_jax import architecture  # noqa: E402
 from pkm_jax import sharding  # noqa: E402
+from pkm_jax.architecture import MemoryConfig, ModelConfig  # noqa: E402
 from pkm_jax.bert import BertForMaskedLM, is_value_table  # noqa: E402
-from pkm_jax.config import MemoryConfig, ModelConfig  # noqa: E402
 from pkm_jax.memory import ProductKeyMemory  # noqa: E402
 from pkm_jax.placement import MemoryPlacement  # noqa: E402
 from pkm_jax.plus_init import init_from_pretrained  # noqa: E402
@@ -242,8 +242,8 @@ def test_bfloat16_row_tables_are_read_as_stored(name):
 
 
 def test_model_configs_saved_before_the_kinds_load_as_pkm():
-  saved = config_lib.to_dict(bert_cfg())
+  saved = architecture.to_dict(bert_cfg())
   for key in ("kind", "gate", "share_values", "key_norm", "peer_activation"):
     del saved["memory"][key]
-  cfg = config_lib.from_dict(saved)
+  cfg = architecture.from_dict(saved)
   assert cfg == bert_cfg() and cfg.memory.kind == "pkm" and cfg.memory.gate == "none"

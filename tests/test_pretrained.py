@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pkm_jax import architecture
 from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import config as config_lib
 from pkm_jax import converted, plus_init, pretrained
+from pkm_jax.architecture import MemoryConfig, ModelConfig
 from pkm_jax.bert import BertForMaskedLM
-from pkm_jax.config import ConfigError, MemoryConfig, ModelConfig
+from pkm_jax.config import ConfigError
 from pkm_jax.data.tokenizer import load_tokenizer
 from pkm_jax.steps import TrainState
 
@@ -168,7 +170,7 @@ def test_load_pretrained_from_training_workdir(tmp_path):
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
   with open(os.path.join(workdir, "model_config.json"), "w") as f:
-    json.dump(config_lib.to_dict(cfg), f)
+    json.dump(architecture.to_dict(cfg), f)
   load_tokenizer(hf_fixtures.write_vocab(str(tmp_path / "vocab"), DENSE.vocab_size)).save(
       os.path.join(workdir, "tokenizer.json"))
   _, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)

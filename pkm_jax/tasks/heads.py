@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pkm_jax.architecture import ModelConfig
 from pkm_jax.bert import BertModel
-from pkm_jax.config import ModelConfig
 from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
 from pkm_jax.product_keys import MemoryAux
 

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx, traverse_util
 
+from pkm_jax import architecture
 from pkm_jax import checkpoint as ckpt_lib
-from pkm_jax import config as config_lib
 from pkm_jax import pretrained as pretrained_lib
-from pkm_jax.config import ModelConfig
+from pkm_jax.architecture import ModelConfig
 from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
 from pkm_jax.plus_init import init_from_pretrained
 from pkm_jax.program import frozen_filter
@@ -120,7 +120,7 @@ def restore_task_model(task_dir: str, step: int | None = None) -> nnx.Module:
   `step` (default latest), on one device, in eval mode."""
   info = ckpt_lib.read_json(os.path.join(task_dir, "task_model.json"), "not a fine-tuning run")
   run_cfg = ckpt_lib.read_json(os.path.join(task_dir, "config.json"), "not a fine-tuning run")
-  cfg = config_lib.from_dict(info["model"])
+  cfg = architecture.from_dict(info["model"])
   model = nnx.eval_shape(lambda: build_task_model(info["kind"], cfg, info["num_labels"],
                                                   classifier_dropout=0.0, seed=0))
   freeze = frozen_filter(run_cfg.get("optim", {}).get("freeze_memory", False))

@@ -20,10 +20,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from pkm_jax import architecture
 from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import config as config_lib
 from pkm_jax import program as program_lib
-from pkm_jax.config import ModelConfig
+from pkm_jax.architecture import ModelConfig
 from pkm_jax.data.tokenizer import load_tokenizer
 from pkm_jax.loop import Periodic, train_loop
 from pkm_jax.program import TrainProgram
@@ -55,7 +56,7 @@ def prepare_task_dir(config: ml_collections.ConfigDict, task_dir: str, task_name
       raise ValueError(f"{task_dir} holds a fine-tuning run with different settings "
                        f"({', '.join(diff)}); use a new --workdir")
     info = ckpt_lib.read_json(os.path.join(task_dir, "task_model.json"), "not a fine-tuning run")
-    return (config_lib.from_dict(info["model"]),
+    return (architecture.from_dict(info["model"]),
             load_tokenizer(os.path.join(task_dir, "tokenizer.json")), None)
   pre = load()
   model_cfg = task_model_config(pre.cfg, config, kind)
@@ -65,7 +66,7 @@ def prepare_task_dir(config: ml_collections.ConfigDict, task_dir: str, task_name
   os.makedirs(task_dir, exist_ok=True)
   pre.tokenizer.save(os.path.join(task_dir, "tokenizer.json"))
   ckpt_lib.write_json(os.path.join(task_dir, "task_model.json"), {
-      "model": config_lib.to_dict(model_cfg), "kind": kind, "num_labels": num_labels,
+      "model": architecture.to_dict(model_cfg), "kind": kind, "num_labels": num_labels,
       "init_source": pre.source})
   ckpt_lib.write_json(os.path.join(task_dir, "config.json"), json.loads(settings.to_json()))
   return model_cfg, pre.tokenizer, pre
