@@ -12,7 +12,7 @@ specific to a backend, so the same command runs on CPU, GPU and TPU. Rows:
   lookup forward        weighted_lookup: the weighted sum of the H*k picked value rows
   lookup backward       its VJP: d values (a dense [N, V] table) and d weights
   value update dense    Adam on the whole [N, V] table from its dense gradient (params donated)
-  value update sparse   row gradients of the picked rows + row-sparse Adam + in-place row update
+  value update sparse   row gradients of the picked rows + row-sparse Adam stepping them in place
   memory layer forward  ProductKeyMemory in eval mode: all of the above forward
   FFN forward / fwd+bwd BERT's D -> 4D (exact GELU) -> D on the same tokens
 The JSON (--out) holds the settings, the device and every row in milliseconds.
@@ -141,8 +141,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
   def sparse_update(values, opt_state, idx, w, g):
     ids, rows = sparse_adam.row_gradients(idx[None], w[None], g[None], num_rows=values.shape[0])
-    ids, row_updates, opt_state = row_adam.update(ids, rows, opt_state, values)
-    return sparse_adam.apply_row_updates(values, ids, row_updates), opt_state
+    return row_adam.step(ids, rows, opt_state, values)  # what the train step runs
 
   mem.values[...] = values_NxV
   graphdef, state = nnx.split(mem)

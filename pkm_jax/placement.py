@@ -88,8 +88,7 @@ class MemoryPlacement:
     if self.slot_axes:
       return sharded_memory.sharded_row_update(tx, row_ids, row_grads, opt_state, table_NxV,
                                                slot_axes=self.slot_axes)
-    row_ids, row_updates, opt_state = tx.update(row_ids, row_grads, opt_state, table_NxV)
-    return sparse_adam.apply_row_updates(table_NxV, row_ids, row_updates), opt_state
+    return tx.step(row_ids, row_grads, opt_state, table_NxV)
 
 
 SINGLE_DEVICE = MemoryPlacement()

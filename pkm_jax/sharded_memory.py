@@ -373,10 +373,6 @@ def sharded_row_update(tx: sparse_adam.SparseGradientTransformation, row_ids: ja
   row_spec = P(_axes_entry(slot_axes))
   state_specs = jax.tree.map(lambda x: row_spec if is_row_leaf(x, n) else P(), opt_state)
 
-  def local_step(ids, grads, state, table_block):
-    ids, updates, state = tx.update(ids, grads, state, table_block)
-    return sparse_adam.apply_row_updates(table_block, ids, updates), state
-
-  step = jax.shard_map(local_step, in_specs=(row_spec, row_spec, state_specs, row_spec),
+  step = jax.shard_map(tx.step, in_specs=(row_spec, row_spec, state_specs, row_spec),
                        out_specs=(row_spec, state_specs))
   return step(row_ids, row_grads, opt_state, table)

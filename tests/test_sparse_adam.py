@@ -37,15 +37,19 @@ def numpy_lazy_adam(table, steps, lr, weight_decay):
   return table, mu, nu
 
 
-def sparse_step(tx, num_rows):
+def sparse_step(tx, num_rows, fused=False):
   def step(table, state, ids, grads):
     ids, grads = sa.coalesce_rows(ids, grads, num_rows)
+    if fused:
+      return tx.step(ids, grads, state, table)
     ids, updates, state = tx.update(ids, grads, state, table)
     return sa.apply_row_updates(table, ids, updates), state
   return jax.jit(step)
 
 
-def test_matches_numpy_lazy_adam_and_leaves_untouched_rows_bit_identical():
+@pytest.mark.parametrize("fused", [False, True])
+def test_matches_numpy_lazy_adam_and_leaves_untouched_rows_bit_identical(fused, monkeypatch):
+  monkeypatch.setattr(sa, "STEP_CHUNK_BYTES", 5 * 4 * 4)  # tx.step: 5-row chunks, the last padded
   n, v, r = 32, 4, 12
   rng = np.random.default_rng(0)
   table0 = rng.normal(size=(n, v)).astype(np.float32)
@@ -54,7 +58,7 @@ def test_matches_numpy_lazy_adam_and_leaves_untouched_rows_bit_identical():
            for _ in range(5)]
   schedule = optax.linear_schedule(1e-2, 2e-3, 5)
   tx = sa.sparse_adam(schedule, B1, B2, EPS, weight_decay=0.1)
-  step = sparse_step(tx, n)
+  step = sparse_step(tx, n, fused)
   table, state = jnp.asarray(table0), tx.init(jnp.asarray(table0))
   for ids, grads in steps:
     prev = jax.tree.map(np.asarray, (table, state.mu, state.nu))
@@ -68,6 +72,38 @@ def test_matches_numpy_lazy_adam_and_leaves_untouched_rows_bit_identical():
   np.testing.assert_allclose(state.mu, want_mu, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(state.nu, want_nu, rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(np.asarray(table)[20:], table0[20:])
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 64])
+def test_step_equals_update_then_apply(chunk_rows, monkeypatch):
+  """tx.step (one in-place loop over row chunks) gives what tx.update followed by
+  apply_row_updates gives (to XLA's rounding of the same expressions), padding ids (>= N)
+  included, whatever the chunk size; rows never picked stay bit-identical."""
+  monkeypatch.setattr(sa, "STEP_CHUNK_BYTES", chunk_rows * 4 * 4)
+  n, v = 40, 4
+  rng = np.random.default_rng(3)
+  tx = sa.sparse_adam(optax.linear_schedule(1e-2, 1e-3, 4), B1, B2, EPS, weight_decay=0.05)
+
+  @jax.jit
+  def update_then_apply(ids, grads, state, table):
+    _, updates, state = tx.update(ids, grads, state, table)
+    return sa.apply_row_updates(table, ids, updates), state
+
+  table0 = jnp.asarray(rng.normal(size=(n, v)).astype(np.float32))
+  want = got = (table0, tx.init(table0))
+  picked = set()
+  for _ in range(3):
+    ids = np.concatenate([rng.choice(n - 8, 17, replace=False), [n, n]]).astype(np.int32)
+    grads = rng.normal(size=(19, v)).astype(np.float32)
+    grads[-2:] = 0  # padding rows carry zero gradients, as row_gradients makes them
+    picked |= set(ids[:-2].tolist())
+    want = update_then_apply(ids, grads, want[1], want[0])
+    got = jax.jit(tx.step)(ids, grads, got[1], got[0])
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+  never = np.setdiff1d(np.arange(n), sorted(picked))
+  np.testing.assert_array_equal(np.asarray(got[0])[never], np.asarray(table0)[never])
+  assert not np.asarray(got[1].mu)[never].any() and len(never) >= 8
 
 
 def test_equals_optax_adamw_when_every_row_is_touched():
@@ -175,10 +211,12 @@ def test_sharded_rows_and_update_equal_unsharded(data, model, slot_axes):
   assert int(s_state.count) == int(state.count) == 3
 
 
-def _compiled_step(n, v, r):
+def _compiled_step(n, v, r, fused=False):
   tx = sa.sparse_adam(1e-3, weight_decay=0.01)
 
   def step(table, state, ids, grads):
+    if fused:
+      return tx.step(ids, grads, state, table)
     ids, updates, state = tx.update(ids, grads, state, table)
     return sa.apply_row_updates(table, ids, updates), state
 
@@ -227,3 +265,20 @@ def test_step_does_no_table_sized_work():
       made.append(roots.get(called.group(1)) if parsed[1] == "fusion" and called else parsed[1])
   assert sorted(made) == ["parameter"] * 3 + ["scatter"] * 3, made
   assert big.as_text().count("may-alias") >= 3  # scatters write into the donated inputs
+
+
+def test_fused_step_does_no_table_sized_work(monkeypatch):
+  """tx.step's loop carries the donated table and moments: the only table-shaped values are
+  the parameters, the loop's tuples and the scatters into them (no copy, nothing elementwise)."""
+  monkeypatch.setattr(sa, "STEP_CHUNK_BYTES", 4 * 8 * 4)  # 4 chunks of 4 rows: a real loop
+  n, v, r = 65536, 8, 16
+  small, big = _compiled_step(4096, v, r, fused=True), _compiled_step(n, v, r, fused=True)
+  assert small.cost_analysis()["flops"] == big.cost_analysis()["flops"]
+  comps = _hlo_computations(big.as_text())
+  ops = {(parsed[1]) for lines in comps.values() for line in lines
+         if (parsed := _opcode(line)) and f"f32[{n},{v}]" in parsed[0]}
+  assert "while" in ops and "scatter" in ops, ops
+  assert ops <= {"parameter", "scatter", "get-tuple-element", "tuple", "while", "fusion"}, ops
+  fused_roots = {(_opcode(line) or ("", ""))[1] for lines in comps.values() for line in lines
+                 if "ROOT" in line and f"f32[{n},{v}]" in line}
+  assert fused_roots <= {"scatter", "tuple", "parameter"}, fused_roots
