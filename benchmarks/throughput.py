@@ -11,8 +11,9 @@ The paper's speed table (Kim & Jung 2020, BERT-base, inference batch/s): base 79
              Logits are taken at round(0.15 * seq) positions per sequence, as BERT pretraining
              does, so the vocabulary projection does not swamp the encoder.
   --values_optimizer sparse_adam (or adam) adds a column: pkm-jax's own train step (the one
-             `train.py` runs: pkm_jax.trainer's program, gradient clipping, logits at every
-             position) with that value-table optimizer; sparse_adam updates only picked rows.
+             `train.py` runs: pkm_jax.trainer's program, gradient clipping, logits at the masked
+             positions of a batch masked as in pretraining) with that value-table optimizer;
+             sparse_adam updates only the picked rows.
 Each number is the median over --steps timed steps after --warmup untimed ones (compilation),
 each step ended with block_until_ready. Token batches are random: speed does not depend on them.
 
@@ -45,6 +46,7 @@ from pkm_jax import config as config_lib  # noqa: E402
 from pkm_jax import trainer  # noqa: E402
 from pkm_jax.architecture import MemoryConfig, ModelConfig  # noqa: E402
 from pkm_jax.bert import BertForMaskedLM  # noqa: E402
+from pkm_jax.data.mlm import mask_tokens  # noqa: E402
 
 # (row name, memory mode, memory kind fields: pkm_jax/memory_kinds.py)
 MODES = (("BERT", "none", {}), ("+PKM", "replace", {}), ("+ResM", "residual", {}),
@@ -218,12 +220,12 @@ def program_train_seconds(args: argparse.Namespace, mode: str, kind: dict) -> fl
   program = trainer.build_train_program(config, args.vocab)
   rng = np.random.default_rng(args.seed)
   b, t = args.batch, args.seq
-  weights = (rng.random((b, t)) < 0.15).astype(np.float32)
-  batch = program.to_device({
-      "input_ids": rng.integers(5, args.vocab, (b, t), dtype=np.int32),
-      "attention_mask": np.ones((b, t), np.int32), "token_type_ids": np.zeros((b, t), np.int32),
-      "mlm_labels": (rng.integers(5, args.vocab, (b, t)) * weights).astype(np.int32),
-      "mlm_weights": weights})
+  # Masked as pretraining masks (data.mlm): the step then scores only the masked positions.
+  masked = mask_tokens(rng.integers(5, args.vocab, (b, t), dtype=np.int32), rng,
+                       mask_prob=config.data.mask_prob, mask_id=4, special_ids=np.arange(5),
+                       vocab_size=args.vocab)
+  batch = program.to_device({**masked, "attention_mask": np.ones((b, t), np.int32),
+                             "token_type_ids": np.zeros((b, t), np.int32)})
   with jax.set_mesh(program.mesh):
     carry = [program.init_state()]
 

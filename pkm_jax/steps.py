@@ -47,11 +47,38 @@ class TrainState:
   frozen: Any = dataclasses.field(default_factory=dict)  # params and statistics kept as they are
 
 
-def mlm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes: dict | None):
-  """The pretraining LossFn: masked-LM cross-entropy summed over the masked tokens."""
-  logits, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                      rngs=rngs, value_probes=value_probes)
-  loss, sums = metrics_lib.mlm_loss_and_metrics(logits, batch["mlm_labels"], batch["mlm_weights"])
+def mlm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes: dict | None,
+             *, max_predictions: int | None = None):
+  """The pretraining LossFn: masked-LM cross-entropy summed over the masked tokens.
+
+  With max_predictions P (data.mlm.max_masked: the most tokens the masking rule masks in a
+  row), the head's vocabulary projection runs at P positions per row, the masked ones first
+  ([B, P, V] logits instead of [B, T, V], as BERT's pretraining does; the other slots weigh 0,
+  so the sums are the same). A batch with more masked tokens in a row than P (made some other
+  way) takes the full [B, T, V] head instead: never a dropped prediction.
+  """
+  h_BxTxD, aux = model.bert(batch["input_ids"], batch["attention_mask"],
+                            batch["token_type_ids"], rngs=rngs, value_probes=value_probes)
+
+  def head_loss(h, labels, weights):
+    logits = model.mlm_head(h, model.bert.embeddings.word_embeddings)
+    return metrics_lib.mlm_loss_and_metrics(logits, labels, weights)
+
+  labels_BxT, weights_BxT = batch["mlm_labels"], batch["mlm_weights"]
+  if max_predictions is None or max_predictions >= labels_BxT.shape[1]:
+    loss, sums = head_loss(h_BxTxD, labels_BxT, weights_BxT)
+  else:
+    _, pos_BxP = jax.lax.top_k(weights_BxT, max_predictions)  # masked tokens weigh 1, others 0
+
+    def take(x):  # [B, T, ...] -> [B, P, ...]
+      return jnp.take_along_axis(x, pos_BxP.reshape(pos_BxP.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def at_positions():
+      return head_loss(take(h_BxTxD), take(labels_BxT), take(weights_BxT))
+
+    fits = jnp.max(jnp.sum(weights_BxT > 0, axis=1)) <= max_predictions
+    loss, sums = jax.lax.cond(fits, at_positions,
+                              lambda: head_loss(h_BxTxD, labels_BxT, weights_BxT))
   return loss * sums["count"], {"count": sums["count"], "loss": sums["nll_sum"],
                                 "mlm_accuracy": sums["correct"]}, aux
 

@@ -8,6 +8,7 @@ every check has passed and the state is in memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -99,7 +100,10 @@ def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
   def init_from(model, src_params):
     return plus_init.init_from_pretrained(model, src_params, pretrained_cfg)
 
-  return program_lib.build_program(config, make_model=make_model, loss_fn=mlm_loss,
+  # Logits only where tokens can be masked: at most max_masked positions per row.
+  loss_fn = functools.partial(mlm_loss, max_predictions=data_lib.max_masked(
+      config.data.mask_prob, config.data.max_len))
+  return program_lib.build_program(config, make_model=make_model, loss_fn=loss_fn,
                                    total_steps=config.train.steps,
                                    batch_size=config.data.batch_size, init_from=init_from)
 

@@ -12,7 +12,7 @@ from pkm_jax.config import base_config
 from pkm_jax.data import corpus as corpus_lib
 from pkm_jax.data import pipeline as pipe
 from pkm_jax.data import sources
-from pkm_jax.data.mlm import mask_tokens
+from pkm_jax.data.mlm import MLMMasker, mask_tokens, max_masked
 from pkm_jax.data.tokenizer import build_tokenizer, special_token_ids
 
 
@@ -156,6 +156,26 @@ def test_masking_statistics():
   # Random replacements are spread over the vocabulary, not a few ids.
   assert len(np.unique(new[(new != 4) & (new != ids[chosen])])) > 0.5 * frac_random * len(new)
   assert out["input_ids"].dtype == np.int32 and out["mlm_weights"].dtype == np.float32
+
+
+@pytest.mark.parametrize("mask_prob", [0.01, 0.15, 0.2, 0.5, 1.0])
+def test_no_row_has_more_masked_tokens_than_max_masked(mask_prob):
+  """The pretraining loss scores max_masked(mask_prob, T) positions per row: both masking
+  paths (a numpy Generator and the keyed per-row draws) stay within it, rows of every length."""
+  rng = np.random.default_rng(2)
+  b, t, vocab = 4000, 20, 100
+  lengths = rng.integers(1, t + 1, size=b)
+  ids = rng.integers(5, vocab, size=(b, t))
+  ids[np.arange(t)[None, :] >= lengths[:, None]] = 0
+  bound = max_masked(mask_prob, t)
+  out = mask_tokens(ids, rng, mask_prob=mask_prob, mask_id=4, special_ids=np.arange(5),
+                    vocab_size=vocab)
+  keyed = MLMMasker({"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}, vocab, mask_prob)(
+      ids, np.arange(b), seed=3)
+  for batch in (out, keyed):
+    n = (batch["mlm_weights"] > 0).sum(axis=1)
+    assert n.max() <= bound
+  assert bound <= min(t, int(np.ceil(mask_prob * t)) + 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ import pytest
 from flax import nnx
 
 from pkm_jax import trainer
-from pkm_jax.bert import value_table
+from pkm_jax.architecture import ModelConfig
+from pkm_jax.bert import BertForMaskedLM, value_table
+from pkm_jax.data import max_masked
+from pkm_jax.steps import mlm_loss
 from test_trainer import tiny_config
 
 VOCAB = 400
@@ -66,3 +69,39 @@ def test_bf16_value_table_dense_and_sparse_steps_agree():
   scale = np.abs(dense_table.astype(np.float32)).max()
   np.testing.assert_allclose(sparse_table.astype(np.float32), dense_table.astype(np.float32),
                              rtol=0, atol=scale / 64)
+
+
+@pytest.mark.parametrize("masked_fraction", [0.15, 0.6])
+def test_mlm_loss_at_masked_positions_equals_every_position(masked_fraction):
+  """mlm_loss with max_predictions gives the all-position head's loss, sums and gradients:
+  through the gathered [B, P, V] head when every row fits in P (15% masked), and through the
+  full head when a row does not (60%: never a dropped prediction)."""
+  cfg = ModelConfig(vocab_size=300, hidden_size=16, num_layers=1, num_heads=2,
+                    intermediate_size=32, max_position_embeddings=32)
+  graphdef, params, rest = nnx.split(BertForMaskedLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  rng = np.random.default_rng(0)
+  b, t = 6, 32
+  bound = max_masked(0.15, t)
+  weights = np.zeros((b, t), np.float32)
+  for row in weights:
+    row[rng.choice(t, round(masked_fraction * t), replace=False)] = 1
+  assert (weights.sum(1).max() <= bound) == (masked_fraction == 0.15)
+  batch = {"input_ids": rng.integers(5, 300, (b, t)).astype(np.int32),
+           "attention_mask": np.ones((b, t), np.int32),
+           "token_type_ids": np.zeros((b, t), np.int32),
+           "mlm_labels": (rng.integers(5, 300, (b, t)) * weights).astype(np.int32),
+           "mlm_weights": weights}
+
+  def loss(params, max_predictions):
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    total, sums, _ = mlm_loss(model, batch, None, None, max_predictions=max_predictions)
+    return total, sums
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (want, want_sums), want_g = grad(params, None)
+  (got, got_sums), got_g = grad(params, bound)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for k in want_sums:
+    np.testing.assert_allclose(got_sums[k], want_sums[k], rtol=1e-6)
+  for a, b_ in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-7)

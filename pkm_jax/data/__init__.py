@@ -31,7 +31,7 @@ Batches are numpy dicts, all [B_host, max_len]: input_ids, attention_mask, token
 
 from pkm_jax.data.corpus import GeneratedCorpus, World, generate_corpus
 from pkm_jax.data.loader import ArrayRows, MLMEvalData, MLMTrainIterator
-from pkm_jax.data.mlm import MLMMasker, mask_tokens
+from pkm_jax.data.mlm import MLMMasker, mask_tokens, max_masked
 from pkm_jax.data.packing import RowPacker, pack_sequences
 from pkm_jax.data.pipeline import make_eval_data, make_mlm_data, tokenize_documents
 from pkm_jax.data.prepared import PreparedRows
@@ -42,7 +42,7 @@ from pkm_jax.data.tokenizer import (TOKENIZER_FILE, build_tokenizer, load_tokeni
 
 __all__ = [
     "GeneratedCorpus", "World", "generate_corpus", "ArrayRows", "MLMEvalData",
-    "MLMTrainIterator", "MLMMasker", "mask_tokens", "RowPacker", "pack_sequences",
+    "MLMTrainIterator", "MLMMasker", "mask_tokens", "max_masked", "RowPacker", "pack_sequences",
     "make_eval_data", "make_mlm_data", "tokenize_documents", "PreparedRows", "load_documents",
     "build_tokenizer", "load_tokenizer", "save_tokenizer", "special_token_ids",
     "tokenizer_fingerprint", "train_tokenizer", "TOKENIZER_FILE",

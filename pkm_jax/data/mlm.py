@@ -16,6 +16,8 @@ Two ways to draw the randomness, same masking rule:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from pkm_jax.data import keyed_random
@@ -28,6 +30,12 @@ _COUNT, _ORDER, _ACTION, _REPLACE = 11, 12, 13, 14
 def _check_prob(mask_prob: float) -> None:
   if not 0.0 < mask_prob <= 1.0:
     raise ValueError(f"data.mask_prob={mask_prob} must be in (0, 1]")
+
+
+def max_masked(mask_prob: float, max_len: int) -> int:
+  """An upper bound on the tokens the rule below masks in one row of max_len tokens:
+  floor(p * m + u) <= ceil(p * T) for m <= T, u < 1, plus one for float rounding."""
+  return min(max_len, max(1, math.ceil(mask_prob * max_len) + 1))
 
 
 def _apply(ids_BxT: np.ndarray, count_B: np.ndarray, order_BxT: np.ndarray,
