@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -29,6 +28,7 @@ from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax.architecture import ModelConfig
 from pkm_jax.bert import BertForMaskedLM
 from pkm_jax.data import tokenizer as tok_lib
+from pkm_jax.staged_dir import staged_dir
 
 FORMAT = "pkm-jax-pretrained/1"
 _TOKENIZER_EXTRAS = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
@@ -73,10 +73,7 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict, tokenizer: An
     if os.listdir(out) and not overwrite:
       raise FileExistsError(f"--out {out} exists and is not empty (pass --overwrite to "
                             f"replace it)")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-  try:
+  with staged_dir(out) as tmp:
     _write_tokenizer(tmp, tokenizer, cfg.vocab_size)
     with open(os.path.join(tmp, "model_config.json"), "w") as f:
       json.dump(architecture.to_dict(cfg), f, indent=2, sort_keys=True)
@@ -85,16 +82,6 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict, tokenizer: An
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, "params"), jax.tree.map(jnp.asarray, params))
       ckptr.wait_until_finished()
-    if os.path.exists(out):  # empty, or --overwrite: swap, then delete the old one
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-      os.rename(out, os.path.join(old, "x"))
-      os.rename(tmp, out)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out
 
 

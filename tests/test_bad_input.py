@@ -36,7 +36,8 @@ TINY = ["--config.train.steps=4", "--config.train.log_every=2", "--config.train.
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one CPU device, as a user runs it;
+  # LLVM's optimisation passes skipped, as in conftest: they change speed, not results.
   return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=timeout)
 

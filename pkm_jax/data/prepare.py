@@ -27,8 +27,6 @@ import datetime
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -43,6 +41,7 @@ from pkm_jax.data import tokenizer as tok_lib
 from pkm_jax.data.encoder import SentenceEncoder
 from pkm_jax.data.packing import RowPacker
 from pkm_jax.data.sources import expand_files
+from pkm_jax.staged_dir import staged_dir
 
 _encoder: SentenceEncoder | None = None  # one per worker process (set by _init_worker)
 
@@ -184,10 +183,7 @@ def prepare(out: str, *, inputs: str = "", tfds_name: str = "", tfds_split: str 
         lambda: text_stream.sentences_of(train_blocks(), eval_fraction), vocab_size, lowercase)
   special_ids = tok_lib.special_token_ids(tok)
 
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-  try:
+  with staged_dir(out) as tmp:
     tok_lib.save_tokenizer(tok, os.path.join(tmp, prepared_lib.TOKENIZER_FILE))
     new_split = lambda name: _Split(tmp, name, tok, max_len, rows_per_shard)
     splits = {"train": new_split("train")}
@@ -223,16 +219,6 @@ def prepare(out: str, *, inputs: str = "", tfds_name: str = "", tfds_split: str 
     }
     with open(os.path.join(tmp, prepared_lib.METADATA_FILE), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
-    if os.path.exists(out):  # empty, or --overwrite: swap, then delete the old one
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-      os.rename(out, os.path.join(old, "x"))
-      os.rename(tmp, out)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return meta
 
 
