@@ -22,7 +22,7 @@ gradient norm), then steps those rows in place (`sharded_row_update`; no collect
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +139,30 @@ def _local_lookup_grads(values_nxV, lidx_MxP, w_MxP, g_MxV, chunk):
   return g_values.astype(values_nxV.dtype), g_w_MxP.astype(w_MxP.dtype)
 
 
+def _row_op(fwd_local: Callable, bwd_local: Callable, table_spec: P, token_spec: P) -> Callable:
+  """(table, picks, token operand) -> token result, as a custom_vjp whose forward and backward
+  are each one shard_map of the given local functions: bwd_local(table, picks, operand, g) ->
+  (d table, d operand); the picks get no gradient."""
+  fwd_sm = jax.shard_map(fwd_local, in_specs=(table_spec, token_spec, token_spec),
+                         out_specs=token_spec)
+  bwd_sm = jax.shard_map(bwd_local, in_specs=(table_spec, token_spec, token_spec, token_spec),
+                         out_specs=(table_spec, token_spec))
+
+  @jax.custom_vjp
+  def op(table, idx, operand):
+    return fwd_sm(table, idx, operand)
+
+  def op_fwd(table, idx, operand):
+    return fwd_sm(table, idx, operand), (table, idx, operand)
+
+  def op_bwd(res, g):
+    g_table, g_operand = bwd_sm(*res, g)
+    return g_table, None, g_operand
+
+  op.defvjp(op_fwd, op_bwd)
+  return op
+
+
 def _make_lookup(slot_axes: tuple[str, ...], token_axes: tuple[str, ...], chunk: int):
   """custom_vjp lookup on [B, S, P] picks; forward and backward are each one shard_map whose
   only collectives act on token-sized arrays (picks, [tokens, V] partials / gradients)."""
@@ -175,24 +199,7 @@ def _make_lookup(slot_axes: tuple[str, ...], token_axes: tuple[str, ...], chunk:
       g_values = jax.lax.psum(g_values, table_copies)
     return g_values, combine(g_w.reshape(b, s, p))
 
-  fwd_sm = jax.shard_map(fwd_local, in_specs=(table_spec, token_spec, token_spec),
-                         out_specs=token_spec)
-  bwd_sm = jax.shard_map(bwd_local, in_specs=(table_spec, token_spec, token_spec, token_spec),
-                         out_specs=(table_spec, token_spec))
-
-  @jax.custom_vjp
-  def lookup(values, idx, w):
-    return fwd_sm(values, idx, w)
-
-  def lookup_fwd(values, idx, w):
-    return fwd_sm(values, idx, w), (values, idx, w)
-
-  def lookup_bwd(res, g):
-    g_values, g_w = bwd_sm(*res, g)
-    return g_values, None, g_w
-
-  lookup.defvjp(lookup_fwd, lookup_bwd)
-  return lookup
+  return _row_op(fwd_local, bwd_local, table_spec, token_spec)
 
 
 def sharded_weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Array, *,
@@ -294,23 +301,7 @@ def sharded_row_dots(table_NxD: jax.Array, indices: jax.Array, x: jax.Array, *,
     g_x = _local_lookup(table, lidx, g_s.reshape(bb * s, -1), chunk)
     return g_table, combine(g_x.reshape(bb, s, d)).astype(x.dtype)
 
-  fwd_sm = jax.shard_map(fwd_local, in_specs=(table_spec, token_spec, token_spec),
-                         out_specs=token_spec)
-  bwd_sm = jax.shard_map(bwd_local, in_specs=(table_spec, token_spec, token_spec, token_spec),
-                         out_specs=(table_spec, token_spec))
-
-  @jax.custom_vjp
-  def dots(table, idx, x):
-    return fwd_sm(table, idx, x)
-
-  def dots_fwd(table, idx, x):
-    return fwd_sm(table, idx, x), (table, idx, x)
-
-  def dots_bwd(res, g):
-    g_table, g_x = bwd_sm(*res, g)
-    return g_table, None, g_x
-
-  dots.defvjp(dots_fwd, dots_bwd)
+  dots = _row_op(fwd_local, bwd_local, table_spec, token_spec)
   return dots(table_NxD, idx_BxSxP, x_BxSxD).reshape(*lead, *indices.shape[-2:])
 
 
