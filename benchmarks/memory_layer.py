@@ -10,6 +10,7 @@ specific to a backend, so the same command runs on CPU, GPU and TPU. Rows:
                         search runs); "full grid" is the same over all k x k pairs, for comparison
   search                product_key_topk end to end (projection excluded)
   lookup forward        weighted_lookup: the weighted sum of the H*k picked value rows
+                        (--lookup_kernel pallas: the Pallas kernel of this platform)
   lookup backward       its VJP: d values (a dense [N, V] table) and d weights
   value update dense    Adam on the whole [N, V] table from its dense gradient (params donated)
   value update sparse   row gradients of the picked rows + row-sparse Adam stepping them in place
@@ -20,6 +21,7 @@ The JSON (--out) holds the settings, the device and every row in milliseconds.
   python benchmarks/memory_layer.py                       # BERT-base, the paper's memory
   python benchmarks/memory_layer.py --dtype bfloat16      # bf16 table, lookup and FFN
   python benchmarks/memory_layer.py --tiny                # seconds: a smoke run
+  python benchmarks/memory_layer.py --lookup_kernel pallas  # on a GPU or TPU
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a
 from pkm_jax import product_keys, sparse_adam  # noqa: E402
 from pkm_jax.architecture import MemoryConfig  # noqa: E402
 from pkm_jax.memory import ProductKeyMemory  # noqa: E402
+from pkm_jax.placement import MemoryPlacement  # noqa: E402
 
 TINY = dict(hidden=32, n_keys=16, heads=2, k=4, k_dim=8, tokens=64, steps=2, warmup=1)
 
@@ -56,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--tokens", type=int, default=1024, help="tokens T per call (8 x 128)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="value table, lookup and FFN dtype; the query path stays float32")
+  p.add_argument("--lookup_kernel", choices=("xla", "pallas"), default="xla",
+                 help="lookup rows and layer: pure JAX, or pkm_jax/lookup_kernels.py "
+                      "(interpret mode on CPU: slow, a correctness run only)")
   p.add_argument("--steps", type=int, default=5, help="timed calls per row")
   p.add_argument("--warmup", type=int, default=1, help="untimed calls first (compilation)")
   p.add_argument("--tiny", action="store_true", help=f"small sizes, for a smoke run: {TINY}")
@@ -98,7 +104,8 @@ def run(args: argparse.Namespace) -> list[dict]:
   dtype = jnp.dtype(args.dtype)
   t, d, h, kd, n, k = args.tokens, args.hidden, args.heads, args.k_dim, args.n_keys, args.k
   cfg = MemoryConfig(n_keys=n, heads=h, k=k, k_dim=kd, v_dim=d)
-  mem = ProductKeyMemory(d, cfg, rngs=nnx.Rngs(args.seed))
+  placement = MemoryPlacement(lookup_kernel=args.lookup_kernel)
+  mem = ProductKeyMemory(d, cfg, placement=placement, rngs=nnx.Rngs(args.seed))
   r = np.random.default_rng(args.seed)
   x_TxD = jnp.asarray(r.normal(size=(t, d)), jnp.float32)
   keys = mem.keys[...]
@@ -124,7 +131,7 @@ def run(args: argparse.Namespace) -> list[dict]:
   (v1, i1), (v2, i2) = jax.jit(first_stage)(s1, s2)
   scores, idx_TxHxk = product_keys.product_key_topk(q_TxHxK, keys, k)
   w_TxHxk = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  lookup = product_keys.weighted_lookup
+  lookup = placement.lookup
   g_TxV = jnp.asarray(r.normal(size=(t, d)), jnp.float32)  # the lookup sums in float32
 
   def lookup_backward(values, idx, w, g):
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   device = jax.devices()[0].device_kind
   print(f"\n{device}, {args.tokens} tokens, hidden {args.hidden}, n_keys {args.n_keys} "
         f"({args.n_keys ** 2} slots), heads {args.heads}, k {args.k}, k_dim {args.k_dim}, "
-        f"{args.dtype}\n\n{markdown_table(results)}")
+        f"{args.dtype}, lookup {args.lookup_kernel}\n\n{markdown_table(results)}")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(dict(settings=vars(args), device=device,

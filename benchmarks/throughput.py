@@ -47,6 +47,7 @@ from pkm_jax import trainer  # noqa: E402
 from pkm_jax.architecture import MemoryConfig, ModelConfig  # noqa: E402
 from pkm_jax.bert import BertForMaskedLM  # noqa: E402
 from pkm_jax.data.mlm import mask_tokens  # noqa: E402
+from pkm_jax.placement import MemoryPlacement  # noqa: E402
 
 # (row name, memory mode, memory kind fields: pkm_jax/memory_kinds.py)
 MODES = (("BERT", "none", {}), ("+PKM", "replace", {}), ("+ResM", "residual", {}),
@@ -79,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--value_dtype", choices=("float32", "bfloat16"), default="float32",
                  help="memory value table storage (memory.value_dtype); Adam keeps its moments "
                       "in the same dtype")
+  p.add_argument("--lookup_kernel", choices=("xla", "pallas"), default="xla",
+                 help="the memory lookup's forward: pure JAX, or the Pallas kernel of this "
+                      "platform (pkm_jax/lookup_kernels.py; interpret mode on CPU)")
   p.add_argument("--values_optimizer", choices=("", "adam", "sparse_adam"), default="",
                  help="also time pkm-jax's own train step with this optim.values_optimizer")
   p.add_argument("--models", default=",".join(m[0] for m in MODES),
@@ -215,7 +219,7 @@ def program_train_seconds(args: argparse.Namespace, mode: str, kind: dict) -> fl
   config.data.update(batch_size=args.batch, max_len=args.seq, vocab_size=args.vocab)
   config.optim.values_optimizer = args.values_optimizer
   config.train.memory_stats_every = 0
-  config.mesh.update(data=1, model=1)
+  config.mesh.update(data=1, model=1, lookup_kernel=args.lookup_kernel)
   config_lib.validate(config, vocab_size=args.vocab)
   program = trainer.build_train_program(config, args.vocab)
   rng = np.random.default_rng(args.seed)
@@ -272,7 +276,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
   args = parse_args(argv)
   batch = random_batch(args)
   modes = [m for m in MODES if m[0] in args.models]
-  models = [BertForMaskedLM(model_config(args, mode, kind), rngs=nnx.Rngs(args.seed))
+  placement = MemoryPlacement(lookup_kernel=args.lookup_kernel)
+  models = [BertForMaskedLM(model_config(args, mode, kind), rngs=nnx.Rngs(args.seed),
+                            placement=placement)
             for _, mode, kind in modes]
   infer = interleaved_median_seconds([inference_step(m, batch) for m in models], args.warmup,
                                      args.steps)
@@ -298,7 +304,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
   table = markdown_table(results)
   print(f"\n{jax.devices()[0].device_kind} x{jax.device_count()}, batch {args.batch} x seq "
-        f"{args.seq}, {args.dtype}, value table {args.value_dtype}, memory layers "
+        f"{args.seq}, {args.dtype}, value table {args.value_dtype}, lookup "
+        f"{args.lookup_kernel}, memory layers "
         f"{list(args.memory_layers)}\n\n{table}")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ PEER_ACTIVATIONS = ("relu", "gelu", "silu", "sigmoid", "identity")
 DECAYS = ("linear", "cosine", "constant")
 VALUE_OPTIMIZERS = ("adam", "sparse_adam")
 VALUE_SCHEDULES = ("constant", "network")
+LOOKUP_KERNELS = ("xla", "pallas")  # mesh.lookup_kernel: pkm_jax.lookup_kernels or not
 DTYPES = ("float32", "bfloat16", "float16")
 VALUE_DTYPES = ("float32", "bfloat16")  # memory.value_dtype
 DATA_SOURCES = ("generated", "files", "tfds", "prepared")
@@ -56,7 +57,9 @@ def mesh_group() -> ml_collections.ConfigDict:
   """The `mesh` group: device mesh sizes and logical-axis rules (pkm_jax.sharding)."""
   # rules: (logical axis, mesh axes) pairs tried before pkm_jax.sharding.DEFAULT_RULES, e.g.
   # (("slots", ("model", "data")),) splits the value tables over every device (FSDP-style).
-  return ml_collections.ConfigDict(dict(data=-1, model=1, rules=()))
+  # lookup_kernel: 'pallas' runs the memory lookup's forward as a Pallas kernel on GPU/TPU
+  # (pkm_jax.lookup_kernels; interpret mode, slow, on CPU); 'xla' the pure-JAX one.
+  return ml_collections.ConfigDict(dict(data=-1, model=1, rules=(), lookup_kernel="xla"))
 
 
 def init_group() -> ml_collections.ConfigDict:
@@ -227,6 +230,7 @@ def validate_mesh(mesh: ml_collections.ConfigDict) -> None:
                         "devices)")
   if mesh.data == -1 and mesh.model == -1:
     raise ConfigError("mesh.data and mesh.model cannot both be -1")
+  check_choice(mesh, "mesh", "lookup_kernel", LOOKUP_KERNELS)
   for rule in mesh.rules or ():
     if (not isinstance(rule, (tuple, list)) or len(rule) != 2
         or not isinstance(rule[0], str)):

@@ -13,6 +13,8 @@ Rules of choice (each keeps the function bit-for-bit the same, only the communic
     own tokens (`sharded_memory.sharded_product_key_topk`);
   - neither (one device, or a replicated table with replicated tokens): the plain operations of
     `product_keys`.
+`lookup_kernel='pallas'` (config `mesh.lookup_kernel`) runs an unsplit table's lookup forward
+as a Pallas kernel (`lookup_kernels`); a split table keeps the hand-partitioned XLA lookup.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pkm_jax import lookup_kernels
 from pkm_jax import memory_kinds
 from pkm_jax import product_keys
 from pkm_jax import sharded_memory
@@ -32,18 +35,22 @@ from pkm_jax import sparse_adam
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlacement:
-  """Mesh axes (of size > 1) that split the value-table rows and the tokens; () = not split."""
+  """Mesh axes (of size > 1) that split the value-table rows and the tokens; () = not split;
+  and which kernel computes the lookup ('xla' | 'pallas')."""
 
   slot_axes: tuple[str, ...] = ()
   token_axes: tuple[str, ...] = ()
+  lookup_kernel: str = "xla"
 
   @classmethod
   def from_mesh(cls, mesh: jax.sharding.Mesh,
-                rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES) -> MemoryPlacement:
+                rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES, *,
+                lookup_kernel: str = "xla") -> MemoryPlacement:
     """The placement `rules` give on `mesh`: 'slots' -> row axes, 'batch' -> token axes."""
     real = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)  # noqa: E731
     return cls(slot_axes=real(sharding_lib.slot_axes(rules)),
-               token_axes=real(sharding_lib.rule_axes("batch", rules)))
+               token_axes=real(sharding_lib.rule_axes("batch", rules)),
+               lookup_kernel=lookup_kernel)
 
   def search(self, query: jax.Array, sub_keys: jax.Array, k: int
              ) -> tuple[jax.Array, jax.Array]:
@@ -59,6 +66,8 @@ class MemoryPlacement:
       return sharded_memory.sharded_weighted_lookup(values_NxV, indices, weights,
                                                     slot_axes=self.slot_axes,
                                                     token_axes=self.token_axes)
+    if self.lookup_kernel == "pallas":
+      return lookup_kernels.weighted_lookup(values_NxV, indices, weights)
     return product_keys.weighted_lookup(values_NxV, indices, weights)
 
   def row_dots(self, table_NxD: jax.Array, indices: jax.Array, x: jax.Array) -> jax.Array:

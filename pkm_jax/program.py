@@ -73,7 +73,7 @@ def build_program(config: ml_collections.ConfigDict, *,
   """
   mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model)
   rules = sharding_lib.rules_from_config(config)
-  placement = MemoryPlacement.from_mesh(mesh, rules)
+  placement = MemoryPlacement.from_mesh(mesh, rules, lookup_kernel=config.mesh.lookup_kernel)
   accum = config.train.grad_accum_steps
   ways = math.prod(mesh.shape[a] for a in placement.token_axes)
   if (batch_size // accum) % ways:

@@ -290,6 +290,7 @@ PRETRAINING_BAD = {
     "mesh.data": [0, -2, 3],
     "mesh.model": [0],
     "mesh.rules": [(("slots", ("model", "gpu")),), (("slots",),)],
+    "mesh.lookup_kernel": ["triton"],
     "eval.batches": [-1],
     "eval.batch_size": [-1],
 }
@@ -335,6 +336,7 @@ FINETUNE_BAD = {
     "train.checkpoint_every": [0], "train.keep_checkpoints": [0], "train.grad_accum_steps": [0],
     "eval.batch_size": [0], "eval.n_best": [0], "eval.max_answer_len": [0],
     "mesh.data": [0], "mesh.model": [-3], "mesh.rules": [(("slots", "gpu"),)],
+    "mesh.lookup_kernel": ["cuda"],
 }
 FINETUNE_FREE = {"optim.freeze_memory": "a bool"}
 

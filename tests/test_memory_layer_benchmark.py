@@ -1,5 +1,5 @@
-"""benchmarks/memory_layer.py --tiny as a user runs it: every component timed, the table printed,
-the JSON written."""
+"""benchmarks/memory_layer.py --tiny and benchmarks/accelerator.py --tiny as a user runs them:
+every component timed, the tables printed, the JSON written."""
 
 import json
 import math
@@ -26,3 +26,44 @@ def test_memory_layer_benchmark_tiny(tmp_path):
   assert [r["component"] for r in result["results"]] == list(COMPONENTS)
   assert all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in result["results"])
   assert result["settings"]["dtype"] == "bfloat16" and result["settings"]["n_keys"] == 16
+
+
+def run_accelerator(tmp_path, *flags):
+  out = tmp_path / "accelerator.json"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--tiny", *flags, "--out",
+                         str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  return proc.stdout, json.loads(out.read_text())
+
+
+def test_accelerator_script_tiny(tmp_path):
+  """Every run of the set, both lookups (Pallas in interpret mode here), one JSON."""
+  stdout, report = run_accelerator(tmp_path)
+  assert report["platform"] == "cpu" and report["skipped"] == []
+  names = [r["name"] for r in report["runs"]]
+  assert names == ["memory_layer tiny xla", "memory_layer tiny pallas", "throughput tiny xla",
+                   "throughput tiny pallas"]
+  for run in report["runs"][:2]:
+    assert [r["component"] for r in run["results"]] == list(COMPONENTS)
+  xla, pallas = report["runs"][2]["results"], report["runs"][3]["results"]
+  assert [r["model"] for r in xla] == ["BERT", "+PKM", "+ResM"]
+  assert [r["model"] for r in pallas] == ["BERT", "+ResM"]
+  for r in xla + pallas:
+    assert r["params"] > 0 and all(math.isfinite(r[key]) and r[key] > 0 for key in (
+        "inference_seq_per_s", "train_seq_per_s", "program_train_seq_per_s"))
+  # Same models, other lookup kernel: the same parameter counts.
+  assert pallas[1]["params"] == xla[2]["params"]
+  assert "lookup pallas" in stdout and "| +ResM |" in stdout
+
+
+def test_accelerator_script_keeps_to_its_budget(tmp_path):
+  """Past --budget_s no new run starts, and the JSON lists what was skipped."""
+  stdout, report = run_accelerator(tmp_path, "--budget_s", "0")
+  assert report["runs"] == []
+  assert [r["name"] for r in report["skipped"]] == [
+      "memory_layer tiny xla", "memory_layer tiny pallas", "throughput tiny xla",
+      "throughput tiny pallas"]
+  assert "0 runs" in stdout and "4 skipped" in stdout

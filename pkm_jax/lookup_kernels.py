@@ -1,0 +1,184 @@
+"""The weighted lookup as Pallas kernels: one for GPUs (Triton), one for TPUs (Mosaic).
+
+`weighted_lookup` computes exactly `product_keys.weighted_lookup` -- the sum of each token's
+picked value rows, weighted (EmbeddingBag 'sum' with per-sample weights) -- but gathers the rows
+inside a kernel, so no [tokens, picks, V] block ever reaches memory, whatever the batch:
+
+  - GPU (`_triton_gather_sum`): a program per (16 tokens, a power-of-two slice of V) loops over
+    the picks; each step gathers one pick's row slice for all 16 tokens straight from the table
+    in global memory and adds it, weighted, into a float32 accumulator held in registers.
+  - TPU (`_tpu_gather_sum`): a program per 8 tokens DMAs their picked rows from HBM into VMEM
+    (one copy per row, all in flight together), then sums them with one [1, P] x [P, V] matmul
+    per token.
+
+Lowering is per platform (`jax.lax.platform_dependent`): cuda/rocm -> Triton, tpu -> Mosaic; on
+CPU the Triton kernel runs in Pallas' interpret mode (correct, slow: for tests). The backward
+is the XLA one of `product_keys` (gather of d weights, scatter-add of row gradients, none when
+the table's gradient is stopped), so only the forward differs, and `product_keys` stays the
+reference every kernel is tested against (`tests/test_lookup_kernels.py`).
+
+Chosen with `--config.mesh.lookup_kernel=pallas` (`placement.MemoryPlacement`); 'xla' is the
+default until an accelerator run (`benchmarks/accelerator.py`) shows the kernel faster there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from pkm_jax import product_keys
+
+TRITON_BLOCK_TOKENS = 16  # tokens per program: the rows of one gathered [16, block_v] tile
+TRITON_MAX_BLOCK_V = 256  # value columns per program (Triton tiles are powers of two)
+TPU_BLOCK_TOKENS = 8  # tokens per program: one sublane tile of the [8, V] output block
+
+
+def _pad_tokens(x_MxP: jax.Array, multiple: int, fill) -> jax.Array:
+  return jnp.pad(x_MxP, ((0, -x_MxP.shape[0] % multiple), (0, 0)), constant_values=fill)
+
+
+def _triton_block_v(v: int) -> int:
+  """The largest power of two dividing V, at most TRITON_MAX_BLOCK_V (256 for V = 768)."""
+  return min(v & -v, TRITON_MAX_BLOCK_V)
+
+
+def _triton_kernel(idx_ref, w_ref, values_ref, out_ref, *, block_v: int, picks: int):
+  # idx_ref, w_ref: this program's [P, 16] picks (pick-major: each step reads 16 contiguous
+  # ids); values_ref: the whole [N, V] table in global memory; out_ref: [16, block_v].
+  cols = pl.ds(pl.program_id(1) * block_v, block_v)
+
+  def add_pick(p, acc):
+    rows = values_ref[idx_ref[p, :], cols]  # a gather: 16 row slices of one pick
+    return acc + w_ref[p, :][:, None] * rows.astype(jnp.float32)
+
+  out_ref[...] = jax.lax.fori_loop(0, picks, add_pick, jnp.zeros(out_ref.shape, jnp.float32))
+
+
+def _triton_gather_sum(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array, *,
+                       interpret: bool = False) -> jax.Array:
+  """sum_p w[m, p] * values[idx[m, p]]: values [N, V], idx/w [M, P] (ids < N) -> [M, V] f32."""
+  m, picks = idx_MxP.shape
+  v = values_NxV.shape[1]
+  bm, bv = TRITON_BLOCK_TOKENS, _triton_block_v(v)
+  idx_PxM = _pad_tokens(idx_MxP, bm, 0).T
+  w_PxM = _pad_tokens(w_MxP, bm, 0).T
+  padded = idx_PxM.shape[1]
+  out = pl.pallas_call(
+      functools.partial(_triton_kernel, block_v=bv, picks=picks),
+      grid=(padded // bm, v // bv),
+      in_specs=[pl.BlockSpec((picks, bm), lambda i, j: (0, i)),
+                pl.BlockSpec((picks, bm), lambda i, j: (0, i)),
+                pl.BlockSpec(memory_space=pl.ANY)],  # the table is read by row ids, unblocked
+      out_specs=pl.BlockSpec((bm, bv), lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((padded, v), jnp.float32),
+      compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret,
+      name="pkm_weighted_lookup")(idx_PxM, w_PxM, values_NxV)
+  return out[:m]
+
+
+def _tpu_kernel(idx_ref, w_ref, values_hbm, out_ref, rows_buf, sem, *, block_m: int,
+                picks: int):
+  # idx_ref: [8, P] ids in SMEM (scalars address the copies); w_ref: [8, P] in VMEM;
+  # values_hbm: the [N, V] table left in HBM; rows_buf: [8, P, V] VMEM scratch.
+  def row_copy(t, p):
+    return pltpu.make_async_copy(values_hbm.at[pl.ds(idx_ref[t, p], 1)],
+                                 rows_buf.at[t, pl.ds(p, 1)], sem.at[0])
+
+  def each_row(fn):
+    def token(t, carry):
+      return jax.lax.fori_loop(0, picks, lambda p, c: (fn(row_copy(t, p)), c)[1], carry)
+    jax.lax.fori_loop(0, block_m, token, 0)
+
+  # Every copy is started before the first wait, so the DMA engines have all rows in flight.
+  each_row(lambda copy: copy.start())
+  each_row(lambda copy: copy.wait())
+  for t in range(block_m):
+    out_ref[pl.ds(t, 1), :] = jnp.dot(w_ref[pl.ds(t, 1), :], rows_buf[t].astype(jnp.float32),
+                                      preferred_element_type=jnp.float32)
+
+
+def _tpu_gather_sum(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array, *,
+                    interpret: bool = False) -> jax.Array:
+  """`_triton_gather_sum` for TPUs: values [N, V], idx/w [M, P] (ids < N) -> [M, V] f32."""
+  m, picks = idx_MxP.shape
+  v = values_NxV.shape[1]
+  bm = TPU_BLOCK_TOKENS
+  idx_MxP, w_MxP = _pad_tokens(idx_MxP, bm, 0), _pad_tokens(w_MxP, bm, 0)
+  padded = idx_MxP.shape[0]
+  out = pl.pallas_call(
+      functools.partial(_tpu_kernel, block_m=bm, picks=picks),
+      grid=(padded // bm,),
+      in_specs=[pl.BlockSpec((bm, picks), lambda i: (i, 0), memory_space=pltpu.SMEM),
+                pl.BlockSpec((bm, picks), lambda i: (i, 0)),
+                pl.BlockSpec(memory_space=pl.ANY)],
+      out_specs=pl.BlockSpec((bm, v), lambda i: (i, 0)),
+      out_shape=jax.ShapeDtypeStruct((padded, v), jnp.float32),
+      scratch_shapes=[pltpu.VMEM((bm, picks, v), values_NxV.dtype),
+                      pltpu.SemaphoreType.DMA((1,))],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+      interpret=pltpu.InterpretParams() if interpret else False,
+      name="pkm_weighted_lookup")(idx_MxP, w_MxP, values_NxV)
+  return out[:m]
+
+
+def gather_sum(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array) -> jax.Array:
+  """The kernel of this platform: values [N, V], idx/w [M, P] -> [M, V] float32.
+
+  Ids outside [0, N) (padding) add nothing: they are read as row 0 with weight 0, since a
+  kernel's out-of-range read would be undefined rather than zero.
+  """
+  n = values_NxV.shape[0]
+  valid = (idx_MxP >= 0) & (idx_MxP < n)
+  idx_MxP = jnp.where(valid, idx_MxP, 0).astype(jnp.int32)
+  w_MxP = jnp.where(valid, w_MxP, 0).astype(jnp.float32)
+  args = (values_NxV, idx_MxP, w_MxP)
+  return jax.lax.platform_dependent(
+      *args,
+      cuda=_triton_gather_sum, rocm=_triton_gather_sum, tpu=_tpu_gather_sum,
+      default=functools.partial(_triton_gather_sum, interpret=True))
+
+
+@jax.custom_vjp
+def _lookup(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array) -> jax.Array:
+  return gather_sum(values_NxV, idx_MxP, w_MxP)
+
+
+def _lookup_fwd(values, idx, w):
+  # symbolic_zeros, as in product_keys: a stopped table gradient (sparse value updates) is
+  # never built. The marker is a pytree structure: () build it, None skip it.
+  out = _lookup(values.value, idx.value, w.value)
+  return out, (values.value, idx.value, w.value, () if values.perturbed else None)
+
+
+def _lookup_bwd(res, g_MxV):
+  """The backward of `product_keys.weighted_lookup` on the same picks (XLA's, unchanged)."""
+  values_NxV, idx_MxP, w_MxP, want_values = res
+  if isinstance(g_MxV, jax.custom_derivatives.SymbolicZero):
+    g_MxV = jnp.zeros((idx_MxP.shape[0], values_NxV.shape[1]), jnp.float32)
+  reference = lambda values, w: product_keys.weighted_lookup(  # noqa: E731
+      values, idx_MxP[:, None, :], w[:, None, :])
+  if want_values is None:
+    _, vjp = jax.vjp(lambda w: reference(values_NxV, w), w_MxP)
+    return None, None, vjp(g_MxV)[0]
+  _, vjp = jax.vjp(reference, values_NxV, w_MxP)
+  g_values, g_w = vjp(g_MxV)
+  return g_values, None, g_w
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd, symbolic_zeros=True)
+
+
+def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
+  """`product_keys.weighted_lookup` with a Pallas forward: values [N, V], indices/weights
+  [..., H, K] -> [..., V] float32."""
+  lead = indices.shape[:-2]
+  picks = indices.shape[-2] * indices.shape[-1]
+  w_MxP = weights.reshape(-1, picks).astype(jnp.promote_types(values_NxV.dtype, jnp.float32))
+  out_MxV = _lookup(values_NxV, indices.reshape(-1, picks), w_MxP)
+  return out_MxV.reshape(*lead, values_NxV.shape[1])
