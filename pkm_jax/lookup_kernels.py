@@ -42,6 +42,14 @@ def _pad_tokens(x_MxP: jax.Array, multiple: int, fill) -> jax.Array:
   return jnp.pad(x_MxP, ((0, -x_MxP.shape[0] % multiple), (0, 0)), constant_values=fill)
 
 
+def _out_shape(shape: tuple[int, ...], *like: jax.Array) -> jax.ShapeDtypeStruct:
+  """The kernels' float32 output. Inside a shard_map (a split table's row blocks) it varies
+  over every mesh axis an input varies over, which pallas_call needs to be told."""
+  varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in like))
+  return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=jax.typeof(
+      like[0]).manual_axis_type.update(varying=varying))
+
+
 def _triton_block_v(v: int) -> int:
   """The largest power of two dividing V, at most TRITON_MAX_BLOCK_V (256 for V = 768)."""
   return min(v & -v, TRITON_MAX_BLOCK_V)
@@ -75,7 +83,7 @@ def _triton_gather_sum(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Arr
                 pl.BlockSpec((picks, bm), lambda i, j: (0, i)),
                 pl.BlockSpec(memory_space=pl.ANY)],  # the table is read by row ids, unblocked
       out_specs=pl.BlockSpec((bm, bv), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((padded, v), jnp.float32),
+      out_shape=_out_shape((padded, v), idx_PxM, w_PxM, values_NxV),
       compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
       name="pkm_weighted_lookup")(idx_PxM, w_PxM, values_NxV)
@@ -118,7 +126,7 @@ def _tpu_gather_sum(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array,
                 pl.BlockSpec((bm, picks), lambda i: (i, 0)),
                 pl.BlockSpec(memory_space=pl.ANY)],
       out_specs=pl.BlockSpec((bm, v), lambda i: (i, 0)),
-      out_shape=jax.ShapeDtypeStruct((padded, v), jnp.float32),
+      out_shape=_out_shape((padded, v), idx_MxP, w_MxP, values_NxV),
       scratch_shapes=[pltpu.VMEM((bm, picks, v), values_NxV.dtype),
                       pltpu.SemaphoreType.DMA((1,))],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),

@@ -13,8 +13,8 @@ Rules of choice (each keeps the function bit-for-bit the same, only the communic
     own tokens (`sharded_memory.sharded_product_key_topk`);
   - neither (one device, or a replicated table with replicated tokens): the plain operations of
     `product_keys`.
-`lookup_kernel='pallas'` (config `mesh.lookup_kernel`) runs an unsplit table's lookup forward
-as a Pallas kernel (`lookup_kernels`); a split table keeps the hand-partitioned XLA lookup.
+`lookup_kernel='pallas'` (config `mesh.lookup_kernel`) runs the lookup's forward sum as a Pallas
+kernel (`lookup_kernels`): on the whole table, or inside each device's row block of a split one.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ class MemoryPlacement:
     if self.slot_axes:
       return sharded_memory.sharded_weighted_lookup(values_NxV, indices, weights,
                                                     slot_axes=self.slot_axes,
-                                                    token_axes=self.token_axes)
+                                                    token_axes=self.token_axes,
+                                                    kernel=self.lookup_kernel)
     if self.lookup_kernel == "pallas":
       return lookup_kernels.weighted_lookup(values_NxV, indices, weights)
     return product_keys.weighted_lookup(values_NxV, indices, weights)

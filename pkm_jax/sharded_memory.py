@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from pkm_jax import chunks
+from pkm_jax import lookup_kernels
 from pkm_jax import sparse_adam
 from pkm_jax.product_keys import product_key_topk
 from pkm_jax.sharding import DATA, MODEL, is_row_leaf
@@ -139,14 +140,15 @@ def _local_lookup_grads(values_nxV, lidx_MxP, w_MxP, g_MxV, chunk):
   return g_values.astype(values_nxV.dtype), g_w_MxP.astype(w_MxP.dtype)
 
 
-def _row_op(fwd_local: Callable, bwd_local: Callable, table_spec: P, token_spec: P) -> Callable:
+def _row_op(fwd_local: Callable, bwd_local: Callable, table_spec: P, token_spec: P, *,
+            check_vma: bool = True) -> Callable:
   """(table, picks, token operand) -> token result, as a custom_vjp whose forward and backward
   are each one shard_map of the given local functions: bwd_local(table, picks, operand, g) ->
   (d table, d operand); the picks get no gradient."""
   fwd_sm = jax.shard_map(fwd_local, in_specs=(table_spec, token_spec, token_spec),
-                         out_specs=token_spec)
+                         out_specs=token_spec, check_vma=check_vma)
   bwd_sm = jax.shard_map(bwd_local, in_specs=(table_spec, token_spec, token_spec, token_spec),
-                         out_specs=(table_spec, token_spec))
+                         out_specs=(table_spec, token_spec), check_vma=check_vma)
 
   @jax.custom_vjp
   def op(table, idx, operand):
@@ -163,9 +165,12 @@ def _row_op(fwd_local: Callable, bwd_local: Callable, table_spec: P, token_spec:
   return op
 
 
-def _make_lookup(slot_axes: tuple[str, ...], token_axes: tuple[str, ...], chunk: int):
+def _make_lookup(slot_axes: tuple[str, ...], token_axes: tuple[str, ...], chunk: int,
+                 kernel: str = "xla"):
   """custom_vjp lookup on [B, S, P] picks; forward and backward are each one shard_map whose
-  only collectives act on token-sized arrays (picks, [tokens, V] partials / gradients)."""
+  only collectives act on token-sized arrays (picks, [tokens, V] partials / gradients).
+  kernel 'pallas': each block's forward sum is `lookup_kernels.gather_sum` (ids of rows held
+  elsewhere are out of the block's range, which the kernel reads as nothing)."""
   gathered = tuple(a for a in token_axes if a in slot_axes)  # tokens must visit these shards
   reduced = tuple(a for a in slot_axes if a not in token_axes)  # partials summed over these
   table_copies = tuple(a for a in token_axes if a not in slot_axes)  # table replicated here
@@ -184,7 +189,10 @@ def _make_lookup(slot_axes: tuple[str, ...], token_axes: tuple[str, ...], chunk:
     idx, w = gather_tokens(idx_BxSxP, w_BxSxP)
     b, s, p = idx.shape
     lidx = _to_local_rows(idx.reshape(b * s, p), values_nxV.shape[0], slot_axes)
-    out_MxV = _local_lookup(values_nxV, lidx, w.reshape(b * s, p), chunk)
+    if kernel == "pallas":
+      out_MxV = lookup_kernels.gather_sum(values_nxV, lidx, w.reshape(b * s, p))
+    else:
+      out_MxV = _local_lookup(values_nxV, lidx, w.reshape(b * s, p), chunk)
     # Partials are summed across blocks in float32 and stay float32, whatever the table's
     # dtype, as the one-device lookup's output does.
     return combine(out_MxV.reshape(b, s, -1))
@@ -199,19 +207,23 @@ def _make_lookup(slot_axes: tuple[str, ...], token_axes: tuple[str, ...], chunk:
       g_values = jax.lax.psum(g_values, table_copies)
     return g_values, combine(g_w.reshape(b, s, p))
 
-  return _row_op(fwd_local, bwd_local, table_spec, token_spec)
+  # Pallas' interpret mode (how the kernel runs on CPU) cannot type its loop carries inside a
+  # shard_map that checks varying axes (jax 0.10): the kernel's shard_maps skip that check,
+  # which types the program and changes none of its values.
+  return _row_op(fwd_local, bwd_local, table_spec, token_spec, check_vma=kernel != "pallas")
 
 
 def sharded_weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Array, *,
                             slot_axes: Sequence[str] = (MODEL,),
                             token_axes: Sequence[str] = (DATA,),
-                            pick_chunk: int | None = None) -> jax.Array:
+                            pick_chunk: int | None = None, kernel: str = "xla") -> jax.Array:
   """`memory.weighted_lookup` with the table's rows split over `slot_axes` of the current mesh.
 
   values [N, V] (rows in contiguous blocks over slot_axes), indices/weights [B, ..., H, K]
   (B split over token_axes) -> [B, ..., V]. Differentiable in values and weights; the gradient
   of each table block is that device's own scatter-add. `pick_chunk` picks are gathered per loop
   step (default: `chunks.GATHER_CHUNK_BYTES` of rows), so [B, T, H, K, V] is never built.
+  `kernel='pallas'` sums each block's picks in `lookup_kernels`' forward kernel instead.
   """
   slot_axes, token_axes = tuple(slot_axes), tuple(token_axes)
   mesh = _context_mesh(slot_axes, token_axes, "sharded_weighted_lookup")
@@ -234,7 +246,7 @@ def sharded_weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: 
     pick_chunk = chunks.pick_chunk(picks, seen * idx_BxSxP.shape[1] * v * 4)
   # Size-1 axes are dropped: a collective over one device is still an op in the program.
   lookup = _make_lookup(_real_axes(slot_axes, mesh), _real_axes(token_axes, mesh),
-                        max(1, min(int(pick_chunk), picks)))
+                        max(1, min(int(pick_chunk), picks)), kernel)
   return lookup(values_NxV, idx_BxSxP, w_BxSxP).reshape(*lead, v)
 
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax import export
 
-from pkm_jax import lookup_kernels, product_keys
+from pkm_jax import lookup_kernels, product_keys, sharding
 from pkm_jax.architecture import MemoryConfig
 from pkm_jax.memory import ProductKeyMemory
 from pkm_jax.placement import MemoryPlacement
@@ -136,3 +136,23 @@ def test_training_with_pallas_kernel(tmp_path):
     results[kernel] = test_trainer.trainer.train_and_evaluate(config, str(tmp_path / kernel))
   assert results["pallas"]["step"] == 4
   np.testing.assert_allclose(results["pallas"]["mlm_loss"], results["xla"]["mlm_loss"], rtol=1e-5)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+@pytest.mark.parametrize("data, model, rules", [(2, 4, ()), (4, 2, (("slots", ("model", "data")),))])
+def test_split_table_with_pallas_equals_one_device(data, model, rules):
+  """A table split over devices: each block's forward sum is the kernel (rows held elsewhere
+  read as nothing), and the result and gradients are the one-device XLA ones."""
+  values, idx, w = picks(64, 48, lead=(8, 3))
+  mesh = sharding.make_mesh(data, model)
+  placement = MemoryPlacement.from_mesh(mesh, tuple(rules) + sharding.DEFAULT_RULES,
+                                        lookup_kernel="pallas")
+  assert placement.slot_axes
+  grad = lambda lookup: jax.value_and_grad(  # noqa: E731
+      lambda v, w: _loss(lookup, v, idx, w), argnums=(0, 1))
+  want_loss, (want_gv, want_gw) = grad(product_keys.weighted_lookup)(values, w)
+  with jax.set_mesh(mesh):
+    got_loss, (got_gv, got_gw) = jax.jit(grad(placement.lookup))(values, w)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  np.testing.assert_allclose(got_gv, want_gv, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got_gw, want_gw, rtol=1e-5, atol=1e-6)
