@@ -27,9 +27,12 @@ import time
 
 import jax
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a plain script
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the sibling scripts
 import memory_layer  # noqa: E402
 import throughput  # noqa: E402
+
+from pkm_jax import host_memory  # noqa: E402
 
 # Model sizes (configs/bert_base*.py, configs/bert_large*.py: memory in the middle and upper
 # layers); the memory is the paper's: 512**2 slots, 4 heads, k 32, k_dim 256.
@@ -101,4 +104,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()  # as train.py does (pkm_jax/cli.py)
   main()

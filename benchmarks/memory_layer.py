@@ -42,6 +42,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a plain script
 from pkm_jax import product_keys, sparse_adam  # noqa: E402
+from pkm_jax import host_memory  # noqa: E402
 from pkm_jax.architecture import MemoryConfig  # noqa: E402
 from pkm_jax.memory import ProductKeyMemory  # noqa: E402
 from pkm_jax.placement import MemoryPlacement  # noqa: E402
@@ -213,4 +214,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()  # as train.py does (pkm_jax/cli.py)
   main()

@@ -43,6 +43,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a plain script
 from configs import default as default_config  # noqa: E402
 from pkm_jax import config as config_lib  # noqa: E402
+from pkm_jax import host_memory  # noqa: E402
 from pkm_jax import trainer  # noqa: E402
 from pkm_jax.architecture import MemoryConfig, ModelConfig  # noqa: E402
 from pkm_jax.bert import BertForMaskedLM  # noqa: E402
@@ -319,4 +320,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()  # as train.py does (pkm_jax/cli.py)
   main()

@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from pkm_jax import config as config_lib
+from pkm_jax import host_memory
 
 # Errors a user can cause with bad input; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, OSError)
@@ -71,7 +72,10 @@ def _quiet_orbax(record) -> bool:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """absl's app.run, but bad flags and user errors end with one line and exit status 1."""
+  """absl's app.run, but bad flags and user errors end with one line and exit status 1; first,
+  the command re-executes itself with huge pages for XLA's host buffers if that helps
+  (`host_memory`: up to 1.2x faster steps on CPU)."""
+  host_memory.reexec_with_huge_pages()
 
   def guarded(argv):
     if not flags.FLAGS["verbosity"].present:

@@ -114,7 +114,7 @@ def sparse_adam(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: floa
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     count = optax.safe_increment(state.count)
     r, v = row_grads.shape
-    chunk = max(1, min(r, STEP_CHUNK_BYTES // (v * state.mu.dtype.itemsize)))
+    chunk = _divisor_chunk(r, max(1, STEP_CHUNK_BYTES // (v * state.mu.dtype.itemsize)))
     pad = -r % chunk  # padding rows: id N (gathers read zeros, scatters drop), gradient 0
     ids_CxC = jnp.pad(row_ids, (0, pad), constant_values=table.shape[0]).reshape(-1, chunk)
     g_CxCxV = jnp.pad(row_grads, ((0, pad), (0, 0))).reshape(-1, chunk, v)
@@ -131,6 +131,16 @@ def sparse_adam(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: floa
     return table, SparseAdamState(count=count, mu=mu, nu=nu)
 
   return SparseGradientTransformation(init, update, step)
+
+
+def _divisor_chunk(rows: int, most: int) -> int:
+  """Rows per loop step: at most `most`, and dividing `rows` when a divisor at least half that
+  big exists, since padding the [R, V] gradients to whole chunks copies all of them."""
+  most = max(1, min(rows, most))
+  for chunk in range(most, max(1, most // 2) - 1, -1):
+    if rows % chunk == 0:
+      return chunk
+  return most
 
 
 def apply_row_updates(table: jax.Array, row_ids: jax.Array, row_updates: jax.Array) -> jax.Array:

@@ -12,3 +12,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from pkm_jax import host_memory  # noqa: E402
+
+# Processes the tests start (the commands they run, xdist's workers) begin with huge pages for
+# XLA's host buffers, as users' commands re-execute themselves to (pkm_jax/host_memory.py:
+# fewer page faults, the same results); this process cannot, glibc reads it at start-up.
+os.environ.update(host_memory.huge_pages_env() or {})
