@@ -17,9 +17,14 @@ fine-tunes --config.init.pretrained on the task and prints its dev metrics:
 import json
 import os
 
-from absl import flags
+from pkm_jax import host_memory
 
-from pkm_jax import cli
+if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()  # first: the imports below would otherwise run twice
+
+from absl import flags  # noqa: E402
+
+from pkm_jax import cli  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = cli.define_config(os.path.join(_HERE, "configs", "default.py"))

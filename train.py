@@ -8,9 +8,14 @@ Re-running the same command on the same --workdir resumes from its latest checkp
 
 import os
 
-from absl import flags
+from pkm_jax import host_memory
 
-from pkm_jax import cli
+if __name__ == "__main__":
+  host_memory.reexec_with_huge_pages()  # first: the imports below would otherwise run twice
+
+from absl import flags  # noqa: E402
+
+from pkm_jax import cli  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = cli.define_config(os.path.join(_HERE, "configs", "default.py"))

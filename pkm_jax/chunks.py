@@ -16,11 +16,23 @@ import jax
 import jax.numpy as jnp
 
 GATHER_CHUNK_BYTES = 1 << 27  # bytes of gathered rows per loop step
+# Bytes per step of the loops that gather or scatter rows of every token at once (the lookup
+# and its backward, the search's backward, the row gradients of sparse updates). Far below
+# GATHER_CHUNK_BYTES: a step's rows and accumulator then stay in cache, which on a CPU made the
+# lookup ~3x, the search's backward ~2.5x and the row gradients ~1.3x faster at BERT-base
+# (1,024 tokens: one pick a step).
+CACHE_CHUNK_BYTES = 1 << 20
 
 
 def pick_chunk(picks: int, bytes_per_pick: int) -> int:
   """Picks per loop step so that one step gathers at most GATHER_CHUNK_BYTES (at least 1)."""
   return max(1, min(picks, GATHER_CHUNK_BYTES // max(bytes_per_pick, 1)))
+
+
+def cache_chunk(picks: int, bytes_per_pick: int) -> int:
+  """Picks per loop step: within both GATHER_CHUNK_BYTES and CACHE_CHUNK_BYTES (at least 1)."""
+  return min(pick_chunk(picks, bytes_per_pick),
+             max(1, CACHE_CHUNK_BYTES // max(bytes_per_pick, 1)))
 
 
 def to_chunks(x_XxP: jax.Array, chunk: int, pad_value: Any) -> jax.Array:

@@ -12,7 +12,9 @@ glibc reads tunables once, when a process starts, so setting the variable from P
 late for this process: `reexec_with_huge_pages` replaces the process by the same command with
 it set (same pid, arguments, open files) before any work is done; child processes inherit it.
 Nothing happens when the kernel already gives huge pages to everyone ('always'), to no one
-('never'), on other C libraries or systems, or with PKM_JAX_HUGE_PAGES=0.
+('never'), on other C libraries or systems, with PKM_JAX_HUGE_PAGES=0, inside IPython / Jupyter
+(`%run train.py` must not replace the kernel), for a script read from stdin, or a second time
+(a marker is set: glibc drops the tunable for privileged binaries, which must not loop).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 ENV = "GLIBC_TUNABLES"
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "PKM_JAX_HUGE_PAGES"  # '0': leave malloc as it is
+DONE = "PKM_JAX_HUGE_PAGES_DONE"  # set in the re-executed process: never twice
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -42,7 +45,8 @@ def wants_tunable(env: dict[str, str], libc: tuple[str, str], mode: str) -> bool
   """Whether a process with this environment, C library (name, version) and THP mode would
   gain from the tunable and does not have it yet."""
   name, version = libc
-  if env.get(OPT_OUT) == "0" or TUNABLE in env.get(ENV, "") or mode != "madvise":
+  if (env.get(OPT_OUT) == "0" or DONE in env or mode != "madvise"
+      or "glibc.malloc.hugetlb=" in env.get(ENV, "")):  # set already, maybe to another value
     return False
   try:
     major, minor = (int(x) for x in version.split(".")[:2])
@@ -51,11 +55,14 @@ def wants_tunable(env: dict[str, str], libc: tuple[str, str], mode: str) -> bool
   return name == "glibc" and (major, minor) >= (2, 35)
 
 
-def huge_pages_env(env: dict[str, str] | None = None) -> dict[str, str] | None:
-  """`env` (default: this process's) with the tunable added, or None when it would not help."""
+def huge_pages_env(env: dict[str, str] | None = None, *, libc: tuple[str, str] | None = None,
+                   mode: str | None = None) -> dict[str, str] | None:
+  """`env` (default: this process's) with the tunable added, or None when it would not help;
+  libc and mode default to this machine's."""
   env = dict(os.environ if env is None else env)
-  if not sys.platform.startswith("linux") or not wants_tunable(env, platform.libc_ver(),
-                                                               thp_mode()):
+  libc = platform.libc_ver() if libc is None else libc
+  mode = thp_mode() if mode is None else mode
+  if not sys.platform.startswith("linux") or not wants_tunable(env, libc, mode):
     return None
   env[ENV] = f"{env[ENV]}:{TUNABLE}" if env.get(ENV) else TUNABLE
   return env
@@ -65,8 +72,14 @@ def reexec_with_huge_pages() -> None:
   """Re-executes this command with the tunable set, if it would help (see the module's doc);
   returns only when it would not. Call it first thing, before any work or output."""
   env = huge_pages_env()
-  if env is None:
+  ipython = sys.modules.get("IPython")  # imported by libraries too: is a shell running?
+  interactive = "ipykernel" in sys.modules or (
+      ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None)
+  from_stdin = sys.argv[0] in ("", "-")  # the script was read from stdin, now consumed
+  if env is None or interactive or from_stdin or not sys.executable:
     return
-  sys.stdout.flush()
-  sys.stderr.flush()
+  env[DONE] = "1"
+  for stream in (sys.stdout, sys.stderr):
+    if stream is not None:
+      stream.flush()
   os.execve(sys.executable, sys.orig_argv, env)

@@ -20,19 +20,6 @@ import numpy as np
 
 from pkm_jax import chunks
 
-# Bytes of gathered rows per step of the lookup's loop and of the search's backward. Far below
-# chunks.GATHER_CHUNK_BYTES: a step's accumulator and rows then stay in cache, which on a CPU
-# made the lookup ~3x and the search's backward ~2.5x faster at BERT-base (1,024 tokens: one
-# pick a step).
-CACHE_CHUNK_BYTES = 1 << 20
-
-
-def _cache_chunk(picks: int, bytes_per_pick: int) -> int:
-  """Picks per loop step: within both chunks.GATHER_CHUNK_BYTES and CACHE_CHUNK_BYTES."""
-  return min(chunks.pick_chunk(picks, bytes_per_pick),
-             max(1, CACHE_CHUNK_BYTES // max(bytes_per_pick, 1)))
-
-
 class MemoryAux(NamedTuple):
   """What a memory layer picked, for the usage metrics and sparse value updates."""
 
@@ -64,13 +51,13 @@ def _subkey_topk_bwd(k, res, cotangents):
   """score[h, m, j] = q[h, m] . keys[h, ids[h, m, j]], so the gradients are gathered from / added
   into the picked rows only: O(H M k D) work, where autodiff of top_k would fill a dense
   [H, M, n] score gradient and run two matmuls over it -- growing with n_keys, i.e. with sqrt(N).
-  Picks go in chunks (`_cache_chunk`) so that a gathered [H, M, chunk, D] block stays bounded
+  Picks go in chunks (`chunks.cache_chunk`) so that a gathered [H, M, chunk, D] block stays bounded
   at large batches."""
   q_HxMxD, keys_HxNxD, ids_HxMxk = res
   g_HxMxk = cotangents[0].astype(q_HxMxD.dtype)
   h, m, d = q_HxMxD.shape
   n = keys_HxNxD.shape[1]
-  chunk = _cache_chunk(k, h * m * d * q_HxMxD.dtype.itemsize)
+  chunk = chunks.cache_chunk(k, h * m * d * q_HxMxD.dtype.itemsize)
   take_rows = jax.vmap(  # over heads; padding ids (n) read zeros
       lambda keys_NxD, ids: jnp.take(keys_NxD, ids, axis=0, mode="fill", fill_value=0))
   add_rows = jax.vmap(lambda g_NxD, ids, upd: g_NxD.at[ids.reshape(-1)].add(
@@ -154,7 +141,7 @@ def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Arra
   """sum_{h,k} weights * values[indices] (EmbeddingBag 'sum' with per-sample weights).
 
   values [N, V], indices/weights [..., H, K] -> [..., V] float32. Picks are gathered a chunk
-  at a time (`CACHE_CHUNK_BYTES`), so [tokens, picks, V] is never built, forward or backward;
+  at a time (`chunks.CACHE_CHUNK_BYTES`), so [tokens, picks, V] is never built, forward or backward;
   the sum is accumulated in float32 whatever the table's dtype (a bf16 table, 128 picks).
   """
   lead = indices.shape[:-2]
@@ -164,7 +151,7 @@ def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Arra
   # precision than the table's own rounding.
   w_MxP = weights.reshape(-1, picks).astype(jnp.promote_types(values_NxV.dtype, jnp.float32))
   bytes_per_pick = idx_MxP.shape[0] * values_NxV.shape[1] * values_NxV.dtype.itemsize
-  chunk = _cache_chunk(picks, bytes_per_pick)
+  chunk = chunks.cache_chunk(picks, bytes_per_pick)
   if chunk == picks:
     out_MxV = jnp.einsum("mp,mpv->mv", w_MxP, values_NxV[idx_MxP],
                          preferred_element_type=jnp.float32)

@@ -114,7 +114,7 @@ def sparse_adam(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: floa
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     count = optax.safe_increment(state.count)
     r, v = row_grads.shape
-    chunk = _divisor_chunk(r, max(1, STEP_CHUNK_BYTES // (v * state.mu.dtype.itemsize)))
+    chunk = max(1, min(r, STEP_CHUNK_BYTES // (v * state.mu.dtype.itemsize)))
     pad = -r % chunk  # padding rows: id N (gathers read zeros, scatters drop), gradient 0
     ids_CxC = jnp.pad(row_ids, (0, pad), constant_values=table.shape[0]).reshape(-1, chunk)
     g_CxCxV = jnp.pad(row_grads, ((0, pad), (0, 0))).reshape(-1, chunk, v)
@@ -131,16 +131,6 @@ def sparse_adam(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: floa
     return table, SparseAdamState(count=count, mu=mu, nu=nu)
 
   return SparseGradientTransformation(init, update, step)
-
-
-def _divisor_chunk(rows: int, most: int) -> int:
-  """Rows per loop step: at most `most`, and dividing `rows` when a divisor at least half that
-  big exists, since padding the [R, V] gradients to whole chunks copies all of them."""
-  most = max(1, min(rows, most))
-  for chunk in range(most, max(1, most // 2) - 1, -1):
-    if rows % chunk == 0:
-      return chunk
-  return most
 
 
 def apply_row_updates(table: jax.Array, row_ids: jax.Array, row_updates: jax.Array) -> jax.Array:
@@ -166,7 +156,8 @@ def row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *
   num_rows), row_grads [R, V] (zeros at padding), R = min(B*T*H*K, num_rows). Row r gets the sum
   over picks with index r of weight * grad_out; picks with ids >= num_rows are dropped.
   Coalescing is a fixed-size jnp.unique plus a segment sum done as a scan of in-place
-  scatter-adds over pick chunks, so [B, T, H, K, V] is never built.
+  scatter-adds over cache-sized pick chunks (`chunks.cache_chunk`), so [B, T, H, K, V] is never
+  built.
   """
   if indices.shape != weights.shape or grad_out.shape[:-1] != indices.shape[:-2]:
     raise ValueError(f"row_gradients: indices {indices.shape}, weights {weights.shape} and "
@@ -178,7 +169,7 @@ def row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *
   size = min(m * picks, num_rows)
   row_ids, inverse = jnp.unique(idx_MxP, size=size, fill_value=num_rows, return_inverse=True)
   if pick_chunk is None:
-    pick_chunk = chunks.pick_chunk(picks, m * v * 4)
+    pick_chunk = chunks.cache_chunk(picks, m * v * 4)
   chunk = max(1, min(pick_chunk, picks))
   # Padding picks of the last chunk point at `size`, past the end: their scatters drop.
   inv_CxMxc = chunks.to_chunks(inverse.reshape(m, picks), chunk, size)

@@ -27,6 +27,8 @@ GLIBC = ("glibc", "2.36")
     ({}, GLIBC, "", False),
     ({"PKM_JAX_HUGE_PAGES": "0"}, GLIBC, "madvise", False),
     ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, GLIBC, "madvise", False),  # re-executed
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, "madvise", False),  # the user's own
+    ({"PKM_JAX_HUGE_PAGES_DONE": "1"}, GLIBC, "madvise", False),  # glibc dropped it: no loop
 ])
 def test_wants_tunable(env, libc, mode, want):
   assert host_memory.wants_tunable(env, libc, mode) is want
@@ -54,32 +56,51 @@ needs_madvise = pytest.mark.skipif(
 
 
 def test_existing_tunables_are_kept():
-  env = host_memory.huge_pages_env(plain_env(GLIBC_TUNABLES="glibc.malloc.arena_max=2"))
-  if env is not None:
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+  env = host_memory.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "A": "b"},
+                                   libc=GLIBC, mode="madvise")
+  if sys.platform.startswith("linux"):
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "A": "b"}
+  assert host_memory.huge_pages_env({}, libc=GLIBC, mode="never") is None
+
+
+PROBE = textwrap.dedent("""
+    import os, sys
+    print("before", os.getpid(), flush=True)
+    from pkm_jax import cli
+    def main(argv):
+      print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), argv[1:])
+    cli.run(main)
+""")
 
 
 @needs_madvise
-def test_cli_command_reexecutes_with_tunable_same_pid_and_args():
-  script = textwrap.dedent("""
-      import os, sys
-      print("before", os.getpid(), flush=True)
-      from pkm_jax import cli
-      def main(argv):
-        print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), argv[1:])
-      cli.run(main)
-  """)
-  proc = subprocess.run([sys.executable, "-c", script, "x", "y z"], env=plain_env(),
-                        capture_output=True, text=True, timeout=120, cwd=REPO)
+@pytest.mark.parametrize("how", ["-c", "-m"])
+def test_cli_command_reexecutes_with_tunable_same_pid_and_args(tmp_path, how):
+  (tmp_path / "reexec_probe.py").write_text(PROBE)
+  run = [sys.executable, "-c", PROBE] if how == "-c" else [sys.executable, "-m", "reexec_probe"]
+  env = plain_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+  proc = subprocess.run(run + ["x", "y z"], env=env, capture_output=True, text=True,
+                        timeout=120, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()
   pid = lines[0].split()[1]
   # The same process ran the script twice: once without, once with the tunable.
   assert lines == [f"before {pid}", f"before {pid}",
                    f"after {pid} glibc.malloc.hugetlb=1 ['x', 'y z']"]
-  off = subprocess.run([sys.executable, "-c", script], env=plain_env(PKM_JAX_HUGE_PAGES="0"),
-                       capture_output=True, text=True, timeout=120, cwd=REPO)
-  assert off.stdout.splitlines()[1].endswith("None []")
+  off = subprocess.run(run, env={**env, "PKM_JAX_HUGE_PAGES": "0"}, capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+  assert off.returncode == 0, off.stderr
+  assert off.stdout.splitlines()[1:] == ["after " + off.stdout.split()[1] + " None []"]
+
+
+@needs_madvise
+def test_train_py_bad_flag_reexecuted_still_one_line():
+  """train.py re-executes before its flags are parsed: a bad flag still ends in one line."""
+  proc = subprocess.run([sys.executable, "train.py", "--config.nope=1"], env=plain_env(),
+                        capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert proc.returncode != 0 and proc.stdout == ""
+  assert proc.stderr.strip().splitlines() == ["error: bad --config override: AttributeError: "
+                                              "'nope'"]
 
 
 @needs_madvise

@@ -289,7 +289,7 @@ def test_lookup_gradient_equals_take_einsum(chunk_bytes, monkeypatch):
   """The lookup's own backward (gathers for d weights, scatter-adds into one [N, V] buffer for
   d values) against jax.grad of take + einsum, duplicate rows included; with the table's
   gradient stopped (sparse updates) no scatter is traced at all."""
-  monkeypatch.setattr(product_keys, "CACHE_CHUNK_BYTES", chunk_bytes)
+  monkeypatch.setattr(chunks, "CACHE_CHUNK_BYTES", chunk_bytes)
   values, indices, weights = _lookup_inputs(seed=5, heads=3, k=5, n=7)  # 6 tokens x 4 dims
   cot = np.random.default_rng(6).normal(size=indices.shape[:-2] + (values.shape[1],))
 
@@ -312,7 +312,7 @@ def test_lookup_gradient_equals_take_einsum(chunk_bytes, monkeypatch):
 def test_bf16_table_lookup_gradient_sums_in_float32(monkeypatch):
   """A bf16 table through the lookup loop: the output is float32, d values comes back bf16 but
   is summed in float32 (duplicate picks included) and rounded once."""
-  monkeypatch.setattr(product_keys, "CACHE_CHUNK_BYTES", 1)  # one pick a step
+  monkeypatch.setattr(chunks, "CACHE_CHUNK_BYTES", 1)  # one pick a step
   values, indices, weights = _lookup_inputs(seed=7, heads=3, k=5, n=7)
   values16 = jnp.asarray(values, jnp.bfloat16)
   cot = np.random.default_rng(8).normal(size=indices.shape[:-2] + (values.shape[1],))

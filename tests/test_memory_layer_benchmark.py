@@ -42,13 +42,13 @@ def run_accelerator(tmp_path, *flags):
 def test_accelerator_script_tiny(tmp_path):
   """Every run of the set, both lookups (Pallas in interpret mode here), one JSON."""
   stdout, report = run_accelerator(tmp_path)
-  assert report["platform"] == "cpu" and report["skipped"] == []
+  assert report["platform"] == "cpu" and report["skipped"] == report["failed"] == []
   names = [r["name"] for r in report["runs"]]
-  assert names == ["memory_layer tiny xla", "memory_layer tiny pallas", "throughput tiny xla",
+  assert names == ["memory_layer tiny xla", "throughput tiny xla", "memory_layer tiny pallas",
                    "throughput tiny pallas"]
-  for run in report["runs"][:2]:
+  for run in report["runs"][::2]:
     assert [r["component"] for r in run["results"]] == list(COMPONENTS)
-  xla, pallas = report["runs"][2]["results"], report["runs"][3]["results"]
+  xla, pallas = report["runs"][1]["results"], report["runs"][3]["results"]
   assert [r["model"] for r in xla] == ["BERT", "+PKM", "+ResM"]
   assert [r["model"] for r in pallas] == ["BERT", "+ResM"]
   for r in xla + pallas:
@@ -64,6 +64,35 @@ def test_accelerator_script_keeps_to_its_budget(tmp_path):
   stdout, report = run_accelerator(tmp_path, "--budget_s", "0")
   assert report["runs"] == []
   assert [r["name"] for r in report["skipped"]] == [
-      "memory_layer tiny xla", "memory_layer tiny pallas", "throughput tiny xla",
+      "memory_layer tiny xla", "throughput tiny xla", "memory_layer tiny pallas",
       "throughput tiny pallas"]
   assert "0 runs" in stdout and "4 skipped" in stdout
+
+
+def test_accelerator_failed_run_is_recorded_and_the_next_runs(tmp_path, monkeypatch):
+  """A run that raises (a kernel the device cannot compile) is listed with its error; the runs
+  after it still run, and the JSON on disk holds both."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  try:
+    import accelerator
+  finally:
+    sys.path.pop(0)
+
+  class Script:
+    def __init__(self, fail):
+      self.fail = fail
+
+    def main(self, argv):
+      if self.fail:
+        raise RuntimeError("Mosaic: unsupported DMA")
+      return [{"argv": argv}]
+
+  monkeypatch.setattr(accelerator, "plan", lambda args: [
+      ("first", Script(True), ["--a"]), ("second", Script(False), ["--b"])])
+  out = tmp_path / "acc.json"
+  report = accelerator.main(["--out", str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+  assert report["failed"] == [{"name": "first", "argv": ["--a"],
+                               "error": "RuntimeError: Mosaic: unsupported DMA"}]
+  assert [r["name"] for r in report["runs"]] == ["second"]
+  assert report["runs"][0]["results"][0]["argv"][0] == "--b"
