@@ -92,12 +92,16 @@ def test_stopped_table_gradient_is_never_built():
 
 @pytest.mark.parametrize("platform, call", [("cuda", "__gpu$xla.gpu.triton"),
                                             ("tpu", "tpu_custom_call")])
-def test_lowers_for_accelerators(platform, call):
-  """Each platform gets its kernel: the training step's lookup and gradient lower (Triton IR,
-  Mosaic) for a GPU and a TPU on this CPU-only machine, with BERT-base's shapes."""
-  values = jax.ShapeDtypeStruct((512 * 512, 768), jnp.bfloat16)
-  w = jax.ShapeDtypeStruct((8, 128, 4, 32), jnp.float32)
-  idx = jnp.zeros((8, 128, 4, 32), jnp.int32)
+@pytest.mark.parametrize("v, dtype, heads, k", [(768, jnp.bfloat16, 4, 32),  # BERT-base, bf16
+                                                (1024, jnp.float32, 4, 32),  # BERT-large
+                                                (48, jnp.float32, 2, 5)])  # P = 10, V = 3 x 16
+def test_lowers_for_accelerators(platform, call, v, dtype, heads, k):
+  """Each platform gets its kernel: the lookup and its gradient lower (Triton IR, Mosaic) for a
+  GPU and a TPU on this CPU-only machine, at the paper's table size. (Compiling them for the
+  device happens only on the device.)"""
+  values = jax.ShapeDtypeStruct((512 * 512, v), dtype)
+  w = jax.ShapeDtypeStruct((8, 128, heads, k), jnp.float32)
+  idx = jnp.zeros((8, 128, heads, k), jnp.int32)
   step = jax.jit(jax.value_and_grad(
       lambda v, w: _loss(lookup_kernels.weighted_lookup, v, idx, w), argnums=(0, 1)))
   exported = export.export(step, platforms=[platform], disabled_checks=[
