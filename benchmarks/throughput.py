@@ -300,8 +300,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     line = (f"{name}: {params / 1e6:.1f}M params, inference {infer_s * 1e3:.1f} ms/step, "
             f"train {train_s * 1e3:.1f} ms/step")
     if args.values_optimizer:
-      # In a fresh process per model: built one after the other in this one, a later model's
-      # step ran up to 1.3x slower than alone (host memory left by the earlier programs).
+      # In a fresh process per model, so that no model's timing carries what an earlier one
+      # left in this process's memory. (ResM's step still swung 5.5-8.3 s between runs on the
+      # project's VM: benchmarks/memory_speed.md.)
       with multiprocessing.get_context("spawn").Pool(1) as pool:
         step_s = pool.apply(program_train_seconds, (args, mode, kind))
       results[-1].update(program_train_step_s=step_s, program_train_seq_per_s=args.batch / step_s)
