@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--value_dtype", choices=("float32", "bfloat16"), default="float32",
                  help="memory value table storage (memory.value_dtype); Adam keeps its moments "
                       "in the same dtype")
-  p.add_argument("--lookup_kernel", choices=("xla", "pallas"), default="xla",
+  p.add_argument("--lookup_kernel", choices=config_lib.LOOKUP_KERNELS, default="xla",
                  help="the memory lookup's forward: pure JAX, or the Pallas kernel of this "
                       "platform (pkm_jax/lookup_kernels.py; interpret mode on CPU)")
   p.add_argument("--values_optimizer", choices=("", "adam", "sparse_adam"), default="",

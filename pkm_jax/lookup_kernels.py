@@ -17,8 +17,9 @@ is the XLA one of `product_keys` (gather of d weights, scatter-add of row gradie
 the table's gradient is stopped), so only the forward differs, and `product_keys` stays the
 reference every kernel is tested against (`tests/test_lookup_kernels.py`).
 
-Chosen with `--config.mesh.lookup_kernel=pallas` (`placement.MemoryPlacement`); 'xla' is the
-default until an accelerator run (`benchmarks/accelerator.py`) shows the kernel faster there.
+Chosen with `--config.mesh.lookup_kernel=pallas` (`placement.MemoryPlacement`), for a whole
+table and inside each row block of a split one (`sharded_memory`); 'xla' is the default until an
+accelerator run (`benchmarks/accelerator.py`) shows the kernel faster there.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ TRITON_MAX_BLOCK_V = 256  # value columns per program (Triton tiles are powers o
 TPU_BLOCK_TOKENS = 8  # tokens per program: one sublane tile of the [8, V] output block
 
 
-def _pad_tokens(x_MxP: jax.Array, multiple: int, fill) -> jax.Array:
-  return jnp.pad(x_MxP, ((0, -x_MxP.shape[0] % multiple), (0, 0)), constant_values=fill)
+def _pad_tokens(x_MxP: jax.Array, multiple: int) -> jax.Array:
+  """Rows of zeros up to a multiple of the token block: id 0 with weight 0 adds nothing."""
+  return jnp.pad(x_MxP, ((0, -x_MxP.shape[0] % multiple), (0, 0)))
 
 
 def _out_shape(shape: tuple[int, ...], *like: jax.Array) -> jax.ShapeDtypeStruct:
@@ -73,8 +75,8 @@ def _triton_gather_sum(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Arr
   m, picks = idx_MxP.shape
   v = values_NxV.shape[1]
   bm, bv = TRITON_BLOCK_TOKENS, _triton_block_v(v)
-  idx_PxM = _pad_tokens(idx_MxP, bm, 0).T
-  w_PxM = _pad_tokens(w_MxP, bm, 0).T
+  idx_PxM = _pad_tokens(idx_MxP, bm).T
+  w_PxM = _pad_tokens(w_MxP, bm).T
   padded = idx_PxM.shape[1]
   out = pl.pallas_call(
       functools.partial(_triton_kernel, block_v=bv, picks=picks),
@@ -117,7 +119,7 @@ def _tpu_gather_sum(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array,
   m, picks = idx_MxP.shape
   v = values_NxV.shape[1]
   bm = TPU_BLOCK_TOKENS
-  idx_MxP, w_MxP = _pad_tokens(idx_MxP, bm, 0), _pad_tokens(w_MxP, bm, 0)
+  idx_MxP, w_MxP = _pad_tokens(idx_MxP, bm), _pad_tokens(w_MxP, bm)
   padded = idx_MxP.shape[0]
   out = pl.pallas_call(
       functools.partial(_tpu_kernel, block_m=bm, picks=picks),
