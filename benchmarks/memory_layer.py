@@ -5,7 +5,8 @@ Each row is one jitted function of precomputed inputs, timed as the median of --
 specific to a backend, so the same command runs on CPU, GPU and TPU. Rows:
   query projection      Linear D -> H*Kd, then batchnorm over the tokens (float32, as the layer)
   sub-key scores        both halves' [H, T, n] scores (two batched matmuls)
-  first-stage top-k     lax.top_k(k) over each half's n scores
+  first-stage top-k     top-k over each half's n scores: pkm_jax.cpu_top_k.top_k (its custom call
+                        on CPU); "jax.lax.top_k" the same through XLA's TopK, for comparison
   candidate stage       top-k over the pairs (i+1)(j+1) <= k of the two sorted lists (what the
                         search runs); "full grid" is the same over all k x k pairs, for comparison
   search                product_key_topk end to end (projection excluded)
@@ -45,6 +46,7 @@ from pkm_jax import product_keys, sparse_adam  # noqa: E402
 from pkm_jax import config as config_lib  # noqa: E402
 from pkm_jax import host_memory  # noqa: E402
 from pkm_jax.architecture import MemoryConfig  # noqa: E402
+from pkm_jax.cpu_top_k import top_k  # noqa: E402
 from pkm_jax.memory import ProductKeyMemory  # noqa: E402
 from pkm_jax.placement import MemoryPlacement  # noqa: E402
 
@@ -97,7 +99,7 @@ def median_ms(fn: Callable[..., Any], args: tuple, warmup: int, steps: int,
 def full_grid_candidates(v1, i1, v2, i2, n):
   """The candidate stage before the pruning: one top_k over all k x k pairs (for comparison)."""
   k = v1.shape[-1]
-  scores, pos = jax.lax.top_k((v1[..., :, None] + v2[..., None, :]).reshape(*v1.shape[:-1], -1), k)
+  scores, pos = top_k((v1[..., :, None] + v2[..., None, :]).reshape(*v1.shape[:-1], -1), k)
   slots = (i1[..., :, None] * n + i2[..., None, :]).reshape(*i1.shape[:-1], -1)
   return scores, jnp.take_along_axis(slots, pos, axis=-1)
 
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             jnp.einsum("htd,hnd->htn", q_HxTxK[..., half:], keys[:, 1]))
 
   s1, s2 = jax.jit(subkey_scores)(q_HxTxK, keys)
-  first_stage = lambda s1, s2: (jax.lax.top_k(s1, k), jax.lax.top_k(s2, k))
+  first_stage = lambda s1, s2: (top_k(s1, k), top_k(s2, k))
   (v1, i1), (v2, i2) = jax.jit(first_stage)(s1, s2)
   scores, idx_TxHxk = product_keys.product_key_topk(q_TxHxK, keys, k)
   w_TxHxk = jax.nn.softmax(scores, axis=-1).astype(dtype)
@@ -165,6 +167,8 @@ def run(args: argparse.Namespace) -> list[dict]:
       ("query projection", project, (x_TxD,), 0),
       ("sub-key scores", subkey_scores, (q_HxTxK, keys), 0),
       ("first-stage top-k", first_stage, (s1, s2), 0),
+      ("first-stage top-k, jax.lax.top_k",
+       lambda s1, s2: (jax.lax.top_k(s1, k), jax.lax.top_k(s2, k)), (s1, s2), 0),
       ("candidate stage", lambda *a: product_keys.candidate_topk(*a, n), (v1, i1, v2, i2), 0),
       ("candidate stage, full k x k grid", lambda *a: full_grid_candidates(*a, n),
        (v1, i1, v2, i2), 0),

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pkm_jax import chunks
+from pkm_jax.cpu_top_k import top_k
 
 class MemoryAux(NamedTuple):
   """What a memory layer picked, for the usage metrics and sparse value updates."""
@@ -38,7 +39,7 @@ def subkey_topk(q_HxMxD: jax.Array, keys_HxNxD: jax.Array, k: int) -> tuple[jax.
   Head-major, so the [H, M, n] scores come out of the batched matmul in the layout top_k reads.
   The backward touches only the k picked sub-keys of each query (see `_subkey_topk_bwd`).
   """
-  scores, ids = jax.lax.top_k(jnp.einsum("hmd,hnd->hmn", q_HxMxD, keys_HxNxD), k)
+  scores, ids = top_k(jnp.einsum("hmd,hnd->hmn", q_HxMxD, keys_HxNxD), k)
   return scores, ids
 
 
@@ -102,15 +103,15 @@ def candidate_topk(v1: jax.Array, i1: jax.Array, v2: jax.Array, i2: jax.Array, n
   """
   k = v1.shape[-1]
   i_P, j_P = candidate_pairs(k)
-  # XLA CPU turns a top_k into its fast TopK call only when the sort's results are read through
-  # one slice; fused with the slices below, the first-stage top_k stays a full sort of n scores
-  # (10x slower at n = 512). The barrier keeps the two stages apart.
+  # Where jax.lax.top_k runs (GPUs, TPUs, PKM_JAX_CPU_TOP_K=0), XLA turns it into its TopK call
+  # only when the sort's results are read through one slice; fused with the slices below, the
+  # first-stage top_k would stay a full sort of n scores. The barrier keeps the stages apart.
   v1, i1, v2, i2 = jax.lax.optimization_barrier((v1, i1, v2, i2))
   # Row i of the pruned grid is a contiguous slice v2[:k // (i + 1)], so the candidates are
   # built by concatenating slices (cheaper than a gather with the static index table).
   cand_scores = jnp.concatenate([v1[..., i:i + 1] + v2[..., :k // (i + 1)] for i in range(k)],
                                 axis=-1)
-  scores, pos = jax.lax.top_k(cand_scores, k)
+  scores, pos = top_k(cand_scores, k)
   slots = (jnp.take_along_axis(i1, jnp.asarray(i_P)[pos], axis=-1) * n
            + jnp.take_along_axis(i2, jnp.asarray(j_P)[pos], axis=-1))
   return scores, slots

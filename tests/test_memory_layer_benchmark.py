@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMPONENTS = ("query projection", "sub-key scores", "first-stage top-k", "candidate stage",
+COMPONENTS = ("query projection", "sub-key scores", "first-stage top-k",
+              "first-stage top-k, jax.lax.top_k", "candidate stage",
               "candidate stage, full k x k grid", "search", "lookup forward", "lookup backward",
               "value update dense", "value update sparse", "memory layer forward", "FFN forward",
               "FFN forward+backward")

@@ -1,0 +1,134 @@
+// Exact top-k along the last axis of a float32 array, as an XLA FFI custom call for CPUs.
+//
+// The same function as XLA:CPU's TopK (jax.lax.top_k): values compared as XLA compares them
+// (through a total-order int32 key, so -0.0 < 0.0 and NaNs sort by their bits), ties broken by
+// the lower index, results best first. XLA:CPU's TopK partial-sorts an index array per row
+// through a comparator; its cost grows with n * k. Here one pass over the row keeps the best k
+// in a small sorted buffer: an element that does not beat the current k-th costs one compare,
+// and only ~k ln(n / k) elements of a row in random order get inserted.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// XLA:CPU's key: monotone in the float's value, -0.0 below 0.0.
+inline int32_t OrderKey(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return static_cast<int32_t>(bits) < 0
+             ? static_cast<int32_t>(std::numeric_limits<int32_t>::max() - bits)
+             : static_cast<int32_t>(bits);
+}
+
+// Inserts (key, id) into the sorted keys[0:filled] (best first), after any equal key: an equal
+// key comes from a later index, which loses the tie.
+inline void Insert(int32_t key, int32_t id, int64_t filled, int32_t* keys, int32_t* ids) {
+  int64_t p = filled;
+  for (; p > 0 && keys[p - 1] < key; --p) {
+    keys[p] = keys[p - 1];
+    ids[p] = ids[p - 1];
+  }
+  keys[p] = key;
+  ids[p] = id;
+}
+
+constexpr int64_t kBlock = 16;
+constexpr int64_t kMaxK = 1024;
+
+// Keys and indices of the best k of row[0:n], best first (k <= n).
+void TopKRow(const float* row, int64_t n, int64_t k, int32_t* keys, int32_t* ids) {
+  for (int64_t j = 0; j < k; ++j) Insert(OrderKey(row[j]), static_cast<int32_t>(j), j, keys, ids);
+  int64_t j0 = k;
+  // Whole blocks: keys and the compare with the current k-th in a loop the compiler
+  // vectorises; only the elements that beat it are inserted (the k-th only rises).
+  for (; j0 + kBlock <= n; j0 += kBlock) {
+    int32_t block[kBlock];
+    uint32_t beats = 0;
+    const int32_t kth = keys[k - 1];
+    for (int64_t t = 0; t < kBlock; ++t) {
+      block[t] = OrderKey(row[j0 + t]);
+      beats |= static_cast<uint32_t>(block[t] > kth) << t;
+    }
+    while (beats) {
+      const int t = __builtin_ctz(beats);
+      beats &= beats - 1;
+      if (block[t] > keys[k - 1]) Insert(block[t], static_cast<int32_t>(j0 + t), k - 1, keys, ids);
+    }
+  }
+  for (int64_t j = j0; j < n; ++j) {
+    const int32_t key = OrderKey(row[j]);
+    if (key > keys[k - 1]) Insert(key, static_cast<int32_t>(j), k - 1, keys, ids);
+  }
+}
+
+// One call's work, split into chunks of rows that the calling thread and helpers on XLA's
+// intra-op pool claim from a counter. The caller never waits for a helper to start, only for
+// chunks a running helper has claimed, so a busy pool cannot deadlock it; a helper that starts
+// after all chunks are claimed finds nothing to do (the shared_ptr keeps the counters alive).
+struct Job {
+  const float* in;
+  int32_t* out_ids;
+  int64_t n, k, rows, chunk, chunks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> finished{0};
+
+  void Work() {
+    int32_t keys[kMaxK];
+    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+      const int64_t end = std::min(rows, (c + 1) * chunk);
+      for (int64_t r = c * chunk; r < end; ++r) {
+        const float* row = in + r * n;
+        int32_t* ids = out_ids + r * k;
+        TopKRow(row, n, k, keys, ids);
+      }
+      finished.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// x [..., n] -> the indices [..., k] of each row's best k, best first (the caller gathers the
+// values: the same bits, and differentiable).
+ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> indices,
+                    ffi::ThreadPool pool) {
+  const auto dims = x.dimensions();
+  const auto out_dims = indices->dimensions();
+  if (dims.size() == 0 || out_dims.size() == 0) {
+    return ffi::Error::InvalidArgument("top_k of a scalar");
+  }
+  const int64_t n = dims.back(), k = out_dims.back();
+  if (k < 1 || k > n || k > kMaxK) {
+    return ffi::Error::InvalidArgument("top_k needs 1 <= k <= min(n, 1024)");
+  }
+  auto job = std::make_shared<Job>();
+  job->in = x.typed_data();
+  job->out_ids = indices->typed_data();
+  job->n = n;
+  job->k = k;
+  job->rows = static_cast<int64_t>(x.element_count()) / n;
+  // ~64K scores per chunk: large enough that claiming one costs nothing next to it.
+  job->chunk = std::max<int64_t>(1, (int64_t{1} << 16) / n);
+  job->chunks = (job->rows + job->chunk - 1) / job->chunk;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  while (job->finished.load(std::memory_order_acquire) < job->chunks) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PkmTopKF32, TopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ctx<ffi::ThreadPool>());
