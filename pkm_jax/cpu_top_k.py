@@ -8,8 +8,9 @@ threads (3.4-4.8x faster on two cores); the values are gathered at those indices
 TPUs, and for dtypes other than float32, `top_k` is `jax.lax.top_k`.
 
 The library is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`) against
-jaxlib's FFI headers, into `$PKM_JAX_CACHE_DIR` (default `~/.cache/pkm_jax`), named by a hash of
-the source, jaxlib's version and the command. Without a compiler, or with `PKM_JAX_CPU_TOP_K=0`,
+jaxlib's FFI headers, into `$PKM_JAX_CACHE_DIR` (default `~/.cache/pkm_jax`; a per-user folder
+under the system's temporary one where that cannot be written), named by a hash of the source,
+jaxlib's version and the command. Without a compiler, or with `PKM_JAX_CPU_TOP_K=0`,
 `top_k` is `jax.lax.top_k` everywhere (with one warning when the build failed).
 """
 
@@ -51,24 +52,34 @@ def build() -> Path:
   key.update(SOURCE.read_bytes())
   key.update(jaxlib.__version__.encode())
   key.update(" ".join(compile_command(Path("lib.so"))).encode())
-  path = cache_dir() / f"top_k-{key.hexdigest()[:16]}.so"
-  if path.is_file():
-    return path
-  path.parent.mkdir(parents=True, exist_ok=True)
-  compiler = compile_command(path)[0]
+  name = f"top_k-{key.hexdigest()[:16]}.so"
+  # A read-only home (some clusters, CI sandboxes) falls back to a per-user temporary folder.
+  folders = [cache_dir(), Path(tempfile.gettempdir()) / f"pkm_jax-{os.getuid()}"]
+  for folder in folders:
+    if (folder / name).is_file():
+      return folder / name
+  compiler = compile_command(Path(name))[0]
   if shutil.which(compiler) is None:
     raise OSError(f"no C++ compiler {compiler!r} on PATH")
-  # Built beside its final name and renamed: concurrent first uses (test workers, hosts sharing
-  # a home) each see either no library or a whole one.
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+  for folder in folders:
+    try:
+      folder.mkdir(parents=True, exist_ok=True)
+      # Built beside its final name and renamed: concurrent first uses (test workers, hosts
+      # sharing a home) each see either no library or a whole one.
+      fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+      break
+    except OSError as e:
+      error = e
+  else:
+    raise error
   os.close(fd)
   try:
     subprocess.run(compile_command(Path(tmp)), check=True, capture_output=True, text=True)
-    os.replace(tmp, path)
+    os.replace(tmp, folder / name)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  return path
+  return folder / name
 
 
 @functools.cache

@@ -38,7 +38,7 @@ def test_builds_and_is_what_cpu_runs():
                                       ((4, 1024, 512), 32),  # BERT-base's, several row chunks
                                       ((3, 119), 16),  # the candidate stage's pruned grid
                                       ((2, 3, 37), 37),  # k = n
-                                      ((5, 1), 1), ((7, 300), 1)])
+                                      ((5, 1), 1), ((7, 300), 1), ((0, 20), 5)])
 def test_equals_lax_top_k_on_random_scores(shape, k):
   x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
   _same(jax.jit(lambda x: top_k(x, k))(x), jax.lax.top_k(x, k))
@@ -123,7 +123,7 @@ CHECK = """
 
 def test_build_cache_and_fallbacks(tmp_path):
   """Built once into PKM_JAX_CACHE_DIR (two processes starting together leave one whole
-  library); with no compiler, one warning and jax.lax.top_k; PKM_JAX_CPU_TOP_K=0 turns it off."""
+  library), or under the temporary folder when that cannot be made; with no compiler, one warning and jax.lax.top_k; PKM_JAX_CPU_TOP_K=0 turns it off."""
   cache = tmp_path / "cache"
   procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(CHECK)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -134,6 +134,15 @@ def test_build_cache_and_fallbacks(tmp_path):
     assert p.returncode == 0, err
     assert out.split("\n")[0] == "True [[0, 3]] True"
   assert [f.suffix for f in cache.iterdir()] == [".so"]  # one library, no leftovers
+
+  # A cache folder that cannot be made: built under the temporary folder instead.
+  (tmp_path / "file").write_text("")
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  fallback = _run(CHECK, PKM_JAX_CACHE_DIR=str(tmp_path / "file" / "cache"), TMPDIR=str(temp))
+  assert fallback.returncode == 0 and fallback.stdout.startswith("True [[0, 3]] True"), \
+      fallback.stderr
+  assert [f.suffix for f in (temp / f"pkm_jax-{os.getuid()}").iterdir()] == [".so"]
 
   broken = _run(CHECK, PKM_JAX_CACHE_DIR=str(tmp_path / "none"), CXX="no-such-compiler++")
   assert broken.returncode == 0, broken.stderr
