@@ -8,10 +8,12 @@ threads (3.4-4.8x faster on two cores); the values are gathered at those indices
 TPUs, and for dtypes other than float32, `top_k` is `jax.lax.top_k`.
 
 The library is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`) against
-jaxlib's FFI headers, into `$PKM_JAX_CACHE_DIR` (default `~/.cache/pkm_jax`; a per-user folder
-under the system's temporary one where that cannot be written), named by a hash of the source,
-jaxlib's version and the command. Without a compiler, or with `PKM_JAX_CPU_TOP_K=0`,
-`top_k` is `jax.lax.top_k` everywhere (with one warning when the build failed).
+jaxlib's FFI headers, into `$PKM_JAX_CACHE_DIR` (default `~/.cache/pkm_jax`; where that cannot
+be made, a private per-user folder under the system's temporary one), named by a hash of the
+source, jaxlib's version, the machine, the compiler and the command. Without a compiler, or with
+`PKM_JAX_CPU_TOP_K=0`, `top_k` is `jax.lax.top_k` everywhere (with one warning when the build
+failed). A computation exported with `jax.export` for CPU carries the custom call, which
+jax.export refuses by default: export with `PKM_JAX_CPU_TOP_K=0` (GPU/TPU exports never see it).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -41,45 +46,57 @@ def cache_dir() -> Path:
 
 
 def compile_command(out: Path) -> list[str]:
-  return [os.environ.get("CXX", "c++"), "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
-          f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+  return [*shlex.split(os.environ.get("CXX", "c++")), "-O3", "-std=c++17", "-shared", "-fPIC",
+          "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+
+
+def _private_temp_dir() -> Path:
+  """A per-user folder under the system's temporary one, used only if no one else owns it or
+  can write to it: a library found there is loaded into this process."""
+  folder = Path(tempfile.gettempdir()) / f"pkm_jax-{os.getuid()}"
+  folder.mkdir(mode=0o700, exist_ok=True)
+  info = folder.lstat()
+  if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+    raise OSError(f"{folder} is not a private folder of this user")
+  return folder
+
+
+def _cache_folder() -> Path:
+  """cache_dir(), or, where it cannot be made (a read-only home on some clusters and CI
+  sandboxes), the private temporary folder."""
+  try:
+    cache_dir().mkdir(parents=True, exist_ok=True)
+  except OSError:
+    return _private_temp_dir()
+  return cache_dir() if os.access(cache_dir(), os.W_OK) else _private_temp_dir()
 
 
 def build() -> Path:
-  """The compiled library, built if this source, jaxlib and command have none yet (raises
-  OSError / subprocess.CalledProcessError when it cannot be built)."""
+  """The compiled library, built if this source, jaxlib, machine, compiler and command have
+  none yet (raises OSError / subprocess.CalledProcessError when it cannot be built)."""
+  command = compile_command(Path("lib.so"))
+  if shutil.which(command[0]) is None:
+    raise OSError(f"no C++ compiler {command[0]!r} on PATH")
+  version = subprocess.run([command[0], "--version"], capture_output=True, text=True).stdout
   key = hashlib.sha256()
-  key.update(SOURCE.read_bytes())
-  key.update(jaxlib.__version__.encode())
-  key.update(" ".join(compile_command(Path("lib.so"))).encode())
-  name = f"top_k-{key.hexdigest()[:16]}.so"
-  # A read-only home (some clusters, CI sandboxes) falls back to a per-user temporary folder.
-  folders = [cache_dir(), Path(tempfile.gettempdir()) / f"pkm_jax-{os.getuid()}"]
-  for folder in folders:
-    if (folder / name).is_file():
-      return folder / name
-  compiler = compile_command(Path(name))[0]
-  if shutil.which(compiler) is None:
-    raise OSError(f"no C++ compiler {compiler!r} on PATH")
-  for folder in folders:
-    try:
-      folder.mkdir(parents=True, exist_ok=True)
-      # Built beside its final name and renamed: concurrent first uses (test workers, hosts
-      # sharing a home) each see either no library or a whole one.
-      fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-      break
-    except OSError as e:
-      error = e
-  else:
-    raise error
+  for part in (SOURCE.read_text(), jaxlib.__version__, platform.machine(), version,
+               " ".join(command)):
+    key.update(part.encode())
+  folder = _cache_folder()
+  path = folder / f"top_k-{key.hexdigest()[:16]}.so"
+  if path.is_file():
+    return path
+  # Built beside its final name and renamed: concurrent first uses (test workers, hosts sharing
+  # a home) each see either no library or a whole one.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
   os.close(fd)
   try:
     subprocess.run(compile_command(Path(tmp)), check=True, capture_output=True, text=True)
-    os.replace(tmp, folder / name)
+    os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-  return folder / name
+  return path
 
 
 @functools.cache
@@ -89,13 +106,13 @@ def available() -> bool:
     return False
   try:
     library = ctypes.cdll.LoadLibrary(str(build()))
-  except (OSError, subprocess.CalledProcessError) as e:
-    detail = getattr(e, "stderr", "") or str(e)
-    warnings.warn(f"pkm_jax.cpu_top_k: building {SOURCE.name} failed, using jax.lax.top_k on "
-                  f"CPU ({detail.strip().splitlines()[-1] if detail.strip() else e!r})",
-                  RuntimeWarning, stacklevel=2)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.PkmTopKF32), platform="cpu")
+  except Exception as e:  # noqa: BLE001 -- any failure to build, load or register: jax.lax.top_k
+    detail = (getattr(e, "stderr", "") or str(e) or repr(e)).strip().splitlines()
+    warnings.warn(f"pkm_jax.cpu_top_k: the CPU top-k could not be built or loaded, using "
+                  f"jax.lax.top_k ({detail[-1] if detail else repr(e)})", RuntimeWarning,
+                  stacklevel=2)
     return False
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.PkmTopKF32), platform="cpu")
   return True
 
 

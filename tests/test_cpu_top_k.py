@@ -38,7 +38,8 @@ def test_builds_and_is_what_cpu_runs():
                                       ((4, 1024, 512), 32),  # BERT-base's, several row chunks
                                       ((3, 119), 16),  # the candidate stage's pruned grid
                                       ((2, 3, 37), 37),  # k = n
-                                      ((5, 1), 1), ((7, 300), 1), ((0, 20), 5)])
+                                      ((5, 1), 1), ((7, 300), 1), ((0, 20), 5),
+                                      ((3, 1500), 1024)])  # the kernel's largest k
 def test_equals_lax_top_k_on_random_scores(shape, k):
   x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
   _same(jax.jit(lambda x: top_k(x, k))(x), jax.lax.top_k(x, k))
@@ -58,6 +59,13 @@ def test_equals_lax_top_k_on_ties_zeros_infinities_and_nans():
   # Blocks of equal scores cut by the k-th place, in rows long enough for the blocked scan.
   x = jnp.asarray(np.repeat(rng.integers(0, 6, size=(64, 20)), 5, axis=1), jnp.float32)
   _same(jax.jit(lambda x: top_k(x, 17))(x), jax.lax.top_k(x, 17))
+
+
+def test_beyond_the_kernels_k_is_lax_top_k():
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 1500)), jnp.float32)
+  run = jax.jit(lambda x: top_k(x, 1025))
+  assert cpu_top_k.TARGET not in run.lower(x).as_text()
+  _same(run(x), jax.lax.top_k(x, 1025))
 
 
 def test_gradients_vmap_and_other_dtypes_match_lax():
@@ -123,7 +131,9 @@ CHECK = """
 
 def test_build_cache_and_fallbacks(tmp_path):
   """Built once into PKM_JAX_CACHE_DIR (two processes starting together leave one whole
-  library), or under the temporary folder when that cannot be made; with no compiler, one warning and jax.lax.top_k; PKM_JAX_CPU_TOP_K=0 turns it off."""
+  library), or in a private folder under the temporary one when that cannot be made (never in
+  one others can write to); a missing compiler or a library without the handler: one warning
+  and jax.lax.top_k; PKM_JAX_CPU_TOP_K=0 turns it off."""
   cache = tmp_path / "cache"
   procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(CHECK)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -135,14 +145,35 @@ def test_build_cache_and_fallbacks(tmp_path):
     assert out.split("\n")[0] == "True [[0, 3]] True"
   assert [f.suffix for f in cache.iterdir()] == [".so"]  # one library, no leftovers
 
-  # A cache folder that cannot be made: built under the temporary folder instead.
+  # A cache folder that cannot be made: built in a private folder under the temporary one;
+  # a temporary folder others can write to (a library planted there) is never used.
   (tmp_path / "file").write_text("")
   temp = tmp_path / "temp"
   temp.mkdir()
   fallback = _run(CHECK, PKM_JAX_CACHE_DIR=str(tmp_path / "file" / "cache"), TMPDIR=str(temp))
   assert fallback.returncode == 0 and fallback.stdout.startswith("True [[0, 3]] True"), \
       fallback.stderr
-  assert [f.suffix for f in (temp / f"pkm_jax-{os.getuid()}").iterdir()] == [".so"]
+  private = temp / f"pkm_jax-{os.getuid()}"
+  assert [f.suffix for f in private.iterdir()] == [".so"] and private.stat().st_mode & 0o077 == 0
+  private.chmod(0o777)
+  shared = _run(CHECK, PKM_JAX_CACHE_DIR=str(tmp_path / "file" / "cache"), TMPDIR=str(temp))
+  assert shared.returncode == 0 and shared.stdout.startswith("False [[0, 3]] False")
+  assert "not a private folder" in shared.stderr
+  # A library that loads but lacks the handler: one warning, jax.lax.top_k.
+  odd = tmp_path / "odd"
+  odd.mkdir()
+  subprocess.run(["c++", "-shared", "-fPIC", "-x", "c++", "-", "-o", str(odd / "lib.so")],
+                 input="int unrelated() { return 0; }", text=True, check=True)
+  broken_lib = _run("""
+      import warnings
+      warnings.simplefilter("always")
+      from pathlib import Path
+      from pkm_jax import cpu_top_k
+      cpu_top_k.build = lambda: Path(%r)
+      print(cpu_top_k.available())
+  """ % str(odd / "lib.so"))
+  assert broken_lib.returncode == 0 and broken_lib.stdout.strip() == "False", broken_lib.stderr
+  assert broken_lib.stderr.count("RuntimeWarning") == 1 and "PkmTopKF32" in broken_lib.stderr
 
   broken = _run(CHECK, PKM_JAX_CACHE_DIR=str(tmp_path / "none"), CXX="no-such-compiler++")
   assert broken.returncode == 0, broken.stderr

@@ -102,8 +102,9 @@ ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> indices
                     ffi::ThreadPool pool) {
   const auto dims = x.dimensions();
   const auto out_dims = indices->dimensions();
-  if (dims.size() == 0 || out_dims.size() == 0) {
-    return ffi::Error::InvalidArgument("top_k of a scalar");
+  if (dims.size() == 0 || out_dims.size() != dims.size() ||
+      !std::equal(dims.begin(), dims.end() - 1, out_dims.begin())) {
+    return ffi::Error::InvalidArgument("top_k: x [..., n] and indices [..., k]");
   }
   const int64_t n = dims.back(), k = out_dims.back();
   if (k < 1 || k > n || k > kMaxK) {
