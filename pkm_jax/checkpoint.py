@@ -13,6 +13,7 @@ during a save leaves the previous step as the latest restorable one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -78,13 +79,25 @@ class _IgnoreClosedEventLoop:
     self.previous(unraisable)
 
 
+class _DropUnretrievedTaskErrors(logging.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' records, and only those."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Task exception was never retrieved")
+
+
 def ignore_closed_event_loop() -> None:
   """Orbax's reads can finish on an asyncio loop that is already closed -- after a failed
   restore (whose failure is reported), and after restoring some items of a checkpoint -- and
   their callbacks then raise in a background thread, printed as tracebacks up to exit. Drop
-  those, and only those."""
+  those, and only those. A failed restore can also leave its sibling reads' errors unretrieved,
+  which asyncio logs when it collects them, sometimes (a race with the failure we report):
+  those records are dropped too."""
   if not isinstance(sys.unraisablehook, _IgnoreClosedEventLoop):
     sys.unraisablehook = _IgnoreClosedEventLoop(sys.unraisablehook)
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropUnretrievedTaskErrors) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_DropUnretrievedTaskErrors())
 
 
 def restore_items(manager: Manager, step: int, targets: dict[str, Any], *,
