@@ -80,10 +80,10 @@ class _IgnoreClosedEventLoop:
 
 
 class _DropUnretrievedTaskErrors(logging.Filter):
-  """Drops asyncio's 'Task exception was never retrieved' records, and only those."""
+  """Drops asyncio's '<Task|Future|...> exception was never retrieved' records, only those."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Task exception was never retrieved")
+    return "exception was never retrieved" not in str(record.msg).split("\n", 1)[0]
 
 
 def ignore_closed_event_loop() -> None:
