@@ -23,7 +23,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from pkm_jax import lookup_kernels
 from pkm_jax import memory_kinds
@@ -88,17 +87,17 @@ class MemoryPlacement:
       return sharded_memory.sharded_row_gradients(indices, weights, grad_out, num_rows=num_rows,
                                                   slot_axes=self.slot_axes,
                                                   token_axes=self.token_axes)
-    row_ids, row_grads = sparse_adam.row_gradients(indices, weights, grad_out, num_rows=num_rows)
-    return row_ids, row_grads, jnp.sum(jnp.square(row_grads.astype(jnp.float32)))
+    return sparse_adam.row_gradients_and_norm(indices, weights, grad_out, num_rows=num_rows)
 
   def row_update(self, tx: sparse_adam.SparseGradientTransformation, row_ids: jax.Array,
-                 row_grads: jax.Array, opt_state: Any, table_NxV: jax.Array
-                 ) -> tuple[jax.Array, Any]:
-    """One row-wise optimizer step on the rows `row_gradients` returned -> (table, opt_state)."""
+                 row_grads: jax.Array, opt_state: Any, table_NxV: jax.Array,
+                 grad_scale: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """One row-wise optimizer step on the rows `row_gradients` returned, their gradients times
+    grad_scale (the clip's factor) -> (table, opt_state)."""
     if self.slot_axes:
       return sharded_memory.sharded_row_update(tx, row_ids, row_grads, opt_state, table_NxV,
-                                               slot_axes=self.slot_axes)
-    return tx.step(row_ids, row_grads, opt_state, table_NxV)
+                                               slot_axes=self.slot_axes, grad_scale=grad_scale)
+    return tx.step(row_ids, row_grads, opt_state, table_NxV, grad_scale)
 
 
 SINGLE_DEVICE = MemoryPlacement()

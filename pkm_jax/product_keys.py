@@ -103,7 +103,7 @@ def candidate_topk(v1: jax.Array, i1: jax.Array, v2: jax.Array, i2: jax.Array, n
   """
   k = v1.shape[-1]
   i_P, j_P = candidate_pairs(k)
-  # Where jax.lax.top_k runs (GPUs, TPUs, PKM_JAX_CPU_TOP_K=0), XLA turns it into its TopK call
+  # Where jax.lax.top_k runs (GPUs, TPUs, PKM_JAX_CPU_KERNELS=0), XLA turns it into its TopK call
   # only when the sort's results are read through one slice; fused with the slices below, the
   # first-stage top_k would stay a full sort of n scores. The barrier keeps the stages apart.
   v1, i1, v2, i2 = jax.lax.optimization_barrier((v1, i1, v2, i2))

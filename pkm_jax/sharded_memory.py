@@ -349,9 +349,8 @@ def sharded_row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.
       # Invariant over the token axes: every copy of a block builds the same rows.
       idx, w, g = (jax.lax.all_gather(x, token_axes, axis=0, tiled=True, to="invarying")
                    for x in (idx, w, g))
-    row_ids, row_grads = sparse_adam.row_gradients(_to_local_rows(idx, n_local, slot_axes), w,
-                                                   g, num_rows=n_local)
-    sq_norm = jnp.sum(jnp.square(row_grads.astype(jnp.float32)))
+    row_ids, row_grads, sq_norm = sparse_adam.row_gradients_and_norm(
+        _to_local_rows(idx, n_local, slot_axes), w, g, num_rows=n_local)
     return row_ids, row_grads, jax.lax.psum(sq_norm, slot_axes) if slot_axes else sq_norm
 
   return jax.shard_map(local_rows, in_specs=(token_spec,) * 3,
@@ -360,13 +359,14 @@ def sharded_row_gradients(indices: jax.Array, weights: jax.Array, grad_out: jax.
 
 def sharded_row_update(tx: sparse_adam.SparseGradientTransformation, row_ids: jax.Array,
                        row_grads: jax.Array, opt_state: Any, table: jax.Array, *,
-                       slot_axes: Sequence[str] = (MODEL,)) -> tuple[jax.Array, Any]:
+                       slot_axes: Sequence[str] = (MODEL,),
+                       grad_scale: jax.Array | None = None) -> tuple[jax.Array, Any]:
   """One row-wise optimizer step (e.g. `sparse_adam`) on a table split over `slot_axes`.
 
   row_ids [blocks * R] (block-local, unique within a block; ids >= block size are padding) and
   row_grads [blocks * R, V], split over `slot_axes` as `sharded_row_gradients` returns them; the
-  table [N, V] and the row-wise state split the same way. Each device steps its own rows: no
-  collective at all. -> (table, opt_state).
+  table [N, V] and the row-wise state split the same way; grad_scale [] (the clip's factor)
+  replicated. Each device steps its own rows: no collective at all. -> (table, opt_state).
   """
   slot_axes = tuple(slot_axes)
   mesh = _context_mesh(slot_axes, (), "sharded_row_update")
@@ -376,6 +376,7 @@ def sharded_row_update(tx: sparse_adam.SparseGradientTransformation, row_ids: ja
   row_spec = P(_axes_entry(slot_axes))
   state_specs = jax.tree.map(lambda x: row_spec if is_row_leaf(x, n) else P(), opt_state)
 
-  step = jax.shard_map(tx.step, in_specs=(row_spec, row_spec, state_specs, row_spec),
+  scale = jnp.ones([], jnp.float32) if grad_scale is None else grad_scale
+  step = jax.shard_map(tx.step, in_specs=(row_spec, row_spec, state_specs, row_spec, P()),
                        out_specs=(row_spec, state_specs))
-  return step(row_ids, row_grads, opt_state, table)
+  return step(row_ids, row_grads, opt_state, table, scale)

@@ -179,7 +179,8 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimiz
       # As optax.clip_by_global_norm, over dense and row-sparse gradients together.
       scale = jnp.where(grad_norm < optimizers.grad_clip, 1.0, optimizers.grad_clip / grad_norm)
       grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
-      rows = {key: (ids, (g * scale).astype(g.dtype)) for key, (ids, g) in rows.items()}
+    else:
+      scale = None
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -187,8 +188,9 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimiz
     for key, (row_ids, row_grads) in rows.items():
       path = tables[key][0]
       table = state_at(params, path)
+      # The clip's factor is applied inside the row update, as it reads each row gradient.
       new_table, sparse_opt_state[key] = placement.row_update(
-          sparse_tx, row_ids, row_grads, state.sparse_opt_state[key], table.get_value())
+          sparse_tx, row_ids, row_grads, state.sparse_opt_state[key], table.get_value(), scale)
       state_at(params, path[:-1])[path[-1]] = table.replace(new_table)  # in place
 
     loss, lr = sums["loss"] / count, schedule(state.step)

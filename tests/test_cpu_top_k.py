@@ -1,11 +1,8 @@
 """pkm_jax.cpu_top_k: the CPU custom call returns exactly jax.lax.top_k's values and indices
 (ties, signed zeros, infinities and NaNs included), differentiates like it, is what the search
-runs on CPU, stays out of GPU/TPU exports, and falls back to jax.lax.top_k when it cannot build."""
+runs on CPU and stays out of GPU/TPU exports (building and fallbacks: test_cpu_kernels.py)."""
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +10,11 @@ import numpy as np
 import pytest
 from jax import export
 
-from pkm_jax import cpu_top_k, product_keys
+from pkm_jax import cpu_kernels, cpu_top_k, product_keys
 from pkm_jax.cpu_top_k import top_k
 
-pytestmark = pytest.mark.skipif(os.environ.get("PKM_JAX_CPU_TOP_K") == "0",
-                                reason="the custom call is turned off (PKM_JAX_CPU_TOP_K=0)")
+pytestmark = pytest.mark.skipif(os.environ.get("PKM_JAX_CPU_KERNELS") == "0",
+                                reason="the custom calls are turned off (PKM_JAX_CPU_KERNELS=0)")
 
 
 def _same(got, want):
@@ -29,7 +26,7 @@ def _same(got, want):
 
 
 def test_builds_and_is_what_cpu_runs():
-  assert cpu_top_k.available()  # a C++ compiler is part of this project's machines
+  assert cpu_kernels.available()  # a C++ compiler is part of this project's machines
   text = jax.jit(lambda x: top_k(x, 4)).lower(jnp.zeros((3, 20))).as_text()
   assert cpu_top_k.TARGET in text
 
@@ -91,7 +88,7 @@ def test_search_with_custom_call_equals_lax_top_k_and_brute_force(monkeypatch):
   got = jax.jit(lambda q, kk: product_keys.product_key_topk(q, kk, 6))(q, keys)
   assert cpu_top_k.TARGET in jax.jit(
       lambda q, kk: product_keys.product_key_topk(q, kk, 6)).lower(q, keys).as_text()
-  monkeypatch.setattr(cpu_top_k, "available", lambda: False)
+  monkeypatch.setattr(cpu_kernels, "available", lambda: False)
   want = jax.jit(lambda q, kk: product_keys.product_key_topk(q, kk, 6))(q, keys)
   _same(got, want)
   full = (jnp.einsum("bthd,hnd->bthn", q[..., :8], keys[:, 0])[..., :, None]
@@ -110,75 +107,3 @@ def test_accelerator_exports_keep_lax_top_k(platform):
                            platforms=[platform])(q, keys)
   text = exported.mlir_module()
   assert cpu_top_k.TARGET not in text and "top_k" in text.lower()
-
-
-def _run(code: str, **env) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                        text=True, env={**os.environ, **env}, timeout=300)
-
-
-CHECK = """
-    import warnings
-    warnings.simplefilter("always")
-    import jax, jax.numpy as jnp
-    from pkm_jax import cpu_top_k
-    x = jnp.asarray([[3.0, 1.0, 2.0, 3.0]])
-    v, i = jax.jit(lambda x: cpu_top_k.top_k(x, 2))(x)
-    print(cpu_top_k.available(), i.tolist(),
-          cpu_top_k.TARGET in jax.jit(lambda x: cpu_top_k.top_k(x, 2)).lower(x).as_text())
-"""
-
-
-def test_build_cache_and_fallbacks(tmp_path):
-  """Built once into PKM_JAX_CACHE_DIR (two processes starting together leave one whole
-  library), or in a private folder under the temporary one when that cannot be made (never in
-  one others can write to); a missing compiler or a library without the handler: one warning
-  and jax.lax.top_k; PKM_JAX_CPU_TOP_K=0 turns it off."""
-  cache = tmp_path / "cache"
-  procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(CHECK)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PKM_JAX_CACHE_DIR": str(cache)})
-           for _ in range(2)]
-  for p in procs:
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
-    assert out.split("\n")[0] == "True [[0, 3]] True"
-  assert [f.suffix for f in cache.iterdir()] == [".so"]  # one library, no leftovers
-
-  # A cache folder that cannot be made: built in a private folder under the temporary one;
-  # a temporary folder others can write to (a library planted there) is never used.
-  (tmp_path / "file").write_text("")
-  temp = tmp_path / "temp"
-  temp.mkdir()
-  fallback = _run(CHECK, PKM_JAX_CACHE_DIR=str(tmp_path / "file" / "cache"), TMPDIR=str(temp))
-  assert fallback.returncode == 0 and fallback.stdout.startswith("True [[0, 3]] True"), \
-      fallback.stderr
-  private = temp / f"pkm_jax-{os.getuid()}"
-  assert [f.suffix for f in private.iterdir()] == [".so"] and private.stat().st_mode & 0o077 == 0
-  private.chmod(0o777)
-  shared = _run(CHECK, PKM_JAX_CACHE_DIR=str(tmp_path / "file" / "cache"), TMPDIR=str(temp))
-  assert shared.returncode == 0 and shared.stdout.startswith("False [[0, 3]] False")
-  assert "not a private folder" in shared.stderr
-  # A library that loads but lacks the handler: one warning, jax.lax.top_k.
-  odd = tmp_path / "odd"
-  odd.mkdir()
-  subprocess.run(["c++", "-shared", "-fPIC", "-x", "c++", "-", "-o", str(odd / "lib.so")],
-                 input="int unrelated() { return 0; }", text=True, check=True)
-  broken_lib = _run("""
-      import warnings
-      warnings.simplefilter("always")
-      from pathlib import Path
-      from pkm_jax import cpu_top_k
-      cpu_top_k.build = lambda: Path(%r)
-      print(cpu_top_k.available())
-  """ % str(odd / "lib.so"))
-  assert broken_lib.returncode == 0 and broken_lib.stdout.strip() == "False", broken_lib.stderr
-  assert broken_lib.stderr.count("RuntimeWarning") == 1 and "PkmTopKF32" in broken_lib.stderr
-
-  broken = _run(CHECK, PKM_JAX_CACHE_DIR=str(tmp_path / "none"), CXX="no-such-compiler++")
-  assert broken.returncode == 0, broken.stderr
-  assert broken.stdout.split("\n")[0] == "False [[0, 3]] False"
-  assert broken.stderr.count("RuntimeWarning") == 1 and "no-such-compiler++" in broken.stderr
-  off = _run(CHECK, PKM_JAX_CACHE_DIR=str(tmp_path / "off"), PKM_JAX_CPU_TOP_K="0")
-  assert off.returncode == 0 and off.stdout.split("\n")[0] == "False [[0, 3]] False", off.stderr
-  assert not (tmp_path / "off").exists()

@@ -14,7 +14,7 @@ import optax  # noqa: E402
 import pytest  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from pkm_jax import sharded_memory, sharding  # noqa: E402
+from pkm_jax import cpu_kernels, sharded_memory, sharding  # noqa: E402
 from pkm_jax import sparse_adam as sa  # noqa: E402
 from pkm_jax.product_keys import weighted_lookup  # noqa: E402
 
@@ -268,8 +268,10 @@ def test_step_does_no_table_sized_work():
 
 
 def test_fused_step_does_no_table_sized_work(monkeypatch):
-  """tx.step's loop carries the donated table and moments: the only table-shaped values are
-  the parameters, the loop's tuples and the scatters into them (no copy, nothing elementwise)."""
+  """tx.step's loop (pure JAX: GPUs, TPUs) carries the donated table and moments: the only
+  table-shaped values are the parameters, the loop's tuples and the scatters into them (no
+  copy, nothing elementwise)."""
+  monkeypatch.setattr(cpu_kernels, "available", lambda: False)
   monkeypatch.setattr(sa, "STEP_CHUNK_BYTES", 4 * 8 * 4)  # 4 chunks of 4 rows: a real loop
   n, v, r = 65536, 8, 16
   small, big = _compiled_step(4096, v, r, fused=True), _compiled_step(n, v, r, fused=True)
@@ -282,3 +284,15 @@ def test_fused_step_does_no_table_sized_work(monkeypatch):
   fused_roots = {(_opcode(line) or ("", ""))[1] for lines in comps.values() for line in lines
                  if "ROOT" in line and f"f32[{n},{v}]" in line}
   assert fused_roots <= {"scatter", "tuple", "parameter"}, fused_roots
+
+
+def test_cpu_step_updates_the_donated_table_in_its_custom_call():
+  """On CPU, tx.step is one custom call on the donated table and moments: no copy of them."""
+  if not cpu_kernels.available():
+    pytest.skip("the CPU kernels are not built here")
+  n, v = 65536, 8
+  comps = _hlo_computations(_compiled_step(n, v, 16, fused=True).as_text())
+  ops = {(parsed[1]) for lines in comps.values() for line in lines
+         if (parsed := _opcode(line)) and f"f32[{n},{v}]" in parsed[0]}
+  assert "custom-call" in ops and ops <= {"parameter", "custom-call", "get-tuple-element",
+                                          "tuple"}, ops

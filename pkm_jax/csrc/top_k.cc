@@ -8,13 +8,11 @@
 // and only ~k ln(n / k) elements of a row in random order get inserted.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <thread>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -71,31 +69,6 @@ void TopKRow(const float* row, int64_t n, int64_t k, int32_t* keys, int32_t* ids
   }
 }
 
-// One call's work, split into chunks of rows that the calling thread and helpers on XLA's
-// intra-op pool claim from a counter. The caller never waits for a helper to start, only for
-// chunks a running helper has claimed, so a busy pool cannot deadlock it; a helper that starts
-// after all chunks are claimed finds nothing to do (the shared_ptr keeps the counters alive).
-struct Job {
-  const float* in;
-  int32_t* out_ids;
-  int64_t n, k, rows, chunk, chunks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-
-  void Work() {
-    int32_t keys[kMaxK];
-    for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
-      const int64_t end = std::min(rows, (c + 1) * chunk);
-      for (int64_t r = c * chunk; r < end; ++r) {
-        const float* row = in + r * n;
-        int32_t* ids = out_ids + r * k;
-        TopKRow(row, n, k, keys, ids);
-      }
-      finished.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 // x [..., n] -> the indices [..., k] of each row's best k, best first (the caller gathers the
 // values: the same bits, and differentiable).
 ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> indices,
@@ -110,19 +83,17 @@ ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> indices
   if (k < 1 || k > n || k > kMaxK) {
     return ffi::Error::InvalidArgument("top_k needs 1 <= k <= min(n, 1024)");
   }
-  auto job = std::make_shared<Job>();
-  job->in = x.typed_data();
-  job->out_ids = indices->typed_data();
-  job->n = n;
-  job->k = k;
-  job->rows = static_cast<int64_t>(x.element_count()) / n;
+  const float* in = x.typed_data();
+  int32_t* out_ids = indices->typed_data();
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / n;
   // ~64K scores per chunk: large enough that claiming one costs nothing next to it.
-  job->chunk = std::max<int64_t>(1, (int64_t{1} << 16) / n);
-  job->chunks = (job->rows + job->chunk - 1) / job->chunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), job->chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->finished.load(std::memory_order_acquire) < job->chunks) std::this_thread::yield();
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / n);
+  pkm_jax::ParallelFor(pool, (rows + chunk - 1) / chunk, [&](int64_t c) {
+    int32_t keys[kMaxK];
+    for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); ++r) {
+      TopKRow(in + r * n, n, k, keys, out_ids + r * k);
+    }
+  });
   return ffi::Error::Success();
 }
 

@@ -1,0 +1,135 @@
+"""pkm_jax.cpu_sparse_rows: on CPU, sparse_adam's row gradients and lazy Adam step run as custom
+calls that compute what their pure-JAX versions compute (and a brute-force dense gradient and
+per-row Adam in numpy), update the table and moments in place, and stay out of GPU/TPU exports."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import export
+
+from pkm_jax import cpu_kernels, cpu_sparse_rows
+from pkm_jax import sparse_adam as sa
+
+pytestmark = pytest.mark.skipif(os.environ.get("PKM_JAX_CPU_KERNELS") == "0",
+                                reason="the custom calls are turned off (PKM_JAX_CPU_KERNELS=0)")
+
+
+def _picks(rng, shape, n, v):
+  """Random picks (with duplicates, and ids >= n: padding), weights and output gradients."""
+  b, t, h, k = shape
+  idx = jnp.asarray(rng.integers(0, n + n // 8 + 1, shape), jnp.int32)
+  w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((b, t, v)), jnp.float32)
+  return idx, w, g
+
+
+def _pure_jax(monkeypatch):
+  monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+
+
+@pytest.mark.parametrize("shape, n, v", [((2, 33, 4, 8), 300, 24),  # picks < rows
+                                         ((1, 64, 4, 16), 200, 16),  # picks > rows: R = N
+                                         ((4, 16, 2, 4), 7, 5)])  # a few rows, many repeats
+def test_row_gradients_equal_pure_jax_and_brute_force(monkeypatch, shape, n, v):
+  idx, w, g = _picks(np.random.default_rng(0), shape, n, v)
+  run = lambda: jax.jit(lambda *a: sa.row_gradients_and_norm(*a, num_rows=n))  # noqa: E731
+  assert cpu_sparse_rows.ROW_GRADIENTS in run().lower(idx, w, g).as_text()
+  ids, grads, sq = run()(idx, w, g)
+  _pure_jax(monkeypatch)
+  assert cpu_sparse_rows.ROW_GRADIENTS not in run().lower(idx, w, g).as_text()
+  want_ids, want_grads, want_sq = run()(idx, w, g)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(grads, want_grads, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(sq, want_sq, rtol=1e-5)
+  # Brute force: the dense gradient of the table, d table[r] = sum of w * g over r's picks.
+  dense = np.zeros((n + n // 8 + 1, v))
+  h, k = shape[2:]
+  tokens = np.repeat(np.asarray(g, np.float64).reshape(-1, v), h * k, axis=0)
+  np.add.at(dense, np.asarray(idx).ravel(), np.asarray(w, np.float64).ravel()[:, None] * tokens)
+  picked = np.unique(np.asarray(idx)[np.asarray(idx) < n])
+  r = min(idx.size, n)
+  np.testing.assert_array_equal(ids[:len(picked)], picked)
+  assert ids.shape == (r,) and np.all(np.asarray(ids)[len(picked):] == n)
+  np.testing.assert_allclose(grads[:len(picked)], dense[picked], rtol=1e-5, atol=1e-5)
+  assert not np.asarray(grads)[len(picked):].any()
+  np.testing.assert_allclose(sq, np.sum(dense[picked] ** 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight_decay, schedule", [(0.0, False), (0.01, True)])
+def test_lazy_adam_step_equals_pure_jax_and_numpy(monkeypatch, weight_decay, schedule):
+  rng = np.random.default_rng(1)
+  n, v = 300, 24
+  idx, w, g = _picks(rng, (2, 33, 4, 8), n, v)
+  ids, grads = sa.row_gradients(idx, w, g, num_rows=n)
+  lr = optax.linear_schedule(1e-2, 1e-3, 10) if schedule else 1e-2
+  tx = sa.sparse_adam(lr, weight_decay=weight_decay)
+  table = jnp.asarray(rng.standard_normal((n, v)), jnp.float32)
+  state = sa.SparseAdamState(count=jnp.asarray(4, jnp.int32),
+                             mu=jnp.asarray(rng.standard_normal((n, v)) * 0.1, jnp.float32),
+                             nu=jnp.asarray(rng.random((n, v)) * 0.1, jnp.float32))
+  scale = jnp.float32(0.7)
+  run = lambda: jax.jit(tx.step)  # noqa: E731
+  assert cpu_sparse_rows.LAZY_ADAM in run().lower(ids, grads, state, table, scale).as_text()
+  got_table, got = run()(ids, grads, state, table, scale)
+  _pure_jax(monkeypatch)
+  want_table, want = run()(ids, grads, state, table, scale)
+  for a, b in ((got_table, want_table), (got.mu, want.mu), (got.nu, want.nu)):
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+  assert int(got.count) == int(want.count) == 5
+  # Rows not picked: bit for bit as they were.
+  rest = np.setdiff1d(np.arange(n), np.asarray(ids))
+  for new, old in ((got_table, table), (got.mu, state.mu), (got.nu, state.nu)):
+    np.testing.assert_array_equal(np.asarray(new)[rest], np.asarray(old)[rest])
+  # numpy Adam(W) on the picked rows, in float64.
+  real = np.asarray(ids) < n
+  r_ids = np.asarray(ids)[real]
+  gr = np.asarray(grads, np.float64)[real] * 0.7
+  mu = 0.1 * gr + 0.9 * np.asarray(state.mu, np.float64)[r_ids]
+  nu = 0.001 * gr**2 + 0.999 * np.asarray(state.nu, np.float64)[r_ids]
+  step = (mu / (1 - 0.9**5)) / (np.sqrt(nu / (1 - 0.999**5)) + 1e-8)
+  step = step + weight_decay * np.asarray(table, np.float64)[r_ids]
+  rate = float(lr(4)) if schedule else lr
+  np.testing.assert_allclose(np.asarray(got_table)[r_ids],
+                             np.asarray(table, np.float64)[r_ids] - rate * step, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(np.asarray(got.mu)[r_ids], mu, rtol=1e-5, atol=1e-7)
+
+
+def test_lazy_adam_step_updates_donated_buffers_in_place():
+  rng = np.random.default_rng(2)
+  n, v = 4096, 64
+  idx, w, g = _picks(rng, (1, 32, 4, 8), n, v)
+  ids, grads = sa.row_gradients(idx, w, g, num_rows=n)
+  tx = sa.sparse_adam(1e-3)
+  table = jnp.asarray(rng.standard_normal((n, v)), jnp.float32)
+  state = tx.init(table)
+  before = [x.unsafe_buffer_pointer() for x in (table, state.mu, state.nu)]
+  # Outputs in the order of the donated inputs, which jit pairs by position.
+  state, table = jax.jit(lambda *a: tx.step(*a)[::-1], donate_argnums=(2, 3))(
+      ids, grads, state, table)
+  assert [x.unsafe_buffer_pointer() for x in (table, state.mu, state.nu)] == before
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_accelerator_exports_keep_pure_jax(platform):
+  """An export for a GPU or TPU lowers only the pure-JAX branches."""
+  n, v = 256, 16
+  ids = jax.ShapeDtypeStruct((64,), jnp.int32)
+  grads = jax.ShapeDtypeStruct((64, v), jnp.float32)
+  table = jax.ShapeDtypeStruct((n, v), jnp.float32)
+  state = sa.SparseAdamState(count=jax.ShapeDtypeStruct((), jnp.int32), mu=table, nu=table)
+  step = export.export(jax.jit(sa.sparse_adam(1e-3).step), platforms=[platform])(
+      ids, grads, state, table)
+  picks = jax.ShapeDtypeStruct((2, 8, 4, 2), jnp.int32)
+  rows = export.export(jax.jit(lambda i, w, g: sa.row_gradients_and_norm(i, w, g, num_rows=n)),
+                       platforms=[platform])(
+      picks, jax.ShapeDtypeStruct((2, 8, 4, 2), jnp.float32),
+      jax.ShapeDtypeStruct((2, 8, v), jnp.float32))
+  for exported in (step, rows):
+    text = exported.mlir_module()
+    assert not any(target in text for target in cpu_kernels.TARGETS)
+    assert "scatter" in text  # the pure-JAX loop's
