@@ -15,6 +15,8 @@ specific to a backend, so the same command runs on CPU, GPU and TPU. Rows:
   lookup backward       its VJP: d values (a dense [N, V] table) and d weights
   value update dense    Adam on the whole [N, V] table from its dense gradient (params donated)
   value update sparse   row gradients of the picked rows + row-sparse Adam stepping them in place
+                        (their custom calls on CPU: pkm_jax.cpu_sparse_rows); "pure JAX" the same
+                        through XLA (what GPUs and TPUs run), for comparison
   memory layer forward  ProductKeyMemory in eval mode: all of the above forward
   FFN forward / fwd+bwd BERT's D -> 4D (exact GELU) -> D on the same tokens
 The JSON (--out) holds the settings, the device and every row in milliseconds.
@@ -28,6 +30,7 @@ The JSON (--out) holds the settings, the device and every row in milliseconds.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import statistics
@@ -148,11 +151,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     updates, opt_state = adam.update(g_values, opt_state, values)
     return optax.apply_updates(values, updates), opt_state
 
-  row_adam = sparse_adam.sparse_adam(1e-3)
-
-  def sparse_update(values, opt_state, idx, w, g):
-    ids, rows = sparse_adam.row_gradients(idx[None], w[None], g[None], num_rows=values.shape[0])
+  def sparse_update(values, opt_state, idx, w, g, kernels=True):
+    ids, rows = sparse_adam.row_gradients(idx[None], w[None], g[None], num_rows=values.shape[0],
+                                          use_cpu_kernel=kernels)
+    row_adam = sparse_adam.sparse_adam(1e-3, use_cpu_kernel=kernels)
     return row_adam.step(ids, rows, opt_state, values)  # what the train step runs
+
+  row_adam_state = lambda: sparse_adam.sparse_adam(1e-3).init(values_NxV)  # noqa: E731
 
   mem.values[...] = values_NxV
   graphdef, state = nnx.split(mem)
@@ -179,7 +184,10 @@ def run(args: argparse.Namespace) -> list[dict]:
       ("value update dense", jax.jit(dense_update, donate_argnums=(0, 1)),
        (values_NxV.copy(), adam.init(values_NxV), g_values), 2),
       ("value update sparse", jax.jit(sparse_update, donate_argnums=(0, 1)),
-       (values_NxV.copy(), row_adam.init(values_NxV), idx_TxHxk, w_TxHxk, g_TxV), 2),
+       (values_NxV.copy(), row_adam_state(), idx_TxHxk, w_TxHxk, g_TxV), 2),
+      ("value update sparse, pure JAX",
+       jax.jit(functools.partial(sparse_update, kernels=False), donate_argnums=(0, 1)),
+       (values_NxV.copy(), row_adam_state(), idx_TxHxk, w_TxHxk, g_TxV), 2),
       ("memory layer forward", layer, (state, x_TxD), 0),
       ("FFN forward", ffn, (x_TxD, ffn_w1, ffn_w2), 0),
       ("FFN forward+backward", ffn_grad, (x_TxD, ffn_w1, ffn_w2), 0),
