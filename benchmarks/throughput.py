@@ -14,7 +14,7 @@ The paper's speed table (Kim & Jung 2020, BERT-base, inference batch/s): base 79
              `train.py` runs: pkm_jax.trainer's program, gradient clipping, logits at the masked
              positions of a batch masked as in pretraining) with that value-table optimizer;
              sparse_adam updates only the picked rows. Each model's step runs in a fresh
-             process, so that no model's timing carries what an earlier one left in memory.
+             process, round-robin with BERT's, and its ratio is to BERT's in that process.
 Each number is the median over --steps timed steps after --warmup untimed ones (compilation),
 each step ended with block_until_ready. Token batches are random: speed does not depend on them.
 
@@ -209,9 +209,9 @@ def train_seconds(model: BertForMaskedLM, batch: dict, args: argparse.Namespace)
   return median_seconds(run, args.warmup, args.steps)
 
 
-def program_train_seconds(args: argparse.Namespace, mode: str, kind: dict) -> float:
-  """Median seconds of the train step `train.py` runs, built from configs/default.py resized to
-  these args, one device, `--values_optimizer` for the value tables."""
+def _program_step(args: argparse.Namespace, mode: str, kind: dict) -> Callable[[], jax.Array]:
+  """One call of the train step `train.py` runs, built from configs/default.py resized to these
+  args, one device, `--values_optimizer` for the value tables (its state carried, donated)."""
   config = default_config.get_config()
   config.model.update(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                       intermediate_size=args.intermediate,
@@ -236,11 +236,24 @@ def program_train_seconds(args: argparse.Namespace, mode: str, kind: dict) -> fl
   with jax.set_mesh(program.mesh):
     carry = [program.init_state()]
 
-    def run():
+  def run():
+    with jax.set_mesh(program.mesh):
       carry[0], metrics, _ = program.train_step(carry[0], batch)
-      return metrics["loss"]
+    return metrics["loss"]
 
-    return median_seconds(run, args.warmup, args.steps)
+  return run
+
+
+def program_train_seconds(args: argparse.Namespace, mode: str, kind: dict
+                          ) -> tuple[float, float]:
+  """Median seconds of the `train.py` step of BERT and of this model (mode, kind), the two
+  timed round-robin in this process: a shared machine's swings then slow both alike, and their
+  ratio holds (BERT alone for mode 'none': the same time twice)."""
+  steps = [_program_step(args, "none", {})]
+  if mode != "none":
+    steps.append(_program_step(args, mode, kind))
+  times = interleaved_median_seconds(steps, args.warmup, args.steps)
+  return times[0], times[-1]
 
 
 def count_params(model: nnx.Module) -> int:
@@ -268,8 +281,7 @@ def markdown_table(results: list[dict]) -> str:
         f"| {r['train_seq_per_s']:.1f} "
         f"| {r['inference_seq_per_s'] / base['inference_seq_per_s']:.3f} "
         f"| {r['train_seq_per_s'] / base['train_seq_per_s']:.3f} "
-        + (f"| {r['program_train_seq_per_s']:.2f} "
-           f"| {r['program_train_seq_per_s'] / base['program_train_seq_per_s']:.3f} "
+        + (f"| {r['program_train_seq_per_s']:.2f} | {r['program_train_ratio']:.3f} "
            if program else "")
         + f"| {'-' if paper is None else f'{paper:.3f}'} |")
   return "\n".join(rows)
@@ -300,13 +312,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     line = (f"{name}: {params / 1e6:.1f}M params, inference {infer_s * 1e3:.1f} ms/step, "
             f"train {train_s * 1e3:.1f} ms/step")
     if args.values_optimizer:
-      # In a fresh process per model, so that no model's timing carries what an earlier one
-      # left in this process's memory. (ResM's step still swung 5.5-8.3 s between runs on the
-      # project's VM: benchmarks/memory_speed.md.)
+      # Each model in a fresh process, with BERT beside it (timed round-robin): no timing
+      # carries what an earlier model left in memory, and the ratio is the two's in one process.
       with multiprocessing.get_context("spawn").Pool(1) as pool:
-        step_s = pool.apply(program_train_seconds, (args, mode, kind))
-      results[-1].update(program_train_step_s=step_s, program_train_seq_per_s=args.batch / step_s)
-      line += f", train.py step ({args.values_optimizer}) {step_s * 1e3:.1f} ms"
+        bert_s, step_s = pool.apply(program_train_seconds, (args, mode, kind))
+      results[-1].update(program_train_step_s=step_s, program_train_seq_per_s=args.batch / step_s,
+                         program_bert_step_s=bert_s, program_train_ratio=bert_s / step_s)
+      line += (f", train.py step ({args.values_optimizer}) {step_s * 1e3:.1f} ms (BERT beside "
+               f"it {bert_s * 1e3:.1f} ms)")
     print(line, flush=True)
 
   table = markdown_table(results)
