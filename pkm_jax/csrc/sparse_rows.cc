@@ -46,6 +46,12 @@ void RadixSortPairs(std::vector<uint32_t>& keys, std::vector<uint32_t>& values,
   }
 }
 
+// row += weight * token (separate arrays: vectorised).
+inline void AddScaled(float weight, const float* __restrict token, float* __restrict row,
+                      int64_t v) {
+  for (int64_t e = 0; e < v; ++e) row[e] += weight * token[e];
+}
+
 // idx [M, P] (ids outside [0, num_rows): padding), w [M, P], g [M, V] -> row_ids [R] (the
 // picked ids, ascending, then num_rows), row_grads [R, V] (sum over the picks of a row of
 // w * g[token]; zeros at padding), row_sq [R] (each row gradient's squared norm).
@@ -106,9 +112,7 @@ ffi::Error RowGradientsImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
       }
       out_ids[u] = static_cast<int32_t>(keys[starts[u]]);
       for (int64_t s = starts[u]; s < starts[u + 1]; ++s) {
-        const float weight = weights[picks[s]];
-        const float* token = grads + (picks[s] / p) * v;
-        for (int64_t e = 0; e < v; ++e) row[e] += weight * token[e];
+        AddScaled(weights[picks[s]], grads + (picks[s] / p) * v, row, v);
       }
       float sq = 0.0f;
       for (int64_t e = 0; e < v; ++e) sq += row[e] * row[e];
@@ -116,6 +120,27 @@ ffi::Error RowGradientsImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
     }
   });
   return ffi::Error::Success();
+}
+
+struct AdamConstants {
+  float scale, lr, bc1, bc2, b1, one_minus_b1, b2, one_minus_b2, eps, weight_decay;
+};
+
+// One row: its gradient times the scale, its moments and its value updated in place. The
+// pointers never alias (separate arrays), which lets the compiler vectorise the loop.
+template <bool kDecay>
+void AdamRow(const float* __restrict grad_row, float* __restrict t, float* __restrict m1,
+             float* __restrict m2, int64_t v, const AdamConstants& k) {
+  for (int64_t e = 0; e < v; ++e) {
+    const float grad = grad_row[e] * k.scale;
+    const float mu_e = k.one_minus_b1 * grad + k.b1 * m1[e];
+    const float nu_e = k.one_minus_b2 * (grad * grad) + k.b2 * m2[e];
+    float step = (mu_e / k.bc1) / (std::sqrt(nu_e / k.bc2) + k.eps);
+    if (kDecay) step = step + k.weight_decay * t[e];
+    m1[e] = mu_e;
+    m2[e] = nu_e;
+    t[e] = t[e] + (-k.lr) * step;
+  }
 }
 
 // One lazy Adam(W) step of the rows row_ids (unique; ids outside [0, N): padding, skipped) of
@@ -145,23 +170,17 @@ ffi::Error LazyAdamImpl(ffi::Buffer<ffi::S32> row_ids, ffi::Buffer<ffi::F32> row
   float* t_all = table->typed_data();
   float* mu_all = mu->typed_data();
   float* nu_all = nu->typed_data();
+  const AdamConstants k{scale, lr, bc1, bc2, b1, one_minus_b1, b2, one_minus_b2, eps,
+                        weight_decay};
   pkm_jax::ParallelFor(pool, (r + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
     for (int64_t u = c * kRowsPerChunk; u < std::min(r, (c + 1) * kRowsPerChunk); ++u) {
       const int32_t id = ids[u];
       if (id < 0 || id >= n) continue;
-      const float* gr = grads + u * v;
-      float* t = t_all + int64_t{id} * v;
-      float* m1 = mu_all + int64_t{id} * v;
-      float* m2 = nu_all + int64_t{id} * v;
-      for (int64_t e = 0; e < v; ++e) {
-        const float grad = gr[e] * scale;
-        const float mu_e = one_minus_b1 * grad + b1 * m1[e];
-        const float nu_e = one_minus_b2 * (grad * grad) + b2 * m2[e];
-        float step = (mu_e / bc1) / (std::sqrt(nu_e / bc2) + eps);
-        if (weight_decay != 0.0f) step = step + weight_decay * t[e];
-        m1[e] = mu_e;
-        m2[e] = nu_e;
-        t[e] = t[e] + (-lr) * step;
+      const int64_t at = int64_t{id} * v;
+      if (weight_decay != 0.0f) {
+        AdamRow<true>(grads + u * v, t_all + at, mu_all + at, nu_all + at, v, k);
+      } else {
+        AdamRow<false>(grads + u * v, t_all + at, mu_all + at, nu_all + at, v, k);
       }
     }
   });
