@@ -54,7 +54,11 @@ def test_accelerator_script_tiny(tmp_path):
   assert [r["model"] for r in pallas] == ["BERT", "+ResM"]
   for r in xla + pallas:
     assert r["params"] > 0 and all(math.isfinite(r[key]) and r[key] > 0 for key in (
-        "inference_seq_per_s", "train_seq_per_s", "program_train_seq_per_s"))
+        "inference_seq_per_s", "train_seq_per_s", "program_train_seq_per_s",
+        "program_bert_step_s", "program_train_ratio"))
+    # The train.py step's ratio is to the BERT timed beside it, in the same process.
+    assert r["program_train_ratio"] == r["program_bert_step_s"] / r["program_train_step_s"]
+  assert xla[0]["program_train_ratio"] == 1.0
   # Same models, other lookup kernel: the same parameter counts.
   assert pallas[1]["params"] == xla[2]["params"]
   assert "lookup pallas" in stdout and "| +ResM |" in stdout
