@@ -51,12 +51,13 @@ class SparseAdamState(NamedTuple):
 
 class SparseGradientTransformation(NamedTuple):
   """init(table) -> state; update(row_ids [R], row_grads [R, V], state, table) ->
-  (row_ids, row_updates [R, V], state); step(row_ids, row_grads, state, table) -> (table,
-  state): update and apply_row_updates in one, in place. row_ids unique; ids >= N are padding."""
+  (row_ids, row_updates [R, V], state); step(row_ids, row_grads, state, table, grad_scale=None)
+  -> (table, state): update and apply_row_updates in one, in place, the row gradients first
+  multiplied by grad_scale (a scalar; None: 1). row_ids unique; ids >= N are padding."""
 
   init: Callable[[jax.Array], Any]
   update: Callable[[jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]]
-  step: Callable[[jax.Array, jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
+  step: Callable[..., tuple[jax.Array, Any]]  # (row_ids, row_grads, state, table, grad_scale)
 
 
 # Rows per loop step of `step`: each gathers this many bytes of every [N, V] array at most.
@@ -217,6 +218,8 @@ def row_gradients_and_norm(indices: jax.Array, weights: jax.Array, grad_out: jax
   size = min(m * picks, num_rows)
 
   def scanned(idx_MxP, w_MxP, g_MxV):
+    # Ids outside [0, num_rows) are padding (as the kernel takes them): one id past the end.
+    idx_MxP = jnp.where((idx_MxP >= 0) & (idx_MxP < num_rows), idx_MxP, num_rows)
     row_ids, inverse = jnp.unique(idx_MxP, size=size, fill_value=num_rows, return_inverse=True)
     chunk = max(1, min(pick_chunk or chunks.cache_chunk(picks, m * v * 4), picks))
     # Padding picks of the last chunk point at `size`, past the end: their scatters drop.
@@ -235,9 +238,9 @@ def row_gradients_and_norm(indices: jax.Array, weights: jax.Array, grad_out: jax
     row_grads, _ = jax.lax.scan(add_chunk, init, (inv_CxMxc, w_CxMxc))
     # Padding picks coalesce into the padding id itself; its gradient is zeroed so that the
     # rows' norm (for clipping) counts real rows only.
-    row_grads = jnp.where((row_ids < num_rows)[:, None], row_grads, 0.0)
-    return (row_ids.astype(jnp.int32), row_grads.astype(grad_out.dtype),
-            jnp.sum(jnp.square(row_grads)))
+    row_grads = jnp.where((row_ids < num_rows)[:, None], row_grads, 0.0).astype(grad_out.dtype)
+    return (row_ids.astype(jnp.int32), row_grads,
+            jnp.sum(jnp.square(row_grads.astype(jnp.float32))))
 
   def kernel(idx_MxP, w_MxP, g_MxV):
     row_ids, row_grads, row_sq = cpu_sparse_rows.row_gradients(idx_MxP, w_MxP, g_MxV,

@@ -59,29 +59,45 @@ def test_row_gradients_equal_pure_jax_and_brute_force(monkeypatch, shape, n, v):
   np.testing.assert_allclose(sq, np.sum(dense[picked] ** 2), rtol=1e-5)
 
 
+def test_out_of_range_ids_are_padding_in_both(monkeypatch):
+  """Ids >= num_rows or negative are dropped alike (a few picks, most of them padding)."""
+  idx = jnp.asarray([[[[3, 9, -1, 12], [9, 40, 0, 3]]]], jnp.int32)  # num_rows 10
+  w = jnp.asarray(np.arange(1.0, 9.0).reshape(1, 1, 2, 4), jnp.float32)
+  g = jnp.ones((1, 1, 2), jnp.float32)
+  got = jax.jit(lambda *a: sa.row_gradients_and_norm(*a, num_rows=10))(idx, w, g)
+  want = jax.jit(lambda *a: sa.row_gradients_and_norm(*a, num_rows=10, use_cpu_kernel=False))(
+      idx, w, g)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(got[0], [0, 3, 9, 10, 10, 10, 10, 10])
+  np.testing.assert_array_equal(got[1][:3, 0], [7.0, 1.0 + 8.0, 2.0 + 5.0])
+
+
 @pytest.mark.parametrize("weight_decay, schedule", [(0.0, False), (0.01, True)])
-def test_lazy_adam_step_equals_pure_jax_and_numpy(monkeypatch, weight_decay, schedule):
+def test_lazy_adam_step_equals_pure_jax_and_numpy(weight_decay, schedule):
   rng = np.random.default_rng(1)
-  n, v = 300, 24
+  n, v = 4096, 24  # most rows not picked
   idx, w, g = _picks(rng, (2, 33, 4, 8), n, v)
   ids, grads = sa.row_gradients(idx, w, g, num_rows=n)
   lr = optax.linear_schedule(1e-2, 1e-3, 10) if schedule else 1e-2
   tx = sa.sparse_adam(lr, weight_decay=weight_decay)
+  reference = sa.sparse_adam(lr, weight_decay=weight_decay, use_cpu_kernel=False)
   table = jnp.asarray(rng.standard_normal((n, v)), jnp.float32)
   state = sa.SparseAdamState(count=jnp.asarray(4, jnp.int32),
                              mu=jnp.asarray(rng.standard_normal((n, v)) * 0.1, jnp.float32),
                              nu=jnp.asarray(rng.random((n, v)) * 0.1, jnp.float32))
   scale = jnp.float32(0.7)
-  run = lambda: jax.jit(tx.step)  # noqa: E731
-  assert cpu_sparse_rows.LAZY_ADAM in run().lower(ids, grads, state, table, scale).as_text()
-  got_table, got = run()(ids, grads, state, table, scale)
-  _pure_jax(monkeypatch)
-  want_table, want = run()(ids, grads, state, table, scale)
+  args = (ids, grads, state, table, scale)
+  assert cpu_sparse_rows.LAZY_ADAM in jax.jit(tx.step).lower(*args).as_text()
+  assert cpu_sparse_rows.LAZY_ADAM not in jax.jit(reference.step).lower(*args).as_text()
+  got_table, got = jax.jit(tx.step)(*args)
+  want_table, want = jax.jit(reference.step)(*args)
   for a, b in ((got_table, want_table), (got.mu, want.mu), (got.nu, want.nu)):
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
   assert int(got.count) == int(want.count) == 5
-  # Rows not picked: bit for bit as they were.
+  # Rows not picked (most of them): bit for bit as they were.
   rest = np.setdiff1d(np.arange(n), np.asarray(ids))
+  assert len(rest) > n // 2
   for new, old in ((got_table, table), (got.mu, state.mu), (got.nu, state.nu)):
     np.testing.assert_array_equal(np.asarray(new)[rest], np.asarray(old)[rest])
   # numpy Adam(W) on the picked rows, in float64.
@@ -97,6 +113,7 @@ def test_lazy_adam_step_equals_pure_jax_and_numpy(monkeypatch, weight_decay, sch
                              np.asarray(table, np.float64)[r_ids] - rate * step, rtol=1e-5,
                              atol=1e-6)
   np.testing.assert_allclose(np.asarray(got.mu)[r_ids], mu, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(got.nu)[r_ids], nu, rtol=1e-5, atol=1e-9)
 
 
 def test_lazy_adam_step_updates_donated_buffers_in_place():

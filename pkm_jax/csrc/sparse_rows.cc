@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "parallel.h"
@@ -67,7 +68,7 @@ ffi::Error RowGradientsImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
       w.element_count() != idx.element_count() || g_dims[0] != id_dims[0] ||
       out_dims[1] != g_dims[1] || row_ids->element_count() != out_dims[0] ||
       row_sq->element_count() != out_dims[0] || num_rows < 1 ||
-      num_rows > int64_t{1} << 31) {
+      num_rows >= int64_t{1} << 31 || idx.element_count() > int64_t{UINT32_MAX}) {
     return ffi::Error::InvalidArgument(
         "row_gradients: idx, w [M, P], g [M, V] -> row_ids [R], row_grads [R, V], row_sq [R]");
   }
@@ -147,8 +148,8 @@ void AdamRow(const float* __restrict grad_row, float* __restrict t, float* __res
 // table/mu/nu [N, V], in place (the results alias those arguments). scalars: [grad_scale, lr,
 // 1 - b1^count, 1 - b2^count]. The same expressions, in the same order, as sparse_adam's.
 ffi::Error LazyAdamImpl(ffi::Buffer<ffi::S32> row_ids, ffi::Buffer<ffi::F32> row_grads,
-                        ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32>,
-                        ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, float b1,
+                        ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> table_in,
+                        ffi::Buffer<ffi::F32> mu_in, ffi::Buffer<ffi::F32> nu_in, float b1,
                         float one_minus_b1, float b2, float one_minus_b2, float eps,
                         float weight_decay, ffi::ResultBuffer<ffi::F32> table,
                         ffi::ResultBuffer<ffi::F32> mu, ffi::ResultBuffer<ffi::F32> nu,
@@ -161,6 +162,18 @@ ffi::Error LazyAdamImpl(ffi::Buffer<ffi::S32> row_ids, ffi::Buffer<ffi::F32> row
       nu->element_count() != table->element_count()) {
     return ffi::Error::InvalidArgument(
         "lazy_adam: row_ids [R], row_grads [R, V], scalars [4], table/mu/nu [N, V]");
+  }
+  // The results alias table/mu/nu (input_output_aliases), so XLA hands over the same buffers;
+  // should it ever not, the rows not picked must still come through: copy them first.
+  const std::pair<ffi::Buffer<ffi::F32>*, ffi::Result<ffi::Buffer<ffi::F32>>*> pairs[] = {
+      {&table_in, &table}, {&mu_in, &mu}, {&nu_in, &nu}};
+  for (auto& [in, out] : pairs) {
+    if (in->element_count() != (*out)->element_count()) {
+      return ffi::Error::InvalidArgument("lazy_adam: table/mu/nu and their results differ");
+    }
+    if (in->untyped_data() != (*out)->untyped_data()) {
+      std::memcpy((*out)->untyped_data(), in->untyped_data(), in->size_bytes());
+    }
   }
   const int64_t n = t_dims[0], v = t_dims[1], r = g_dims[0];
   const float* s = scalars.typed_data();
