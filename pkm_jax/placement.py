@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 
+from pkm_jax import cpu_lookup
 from pkm_jax import lookup_kernels
 from pkm_jax import memory_kinds
 from pkm_jax import product_keys
@@ -68,6 +69,8 @@ class MemoryPlacement:
                                                     kernel=self.lookup_kernel)
     if self.lookup_kernel == "pallas":
       return lookup_kernels.weighted_lookup(values_NxV, indices, weights)
+    if not self.token_axes:  # one device's tokens: on CPU, the lookup's custom calls
+      return cpu_lookup.weighted_lookup(values_NxV, indices, weights)
     return product_keys.weighted_lookup(values_NxV, indices, weights)
 
   def row_dots(self, table_NxD: jax.Array, indices: jax.Array, x: jax.Array) -> jax.Array:

@@ -23,20 +23,24 @@ CHECK = """
     import warnings
     warnings.simplefilter("always")
     import jax, jax.numpy as jnp
-    from pkm_jax import cpu_kernels, cpu_top_k, sparse_adam
+    from pkm_jax import cpu_kernels, cpu_lookup, cpu_top_k, sparse_adam
     x = jnp.asarray([[3.0, 1.0, 2.0, 3.0]])
     v, i = jax.jit(lambda x: cpu_top_k.top_k(x, 2))(x)
     ids, grads = jax.jit(lambda i, w, g: sparse_adam.row_gradients(i, w, g, num_rows=4))(
         jnp.asarray([[[[2, 0]]]]), jnp.asarray([[[[1.0, 2.0]]]]), jnp.asarray([[[1.0]]]))
+    table, picks, weights = jnp.asarray([[1.0, 2.0], [3.0, 4.0]]), jnp.asarray([[[[1, 0]]]]), \
+        jnp.asarray([[[[1.0, 2.0]]]])
+    out = jax.jit(cpu_lookup.weighted_lookup)(table, picks, weights)
     texts = (jax.jit(lambda x: cpu_top_k.top_k(x, 2)).lower(x).as_text()
              + jax.jit(lambda i, w, g: sparse_adam.row_gradients(i, w, g, num_rows=4)).lower(
                  jnp.zeros((1, 1, 1, 2), jnp.int32), jnp.zeros((1, 1, 1, 2)),
-                 jnp.zeros((1, 1, 1))).as_text())
+                 jnp.zeros((1, 1, 1))).as_text()
+             + jax.jit(cpu_lookup.weighted_lookup).lower(table, picks, weights).as_text())
     print(cpu_kernels.available(), i.tolist(), ids.tolist(), grads.ravel().tolist(),
-          sum(t in texts for t in cpu_kernels.TARGETS))
+          out.ravel().tolist(), sum(t in texts for t in cpu_kernels.TARGETS))
 """
-ON = "True [[0, 3]] [0, 2] [2.0, 1.0] 2"
-OFF = "False [[0, 3]] [0, 2] [2.0, 1.0] 0"
+ON = "True [[0, 3]] [0, 2] [2.0, 1.0] [5.0, 8.0] 3"
+OFF = "False [[0, 3]] [0, 2] [2.0, 1.0] [5.0, 8.0] 0"
 
 
 def test_build_cache_and_fallbacks(tmp_path):

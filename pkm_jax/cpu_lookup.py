@@ -1,0 +1,104 @@
+"""`weighted_lookup`: `product_keys.weighted_lookup`, computed on CPUs by the custom calls of
+`csrc/lookup.cc`, forward and backward.
+
+XLA runs the reference as a loop over a token's picks: per step a gather of every token's row,
+a multiply and an add into the [M, V] output; its backward as the same loop with a scatter-add
+of w * g into a zeroed [N, V] gradient per step. At the default run's sizes (2,048 tokens, 64
+picks, V = 128) that is 64 steps of a few small ops each, per layer and direction. Here:
+  - forward (`pkm_jax_gather_sum_f32`): each token's rows are summed in cache, written once;
+  - d weights (`pkm_jax_gather_dot_f32`): each picked row dotted with the token's gradient;
+  - d table (`pkm_jax_scatter_sum_f32`), only when the table is differentiated (dense value
+    updates; the sparse ones stop it and build row gradients in `sparse_adam`): the picks are
+    counting-sorted by row, each row's gradient summed once, rows not picked written as zeros.
+On GPUs and TPUs, for tables other than float32, and where the kernels cannot be built
+(`cpu_kernels`), `weighted_lookup` is the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pkm_jax import cpu_kernels
+from pkm_jax import product_keys
+
+GATHER_SUM = "pkm_jax_gather_sum_f32"
+GATHER_DOT = "pkm_jax_gather_dot_f32"
+SCATTER_SUM = "pkm_jax_scatter_sum_f32"
+
+
+def _reference(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array) -> jax.Array:
+  return product_keys.weighted_lookup(values_NxV, idx_MxP[:, None, :], w_MxP[:, None, :])
+
+
+def _gather_sum(values_NxV, idx_MxP, w_MxP):
+  out = cpu_kernels.varying_type((idx_MxP.shape[0], values_NxV.shape[1]), jnp.float32,
+                                 values_NxV, idx_MxP, w_MxP)
+  return jax.ffi.ffi_call(GATHER_SUM, out)(values_NxV, idx_MxP, w_MxP)
+
+
+def _kernel_grads(values_NxV, idx_MxP, w_MxP, g_MxV, want_values: bool):
+  g_w = jax.ffi.ffi_call(GATHER_DOT, cpu_kernels.varying_type(
+      idx_MxP.shape, jnp.float32, values_NxV, idx_MxP, g_MxV))(values_NxV, idx_MxP, g_MxV)
+  if not want_values:
+    return None, g_w
+  g_values = jax.ffi.ffi_call(SCATTER_SUM, cpu_kernels.varying_type(
+      values_NxV.shape, jnp.float32, idx_MxP, w_MxP, g_MxV))(idx_MxP, w_MxP, g_MxV)
+  return g_values, g_w
+
+
+def _reference_grads(values_NxV, idx_MxP, w_MxP, g_MxV, want_values: bool):
+  if not want_values:
+    _, vjp = jax.vjp(lambda w: _reference(values_NxV, idx_MxP, w), w_MxP)
+    return None, vjp(g_MxV)[0]
+  _, vjp = jax.vjp(lambda values, w: _reference(values, idx_MxP, w), values_NxV, w_MxP)
+  return vjp(g_MxV)
+
+
+@jax.custom_vjp
+def _lookup(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array) -> jax.Array:
+  # The platform the computation is lowered for picks the branch: GPU/TPU exports never see the
+  # CPU-only custom calls.
+  return jax.lax.platform_dependent(values_NxV, idx_MxP, w_MxP, cpu=_gather_sum,
+                                    default=_reference)
+
+
+def _lookup_fwd(values, idx, w):
+  # symbolic_zeros: whether the table is differentiated. Sparse value updates stop its gradient,
+  # and then no [N, V] gradient is built (the marker is a pytree structure: () build it).
+  out = _lookup(values.value, idx.value, w.value)
+  return out, (values.value, idx.value, w.value, () if values.perturbed else None)
+
+
+def _lookup_bwd(res, g_MxV):
+  values_NxV, idx_MxP, w_MxP, want = res
+  if isinstance(g_MxV, jax.custom_derivatives.SymbolicZero):
+    g_MxV = jnp.zeros((idx_MxP.shape[0], values_NxV.shape[1]), jnp.float32)
+  branch = lambda grads: functools.partial(grads, want_values=want is not None)  # noqa: E731
+  g_values, g_w = jax.lax.platform_dependent(
+      values_NxV, idx_MxP, w_MxP, g_MxV, cpu=branch(_kernel_grads),
+      default=branch(_reference_grads))
+  return g_values, None, g_w
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd, symbolic_zeros=True)
+
+
+def usable(values_NxV: jax.Array) -> bool:
+  """Whether the kernels can take this table (float32; built)."""
+  return values_NxV.dtype == jnp.float32 and cpu_kernels.available()
+
+
+def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
+  """`product_keys.weighted_lookup`: values [N, V], indices/weights [..., H, K] -> [..., V]
+  float32; by the custom calls on CPU (see the module docstring). Ids outside [0, N) are
+  padding: they add nothing and get no gradient."""
+  if not usable(values_NxV):
+    return product_keys.weighted_lookup(values_NxV, indices, weights)
+  lead = indices.shape[:-2]
+  picks = indices.shape[-2] * indices.shape[-1]
+  out_MxV = _lookup(values_NxV, indices.reshape(-1, picks).astype(jnp.int32),
+                    weights.reshape(-1, picks).astype(jnp.float32))
+  return out_MxV.reshape(*lead, values_NxV.shape[1])

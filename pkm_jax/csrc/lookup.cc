@@ -1,0 +1,193 @@
+// The memory layer's weighted lookup and its gradients as XLA FFI custom calls for CPUs.
+//
+// The same functions as `product_keys.weighted_lookup` and its backward (the pure-JAX code the
+// tests compare with). XLA runs that lookup as a loop over a token's picks, each step a gather
+// of every token's row, a multiply and an add into a [M, V] accumulator; its backward as the same
+// loop with a scatter-add of w * g per step into a zeroed [N, V] gradient. Each step is a few
+// small ops with a table-sized or token-sized array in and out. Here a token's rows are summed
+// (or dotted with its output gradient) in cache, each output written once, and the table's
+// gradient is built by a counting sort of the picks by row: each row summed once, in the
+// loop's order (pick-major), and rows not picked written as zeros.
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kRowsPerChunk = 64;  // tokens (or table rows) per claimed chunk of work
+
+bool Valid(int32_t id, int64_t n) { return id >= 0 && id < n; }
+
+// Rows are read in the order of a token's picks: scattered over a table far larger than the
+// caches, each a DRAM (and TLB) miss. Requesting a later pick's row ahead of its use keeps
+// several in flight.
+constexpr int64_t kPrefetchPicks = 1;
+inline void PrefetchRow(const float* row, int64_t v) {
+  for (int64_t e = 0; e < v; e += 16) __builtin_prefetch(row + e);
+}
+
+// acc += weight * row (separate arrays: vectorised).
+inline void AddScaled(float weight, const float* __restrict row, float* __restrict acc,
+                      int64_t v) {
+  for (int64_t e = 0; e < v; ++e) acc[e] += weight * row[e];
+}
+
+// a . b in kLanes partial sums, so the compiler may vectorise it (one running sum could not be
+// reordered without -ffast-math).
+constexpr int64_t kLanes = 16;
+inline float Dot(const float* __restrict a, const float* __restrict b, int64_t v) {
+  float part[kLanes] = {};
+  int64_t e = 0;
+  for (; e + kLanes <= v; e += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += a[e + l] * b[e + l];
+  }
+  float sum = 0.0f;
+  for (; e < v; ++e) sum += a[e] * b[e];
+  for (int64_t l = 0; l < kLanes; ++l) sum += part[l];
+  return sum;
+}
+
+// values [N, V], idx/w [M, P] (ids outside [0, N): padding) -> out [M, V]: sum over p of
+// w[m, p] * values[idx[m, p]], the picks added in order.
+ffi::Error GatherSumImpl(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx,
+                         ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out,
+                         ffi::ThreadPool pool) {
+  const auto t_dims = values.dimensions();
+  const auto id_dims = idx.dimensions();
+  const auto out_dims = out->dimensions();
+  if (t_dims.size() != 2 || id_dims.size() != 2 || out_dims.size() != 2 ||
+      w.element_count() != idx.element_count() || out_dims[0] != id_dims[0] ||
+      out_dims[1] != t_dims[1]) {
+    return ffi::Error::InvalidArgument("gather_sum: values [N, V], idx/w [M, P] -> out [M, V]");
+  }
+  const int64_t n = t_dims[0], v = t_dims[1], m = id_dims[0], p = id_dims[1];
+  const float* table = values.typed_data();
+  const int32_t* ids = idx.typed_data();
+  const float* weights = w.typed_data();
+  float* result = out->typed_data();
+  pkm_jax::ParallelFor(pool, (m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
+    for (int64_t t = c * kRowsPerChunk; t < std::min(m, (c + 1) * kRowsPerChunk); ++t) {
+      float* acc = result + t * v;
+      std::fill(acc, acc + v, 0.0f);
+      for (int64_t j = 0; j < p; ++j) {
+        const int64_t ahead = t * p + j + kPrefetchPicks;
+        if (ahead < m * p && Valid(ids[ahead], n)) PrefetchRow(table + int64_t{ids[ahead]} * v, v);
+        const int32_t id = ids[t * p + j];
+        if (Valid(id, n)) AddScaled(weights[t * p + j], table + int64_t{id} * v, acc, v);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// values [N, V], idx [M, P], g [M, V] -> g_w [M, P]: g[m] . values[idx[m, p]] (0 at padding),
+// the gradient of the lookup with respect to its weights.
+ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx,
+                         ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> g_w,
+                         ffi::ThreadPool pool) {
+  const auto t_dims = values.dimensions();
+  const auto id_dims = idx.dimensions();
+  const auto g_dims = g.dimensions();
+  if (t_dims.size() != 2 || id_dims.size() != 2 || g_dims.size() != 2 ||
+      g_dims[0] != id_dims[0] || g_dims[1] != t_dims[1] ||
+      g_w->element_count() != idx.element_count()) {
+    return ffi::Error::InvalidArgument("gather_dot: values [N, V], idx [M, P], g [M, V] -> [M, P]");
+  }
+  const int64_t n = t_dims[0], v = t_dims[1], m = id_dims[0], p = id_dims[1];
+  const float* table = values.typed_data();
+  const int32_t* ids = idx.typed_data();
+  const float* grads = g.typed_data();
+  float* result = g_w->typed_data();
+  pkm_jax::ParallelFor(pool, (m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
+    for (int64_t t = c * kRowsPerChunk; t < std::min(m, (c + 1) * kRowsPerChunk); ++t) {
+      for (int64_t j = 0; j < p; ++j) {
+        const int64_t ahead = t * p + j + kPrefetchPicks;
+        if (ahead < m * p && Valid(ids[ahead], n)) PrefetchRow(table + int64_t{ids[ahead]} * v, v);
+        const int32_t id = ids[t * p + j];
+        result[t * p + j] = Valid(id, n) ? Dot(grads + t * v, table + int64_t{id} * v, v) : 0.0f;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// idx/w [M, P] (ids outside [0, N): padding), g [M, V] -> g_values [N, V]: row i is the sum
+// over the picks of row i of w * g[token] (zeros for rows not picked), the gradient of the
+// lookup with respect to the table. A counting sort by row (O(N + picks)) keeps the picks of a
+// row in pick-major order (pick j of every token, then pick j + 1), the order the reference's
+// loop adds them in.
+ffi::Error ScatterSumImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
+                          ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> g_values,
+                          ffi::ThreadPool pool) {
+  const auto id_dims = idx.dimensions();
+  const auto g_dims = g.dimensions();
+  const auto out_dims = g_values->dimensions();
+  if (id_dims.size() != 2 || g_dims.size() != 2 || out_dims.size() != 2 ||
+      w.element_count() != idx.element_count() || g_dims[0] != id_dims[0] ||
+      out_dims[1] != g_dims[1] || out_dims[0] >= int64_t{1} << 31 ||
+      idx.element_count() > int64_t{UINT32_MAX}) {
+    return ffi::Error::InvalidArgument("scatter_sum: idx/w [M, P], g [M, V] -> [N, V]");
+  }
+  const int64_t m = id_dims[0], p = id_dims[1], v = g_dims[1], n = out_dims[0];
+  const int32_t* ids = idx.typed_data();
+  std::vector<uint32_t> start(n + 1, 0);  // start[i]: row i's first pick in `sorted`
+  for (int64_t i = 0; i < m * p; ++i) {
+    if (Valid(ids[i], n)) ++start[ids[i] + 1];
+  }
+  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
+  std::vector<uint32_t> sorted(start[n]);
+  {
+    std::vector<uint32_t> next(start.begin(), start.end() - 1);
+    for (int64_t j = 0; j < p; ++j) {
+      for (int64_t t = 0; t < m; ++t) {
+        const int32_t id = ids[t * p + j];
+        if (Valid(id, n)) sorted[next[id]++] = static_cast<uint32_t>(t * p + j);
+      }
+    }
+  }
+  const float* weights = w.typed_data();
+  const float* grads = g.typed_data();
+  float* result = g_values->typed_data();
+  pkm_jax::ParallelFor(pool, (n + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
+    for (int64_t i = c * kRowsPerChunk; i < std::min(n, (c + 1) * kRowsPerChunk); ++i) {
+      float* row = result + i * v;
+      std::fill(row, row + v, 0.0f);
+      for (uint32_t s = start[i]; s < start[i + 1]; ++s) {
+        AddScaled(weights[sorted[s]], grads + (sorted[s] / p) * v, row, v);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PkmGatherSumF32, GatherSumImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PkmGatherDotF32, GatherDotImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PkmScatterSumF32, ScatterSumImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ctx<ffi::ThreadPool>());
