@@ -49,14 +49,6 @@ def _kernel_grads(values_NxV, idx_MxP, w_MxP, g_MxV, want_values: bool):
   return g_values, g_w
 
 
-def _reference_grads(values_NxV, idx_MxP, w_MxP, g_MxV, want_values: bool):
-  if not want_values:
-    _, vjp = jax.vjp(lambda w: _reference(values_NxV, idx_MxP, w), w_MxP)
-    return None, vjp(g_MxV)[0]
-  _, vjp = jax.vjp(lambda values, w: _reference(values, idx_MxP, w), values_NxV, w_MxP)
-  return vjp(g_MxV)
-
-
 @jax.custom_vjp
 def _lookup(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array) -> jax.Array:
   # The platform the computation is lowered for picks the branch: GPU/TPU exports never see the
@@ -79,7 +71,7 @@ def _lookup_bwd(res, g_MxV):
   branch = lambda grads: functools.partial(grads, want_values=want is not None)  # noqa: E731
   g_values, g_w = jax.lax.platform_dependent(
       values_NxV, idx_MxP, w_MxP, g_MxV, cpu=branch(_kernel_grads),
-      default=branch(_reference_grads))
+      default=branch(product_keys.weighted_lookup_grads))
   return g_values, None, g_w
 
 

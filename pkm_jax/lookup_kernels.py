@@ -171,13 +171,8 @@ def _lookup_bwd(res, g_MxV):
   values_NxV, idx_MxP, w_MxP, want_values = res
   if isinstance(g_MxV, jax.custom_derivatives.SymbolicZero):
     g_MxV = jnp.zeros((idx_MxP.shape[0], values_NxV.shape[1]), jnp.float32)
-  reference = lambda values, w: product_keys.weighted_lookup(  # noqa: E731
-      values, idx_MxP[:, None, :], w[:, None, :])
-  if want_values is None:
-    _, vjp = jax.vjp(lambda w: reference(values_NxV, w), w_MxP)
-    return None, None, vjp(g_MxV)[0]
-  _, vjp = jax.vjp(reference, values_NxV, w_MxP)
-  g_values, g_w = vjp(g_MxV)
+  g_values, g_w = product_keys.weighted_lookup_grads(values_NxV, idx_MxP, w_MxP, g_MxV,
+                                                     want_values=want_values is not None)
   return g_values, None, g_w
 
 

@@ -163,6 +163,22 @@ def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Arra
   return out_MxV.reshape(*lead, values_NxV.shape[1])
 
 
+def weighted_lookup_grads(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array,
+                          g_MxV: jax.Array, *, want_values: bool
+                          ) -> tuple[jax.Array | None, jax.Array]:
+  """The VJP of `weighted_lookup` on flat picks: values [N, V], idx/w [M, P], d out [M, V] ->
+  (d values [N, V], or None unless want_values; d weights [M, P]). The backward of the
+  lookup kernels that have only their own forward, and the reference of those with both."""
+  def lookup(values, w):
+    return weighted_lookup(values, idx_MxP[:, None, :], w[:, None, :])
+
+  if not want_values:
+    _, vjp = jax.vjp(lambda w: lookup(values_NxV, w), w_MxP)
+    return None, vjp(g_MxV)[0]
+  _, vjp = jax.vjp(lookup, values_NxV, w_MxP)
+  return vjp(g_MxV)
+
+
 @jax.custom_vjp
 def _chunked_lookup(values_NxV: jax.Array, idx_CxMxc: jax.Array, w_CxMxc: jax.Array
                     ) -> jax.Array:
