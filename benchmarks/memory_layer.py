@@ -10,9 +10,11 @@ specific to a backend, so the same command runs on CPU, GPU and TPU. Rows:
   candidate stage       top-k over the pairs (i+1)(j+1) <= k of the two sorted lists (what the
                         search runs); "full grid" is the same over all k x k pairs, for comparison
   search                product_key_topk end to end (projection excluded)
-  lookup forward        weighted_lookup: the weighted sum of the H*k picked value rows
-                        (--lookup_kernel pallas: the Pallas kernel of this platform)
-  lookup backward       its VJP: d values (a dense [N, V] table) and d weights
+  lookup forward        weighted_lookup: the weighted sum of the H*k picked value rows, as the
+                        layer runs it (on one CPU: pkm_jax.cpu_lookup's custom calls;
+                        --lookup_kernel pallas: the Pallas kernel of this platform); "pure JAX"
+                        the same through product_keys (what GPUs and TPUs run), for comparison
+  lookup backward       its VJP: d values (a dense [N, V] table) and d weights; "pure JAX" too
   value update dense    Adam on the whole [N, V] table from its dense gradient (params donated)
   value update sparse   row gradients of the picked rows + row-sparse Adam stepping them in place
                         (their custom calls on CPU: pkm_jax.cpu_sparse_rows); "pure JAX" the same
@@ -141,7 +143,7 @@ def run(args: argparse.Namespace) -> list[dict]:
   lookup = placement.lookup
   g_TxV = jnp.asarray(r.normal(size=(t, d)), jnp.float32)  # the lookup sums in float32
 
-  def lookup_backward(values, idx, w, g):
+  def lookup_backward(values, idx, w, g, lookup=lookup):
     return jax.vjp(lambda v, w: lookup(v, idx, w), values, w)[1](g)
 
   g_values = jax.jit(lookup_backward)(values_NxV, idx_TxHxk, w_TxHxk, g_TxV)[0]
@@ -181,6 +183,11 @@ def run(args: argparse.Namespace) -> list[dict]:
        0),
       ("lookup forward", lookup, (values_NxV, idx_TxHxk, w_TxHxk), 0),
       ("lookup backward", lookup_backward, (values_NxV, idx_TxHxk, w_TxHxk, g_TxV), 0),
+      ("lookup forward, pure JAX", product_keys.weighted_lookup,
+       (values_NxV, idx_TxHxk, w_TxHxk), 0),
+      ("lookup backward, pure JAX",
+       functools.partial(lookup_backward, lookup=product_keys.weighted_lookup),
+       (values_NxV, idx_TxHxk, w_TxHxk, g_TxV), 0),
       ("value update dense", jax.jit(dense_update, donate_argnums=(0, 1)),
        (values_NxV.copy(), adam.init(values_NxV), g_values), 2),
       ("value update sparse", jax.jit(sparse_update, donate_argnums=(0, 1)),

@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPONENTS = ("query projection", "sub-key scores", "first-stage top-k",
               "first-stage top-k, jax.lax.top_k", "candidate stage",
               "candidate stage, full k x k grid", "search", "lookup forward", "lookup backward",
-              "value update dense", "value update sparse", "value update sparse, pure JAX",
+              "lookup forward, pure JAX", "lookup backward, pure JAX", "value update dense", "value update sparse", "value update sparse, pure JAX",
               "memory layer forward", "FFN forward", "FFN forward+backward")
 
 
