@@ -6,13 +6,15 @@ and (for sparse value updates) to build and apply row gradients. The model confi
 the memory computes; the placement says *where*, so it is never saved with a checkpoint, and the
 same checkpoint restores onto any mesh.
 
-Rules of choice (each keeps the function bit-for-bit the same, only the communication differs):
+Rules of choice (each computes the same function, only the communication differs):
   - rows split over mesh axes of size > 1 (`slot_axes`): the hand-partitioned lookup and row
     updates of `sharded_memory` (rows stay put; picks and token-sized partials move);
   - tokens split over mesh axes of size > 1 (`token_axes`): each device runs the search for its
     own tokens (`sharded_memory.sharded_product_key_topk`);
   - neither (one device, or a replicated table with replicated tokens): the plain operations of
-    `product_keys`.
+    `product_keys`, the lookup through `cpu_lookup` (its custom calls on CPU, summing in
+    another order: equal to ~1e-6). Those calls have no partitioner: a model built with this
+    placement for a sharded jit would run them on gathered inputs.
 `lookup_kernel='pallas'` (config `mesh.lookup_kernel`) runs the lookup's forward sum as a Pallas
 kernel (`lookup_kernels`): on the whole table, or inside each device's row block of a split one.
 """

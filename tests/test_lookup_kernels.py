@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax import export
 
-from pkm_jax import lookup_kernels, product_keys, sharding
+from pkm_jax import cpu_lookup, lookup_kernels, product_keys, sharding
 from pkm_jax.architecture import MemoryConfig
 from pkm_jax.memory import ProductKeyMemory
 from pkm_jax.placement import MemoryPlacement
@@ -110,7 +110,7 @@ def test_lowers_for_accelerators(platform, call, v, dtype, heads, k):
   assert text.count(call) == 1 and "pkm_weighted_lookup" in text
 
 
-def test_memory_layer_with_pallas_placement():
+def test_memory_layer_with_pallas_placement(monkeypatch):
   cfg = MemoryConfig(n_keys=8, heads=2, k=4, k_dim=8, v_dim=16, query_norm="none")
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 9, 16)), jnp.float32)
@@ -121,7 +121,9 @@ def test_memory_layer_with_pallas_placement():
     loss = lambda m, x: jnp.sum(jnp.sin(m(x, mask)[0]))  # noqa: E731
     return nnx.value_and_grad(loss, argnums=(0, 1))(layer, x)
 
-  want_loss, (want_g, want_gx) = out_and_grads(MemoryPlacement())
+  with monkeypatch.context() as patch:  # the pure-JAX lookup, not cpu_lookup's custom calls
+    patch.setattr(cpu_lookup, "usable", lambda values: False)
+    want_loss, (want_g, want_gx) = out_and_grads(MemoryPlacement())
   got_loss, (got_g, got_gx) = out_and_grads(MemoryPlacement(lookup_kernel="pallas"))
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
   np.testing.assert_allclose(got_gx, want_gx, rtol=1e-5, atol=1e-7)
