@@ -50,7 +50,5 @@ def threefry2x32(key0: jax.Array, key1: jax.Array, x0: jax.Array, x1: jax.Array
 def use_unrolled_threefry() -> None:
   """Lowers jax's threefry2x32 on CPU as `threefry2x32` above, from now on in this process
   (computations already compiled keep theirs; they compute the same bits)."""
-  # inline=False: one out-of-line function per signature, as jax emits its unrolled lowering
-  # for GPUs (XLA inlines it before fusing).
   mlir.register_lowering(threefry2x32_p, mlir.lower_fun(threefry2x32, multiple_results=True),
-                         platform="cpu", inline=False)
+                         platform="cpu")
