@@ -56,33 +56,22 @@ def _kernel_grads(values_NxV, idx_MxP, w_MxP, g_MxV, want_values: bool):
   return g_values, g_w
 
 
-@jax.custom_vjp
-def _lookup(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array) -> jax.Array:
+def _forward(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array) -> jax.Array:
   # The platform the computation is lowered for picks the branch: GPU/TPU exports never see the
   # CPU-only custom calls.
   return jax.lax.platform_dependent(values_NxV, idx_MxP, w_MxP, cpu=_gather_sum,
                                     default=_reference)
 
 
-def _lookup_fwd(values, idx, w):
-  # symbolic_zeros: whether the table is differentiated. Sparse value updates stop its gradient,
-  # and then no [N, V] gradient is built (the marker is a pytree structure: () build it).
-  out = _lookup(values.value, idx.value, w.value)
-  return out, (values.value, idx.value, w.value, () if values.perturbed else None)
-
-
-def _lookup_bwd(res, g_MxV):
-  values_NxV, idx_MxP, w_MxP, want = res
-  if isinstance(g_MxV, jax.custom_derivatives.SymbolicZero):
-    g_MxV = jnp.zeros((idx_MxP.shape[0], values_NxV.shape[1]), jnp.float32)
-  branch = lambda grads: functools.partial(grads, want_values=want is not None)  # noqa: E731
-  g_values, g_w = jax.lax.platform_dependent(
+def _grads(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array, g_MxV: jax.Array, *,
+           want_values: bool) -> tuple[jax.Array | None, jax.Array]:
+  branch = lambda grads: functools.partial(grads, want_values=want_values)  # noqa: E731
+  return jax.lax.platform_dependent(
       values_NxV, idx_MxP, w_MxP, g_MxV, cpu=branch(_kernel_grads),
       default=branch(product_keys.weighted_lookup_grads))
-  return g_values, None, g_w
 
 
-_lookup.defvjp(_lookup_fwd, _lookup_bwd, symbolic_zeros=True)
+_lookup = product_keys.lookup_vjp(_forward, _grads)
 
 
 def usable(values_NxV: jax.Array) -> bool:

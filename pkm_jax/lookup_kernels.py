@@ -154,29 +154,8 @@ def gather_sum(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array) -> j
       default=functools.partial(_triton_gather_sum, interpret=True))
 
 
-@jax.custom_vjp
-def _lookup(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array) -> jax.Array:
-  return gather_sum(values_NxV, idx_MxP, w_MxP)
-
-
-def _lookup_fwd(values, idx, w):
-  # symbolic_zeros, as in product_keys: a stopped table gradient (sparse value updates) is
-  # never built. The marker is a pytree structure: () build it, None skip it.
-  out = _lookup(values.value, idx.value, w.value)
-  return out, (values.value, idx.value, w.value, () if values.perturbed else None)
-
-
-def _lookup_bwd(res, g_MxV):
-  """The backward of `product_keys.weighted_lookup` on the same picks (XLA's, unchanged)."""
-  values_NxV, idx_MxP, w_MxP, want_values = res
-  if isinstance(g_MxV, jax.custom_derivatives.SymbolicZero):
-    g_MxV = jnp.zeros((idx_MxP.shape[0], values_NxV.shape[1]), jnp.float32)
-  g_values, g_w = product_keys.weighted_lookup_grads(values_NxV, idx_MxP, w_MxP, g_MxV,
-                                                     want_values=want_values is not None)
-  return g_values, None, g_w
-
-
-_lookup.defvjp(_lookup_fwd, _lookup_bwd, symbolic_zeros=True)
+# The backward is XLA's, the same as `product_keys.weighted_lookup`'s on these picks.
+_lookup = product_keys.lookup_vjp(gather_sum, product_keys.weighted_lookup_grads)
 
 
 def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
