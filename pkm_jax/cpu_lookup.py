@@ -12,8 +12,8 @@ picks, V = 128) that is 64 steps of a few small ops each, per layer and directio
     counting-sorted by row, each row's gradient summed once, rows not picked written as zeros.
 On GPUs and TPUs, for tables other than float32, and where the kernels cannot be built
 (`cpu_kernels`), `weighted_lookup` is the reference. The sums run in another order than XLA's
-(equal to ~1e-6 relative). At BERT-base sizes the forward is memory-bound on random rows and no
-faster than XLA's loop (0.8-0.9x on two cores); the gradients are faster.
+(equal to ~1e-6 relative). At BERT-base sizes the forward is memory-bound on random 3 KB rows
+and only a little faster than XLA's loop (1.06-1.08x on two cores); the d weights ~1.8x.
 """
 
 from __future__ import annotations
