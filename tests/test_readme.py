@@ -239,34 +239,33 @@ def _tensorboard(argv, cwd):
   """`tensorboard --logdir workdirs` serves the runs: started, asked for its runs, stopped."""
   exe = os.path.join(os.path.dirname(sys.executable), "tensorboard")
   port = free_port()
-  # Its log goes to a file: a pipe nobody reads fills up and blocks tensorboard, which then
-  # never exits on SIGINT (seen under the full suite's load).
-  log = open(os.path.join(cwd, "tensorboard.log"), "w+")
-  proc = subprocess.Popen([exe, *argv[1:], f"--port={port}"], cwd=cwd, stdout=log,
-                          stderr=subprocess.STDOUT, text=True)
-  try:
-    deadline = time.time() + 120
-    while time.time() < deadline:
-      try:
-        with urllib.request.urlopen(f"http://localhost:{port}/data/runs", timeout=5) as r:
-          runs = json.load(r)
-        if runs:
-          return runs
-      except OSError:
-        pass
-      if proc.poll() is not None:
-        log.seek(0)
-        raise AssertionError(log.read())
-      time.sleep(1)
-    raise AssertionError("tensorboard did not serve the runs within 120 s")
-  finally:
-    proc.send_signal(signal.SIGINT)
+  # Its log goes to a file: an unread pipe can fill and block it. Its teardown once timed out
+  # under the full suite's load, so SIGINT is followed by a kill.
+  with open(os.path.join(cwd, "tensorboard.log"), "w+") as log:
+    proc = subprocess.Popen([exe, *argv[1:], f"--port={port}"], cwd=cwd, stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
     try:
-      proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:  # serving was what the test checks, not a quick exit
-      proc.kill()
-      proc.wait()
-    log.close()
+      deadline = time.time() + 120
+      while time.time() < deadline:
+        try:
+          with urllib.request.urlopen(f"http://localhost:{port}/data/runs", timeout=5) as r:
+            runs = json.load(r)
+          if runs:
+            return runs
+        except OSError:
+          pass
+        if proc.poll() is not None:
+          log.seek(0)
+          raise AssertionError(log.read())
+        time.sleep(1)
+      raise AssertionError("tensorboard did not serve the runs within 120 s")
+    finally:
+      proc.send_signal(signal.SIGINT)
+      try:
+        proc.wait(timeout=30)
+      except subprocess.TimeoutExpired:  # serving the runs is what is checked, not a quick exit
+        proc.kill()
+        proc.wait()
 
 
 def _pip_install_editable(work: str, root: str):
