@@ -28,8 +28,9 @@ bool Valid(int32_t id, int64_t n) { return id >= 0 && id < n; }
 // caches, each a DRAM (and TLB) miss. The row two picks ahead is requested while this one is
 // summed, into L2 only (locality 2): an L1 prefetch of a whole 3 KB row holds the few L1 miss
 // buffers the row being summed needs. At BERT-base on two cores (262,144 x 768 table, 128 picks)
-// this took the forward from 0.93-0.97x of XLA's gather loop to 1.06-1.08x; L1 prefetches 1, 2
-// or 4 ahead and L2 ones 1 or 4 ahead were slower or level.
+// this took the forward from 0.93-0.97x of XLA's gather loop to 1.06-1.08x (two runs each); L1
+// prefetches 2 or 4 ahead and L2 ones 1 or 4 ahead gave 0.94-1.17x in single runs, not repeated;
+// two ahead into L2 held its gain over two runs.
 constexpr int64_t kPrefetchPicks = 2;
 inline void PrefetchRow(const float* row, int64_t v) {
   for (int64_t e = 0; e < v; e += 16) __builtin_prefetch(row + e, /*rw=*/0, /*locality=*/2);
