@@ -293,6 +293,11 @@ def test_readme_command(checkout, command):
   runs, env = plan(command, checkout["root"])
   for argv in runs:
     if argv[0] == "tensorboard":
+      if not os.path.isdir(os.path.join(checkout["work"], "workdirs", "default")):
+        # Run alone (not after the README's `python train.py` in this module): make that run.
+        (train,), _ = plan("python train.py", checkout["root"])
+        proc = _run(train, checkout["work"], env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
       assert "default" in " ".join(_tensorboard(argv, checkout["work"]))
       continue
     if argv[:3] == ["pip", "install", "-e"]:
