@@ -5,24 +5,31 @@ Layout of a pretraining workdir:
   DIR/model_config.json      the frozen ModelConfig (vocab size resolved)
   DIR/tokenizer.json         the tokenizer the run trained or loaded
   DIR/checkpoints/<step>/    items: params, model_state (BatchNorm statistics), opt_state,
-                             sparse_opt_state, frozen (when present) and data (iterator state)
+                             sparse_opt_state, frozen (when present) and data (iterator state);
+                             checksums.sha256, every file's SHA-256 (`checksums`)
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
-during a save leaves the previous step as the latest restorable one.
+during a save leaves the previous step as the latest restorable one. The checksums are written
+into that temporary folder before the rename: a step appears with its manifest or not at all.
+Before a restore, the files of the items restored are hashed and compared, so a damaged file
+is refused in one line before orbax reads any file (orbax keeps no checksums, and a read that
+fails inside it leaves its sibling reads running past the failure).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from pkm_jax import architecture
+from pkm_jax import checksums
 from pkm_jax.bert import BertForMaskedLM
 from pkm_jax.data.tokenizer import load_tokenizer
 from pkm_jax.steps import TrainState
@@ -30,7 +37,58 @@ from pkm_jax.steps import TrainState
 # TrainState fields saved as orbax items (empty ones are skipped), plus the data iterator's state.
 STATE_ITEMS = ("params", "model_state", "opt_state", "sparse_opt_state", "frozen")
 ITEMS = (*STATE_ITEMS, "data")
-Manager = ocp.CheckpointManager
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's temporary step folders: <step><suffix>-<time>
+
+
+# orbax rewrites its step metadata (a commit time) and adds a marker when it renames the step:
+# hashed once the save has finished, when the manifest is completed.
+_COMMIT_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
+
+
+class _StepChecksums:
+  """orbax's post-finalization callback, run on the primary host once every host's files are
+  written and before the step's temporary folder is renamed: writes its manifest there."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    self.step: int | None = None
+
+  def __call__(self) -> None:
+    tmps = glob.glob(os.path.join(self.directory, f"{self.step}{_TMP_SUFFIX}*"))
+    if self.step is None or len(tmps) != 1:
+      raise RuntimeError(f"cannot find the temporary folder of checkpoint step {self.step} in "
+                         f"{self.directory} to write its checksums (found {tmps})")
+    checksums.write(tmps[0], exclude=_COMMIT_FILES)
+
+
+class Manager(ocp.CheckpointManager):
+  """orbax's CheckpointManager; each step it saves carries checksums.sha256.
+
+  The step's arrays are hashed before orbax's rename; orbax's own commit files once the save
+  has finished (`wait_until_finished`, which the next save and every run's end call).
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int | None, read_only: bool):
+    self._checksums = _StepChecksums(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._checksums))
+    super().__init__(directory, options=options, item_names=ITEMS)
+    self._incomplete: int | None = None  # the step whose manifest lacks _COMMIT_FILES
+
+  def save(self, step: int, *args, **kwargs) -> bool:
+    # One save in flight at a time, so that the callback knows which step it finalises.
+    self.wait_until_finished()
+    self._checksums.step = self._incomplete = step
+    return super().save(step, *args, **kwargs)
+
+  def wait_until_finished(self) -> None:
+    super().wait_until_finished()  # orbax calls it within save() too, before the step exists
+    folder = os.path.join(str(self.directory), str(self._incomplete))
+    if self._incomplete is not None and os.path.isfile(os.path.join(folder, checksums.MANIFEST)):
+      if jax.process_index() == 0:
+        checksums.complete(folder)
+      self._incomplete = None
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -42,9 +100,7 @@ def make_manager(workdir: str, *, max_to_keep: int | None = None,
   if max_to_keep is not None and max_to_keep < 1:
     # orbax's max_to_keep=0 deletes every checkpoint, the latest included.
     raise ValueError(f"keep_checkpoints={max_to_keep} must be >= 1")
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                         read_only=read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  return Manager(checkpoint_dir(workdir), max_to_keep=max_to_keep, read_only=read_only)
 
 
 def saved_steps(workdir: str) -> list[int]:
@@ -100,25 +156,70 @@ def ignore_closed_event_loop() -> None:
     asyncio_log.addFilter(_DropUnretrievedTaskErrors())
 
 
+def verify_files(folder: str, what: str, advice: str,
+                 include: Callable[[str], bool] | None = None) -> bool:
+  """Checks `folder`'s files (those `include` accepts) against its checksums.sha256: True
+  when they match, False when it has none. A mismatch is a ValueError: `what` failed, the file,
+  then `advice`."""
+  try:
+    return checksums.verify(folder, include)
+  except checksums.ChecksumError as e:
+    raise ValueError(f"{what} is corrupt: {e}; {advice}") from e
+
+
+def orbax_cause(e: BaseException) -> str:
+  """The innermost cause's first line (tensorstore names the file there), without the
+  TensorStore spec dumps orbax appends."""
+  while e.__cause__ is not None:
+    e = e.__cause__
+  text = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
+  return f"{type(e).__name__}: {text[:300]}"
+
+
 def restore_items(manager: Manager, step: int, targets: dict[str, Any], *,
                   data: bool = False) -> dict[str, Any]:
   """Restores items {name: abstract tree} onto the shardings their leaves carry (empty trees
-  come back as given: nothing was saved); with `data`, also the iterator's state."""
+  come back as given: nothing was saved); with `data`, also the iterator's state.
+
+  The files of the items restored (not the others: an evaluation reads no optimizer state)
+  are checked against the step's checksums first.
+  """
   args = {name: ocp.args.StandardRestore(tree) for name, tree in targets.items()
           if _nonempty(tree)}
   if data:
     args["data"] = ocp.args.JsonRestore()
+  step_dir = os.path.join(str(manager.directory), str(step))
+  others = [s for s in manager.all_steps() if s != step]
+  have = f"--step N, have {sorted(others)}" if others else "there is none"
+  advice = (f"restore another step ({have}) or delete {step_dir} (a resume then starts from "
+            "the step before)")
+  what = f"checkpoint step {step} ({step_dir})"
+  # Top-level files (orbax's step metadata) and the folders of the items read.
+  include = lambda rel: "/" not in rel or rel.split("/", 1)[0] in args  # noqa: E731
+  verified = verify_files(step_dir, what, advice, include)
   ignore_closed_event_loop()
   try:
     restored = dict(manager.restore(step, args=ocp.args.Composite(**args)))
   except Exception as e:  # orbax raises many types; the user needs the path and the cause
-    where = os.path.join(str(manager.directory), str(step))
-    cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    raise ValueError(f"checkpoint {where} could not be restored (corrupt or from another "
-                     f"model): {type(e).__name__}: {cause[:240]}") from e
+    unchecked = "" if verified else "; it has no checksums: written before pkm-jax kept them"
+    raise ValueError(f"{what} could not be restored (corrupt or from another model{unchecked})"
+                     f": {orbax_cause(e)}; {advice}") from e
+  if not verified:
+    warn_unverified(step_dir)
   for name, tree in targets.items():
     restored.setdefault(name, tree)
   return restored
+
+
+_warned_unverified: set[str] = set()
+
+
+def warn_unverified(folder: str) -> None:
+  """Once per folder and process: a folder without checksums was read unchecked."""
+  if folder not in _warned_unverified:
+    _warned_unverified.add(folder)
+    print(f"warning: {folder} has no {checksums.MANIFEST} (written before pkm-jax kept "
+          "checksums, or cut off before it was written): read without a check", file=sys.stderr)
 
 
 def restore_state(manager: Manager, step: int, abstract: TrainState) -> tuple[TrainState, dict]:

@@ -29,12 +29,15 @@ def one_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+_DEFAULT_CONFIG = [""]  # define_config's default file, for _parse's error message
+
+
 def _parse(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
     # config_flags reports an unknown --config.x.y as a multi-line AttributeError traceback.
-    sys.exit(f"error: bad flags: {one_line(e)}")
+    sys.exit(f"error: {_unknown_override(_DEFAULT_CONFIG[0]) or 'bad flags: ' + one_line(e)}")
 
 
 def define_config(default_path: str) -> config_flags._ConfigFlag | Any:
@@ -42,6 +45,7 @@ def define_config(default_path: str) -> config_flags._ConfigFlag | Any:
 
   config_flags applies overrides while the flag is defined, so a bad one fails here, at import.
   """
+  _DEFAULT_CONFIG[0] = default_path
   for arg in sys.argv[1:]:
     for old, new in config_lib.RENAMED_KEYS.items():
       if arg.startswith(f"--config.{old}="):
@@ -51,7 +55,26 @@ def define_config(default_path: str) -> config_flags._ConfigFlag | Any:
     return config_flags.DEFINE_config_file("config", default_path,
                                            "Config file defining get_config().", lock_config=True)
   except Exception as e:  # pylint: disable=broad-except
-    sys.exit(f"error: bad --config override: {one_line(e)}")
+    sys.exit(f"error: {_unknown_override(default_path) or 'bad --config override: ' + one_line(e)}")
+
+
+def _unknown_override(default_path: str) -> str | None:
+  """The first --config.x.y=... override on the command line that names no key of the config
+  (loaded again here: the flag's own error says only the last name, e.g. 'data_dir')."""
+  argv = sys.argv[1:]
+  path = default_path
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  try:
+    cfg = config_flags.config_flags.ConfigFileFlagParser("config", lock_config=False).parse(path)
+    keys = [arg.split("=", 1)[0].split("config.", 1)[1] for arg in argv
+            if arg.startswith(("--config.", "--noconfig."))]
+    return next(filter(None, (config_lib.unknown_key(cfg, key) for key in keys)), None)
+  except Exception:  # pylint: disable=broad-except  # an unloadable file: the flag's error says why
+    return None
 
 
 def config_overrides() -> dict[str, Any]:

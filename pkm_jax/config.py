@@ -6,6 +6,8 @@ keys is defined here once; `validate()` rejects anything else before any work st
 
 from __future__ import annotations
 
+import difflib
+
 import json
 import math
 from typing import Any
@@ -157,6 +159,32 @@ def from_json_dict(saved: dict, ref: ml_collections.ConfigDict, *,
 
   fill(out, saved, "")
   return out
+
+
+def flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every leaf key of a config, dotted: ['data.batch_size', ..., 'seed']."""
+  out = []
+  for key, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out += flat_keys(value, f"{prefix}{key}.")
+    else:
+      out.append(f"{prefix}{key}")
+  return out
+
+
+def unknown_key(cfg: ml_collections.ConfigDict, key: str) -> str | None:
+  """None when `key` ('data.batch_size') is in `cfg`; else one line naming it as typed and the
+  closest keys that exist (the same last name under another group first, then spelling)."""
+  keys = flat_keys(cfg)
+  groups = {k.rsplit(".", 1)[0] for k in keys if "." in k}
+  if key in keys or key in groups:
+    return None
+  leaf = key.rsplit(".", 1)[-1]
+  near = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+  near += [k for k in difflib.get_close_matches(key, keys, n=4, cutoff=0.6) if k not in near]
+  near += [k for k in difflib.get_close_matches(leaf, keys, n=2, cutoff=0.6) if k not in near]
+  hint = f"; closest: {', '.join(near[:4])}" if near else ""
+  return f"config.{key} is not a key of this config (--config.{key}){hint}"
 
 
 def check_keys(cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict,

@@ -6,6 +6,7 @@ Layout (written by `python -m pkm_jax.convert` or `save_pretrained`):
                           special_tokens_map.json copied when the source had them)
   OUT/params/             orbax StandardCheckpointer of nnx.to_pure_dict(nnx.state(model, nnx.Param))
   OUT/conversion.json     {"format", "source", "architecture", "report"}
+  OUT/checksums.sha256    every file's SHA-256 (`checksums`), checked before a restore
 A folder is written under a temporary name beside OUT and renamed when complete, so OUT is
 either absent, the previous contents, or the whole new checkpoint.
 """
@@ -25,6 +26,7 @@ from flax import nnx
 
 from pkm_jax import architecture
 from pkm_jax import checkpoint as ckpt_lib
+from pkm_jax import checksums
 from pkm_jax.architecture import ModelConfig
 from pkm_jax.bert import BertForMaskedLM
 from pkm_jax.data import tokenizer as tok_lib
@@ -82,6 +84,7 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict, tokenizer: An
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, "params"), jax.tree.map(jnp.asarray, params))
       ckptr.wait_until_finished()
+    checksums.write(tmp)
   return out
 
 
@@ -103,6 +106,8 @@ def _abstract_params(cfg: ModelConfig) -> dict:
 def read_checkpoint(path: str) -> tuple[ModelConfig, dict, Any]:
   """(ModelConfig, params pure dict, tokenizers.Tokenizer) of a converted checkpoint."""
   what = f"{path} is not a complete converted checkpoint"
+  verified = ckpt_lib.verify_files(os.path.abspath(path), f"converted checkpoint {path}",
+                                   "convert it again")
   try:
     cfg = architecture.from_dict(ckpt_lib.read_json(os.path.join(path, "model_config.json"), what))
   except (TypeError, KeyError, AttributeError) as e:
@@ -117,9 +122,11 @@ def read_checkpoint(path: str) -> tuple[ModelConfig, dict, Any]:
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(params_dir, target)
   except Exception as e:  # orbax raises many types; the user needs the path and the cause
-    cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    raise ValueError(f"{params_dir} could not be restored (corrupt or from another model): "
-                     f"{type(e).__name__}: {cause[:240]}") from e
+    raise ValueError(f"{params_dir} could not be restored (corrupt or from another model"
+                     f"{'' if verified else '; it has no checksums'}): "
+                     f"{ckpt_lib.orbax_cause(e)}; convert it again") from e
+  if not verified:
+    ckpt_lib.warn_unverified(os.path.abspath(path))
   info_path = os.path.join(path, "conversion.json")
   info = ckpt_lib.read_json(info_path, what) if os.path.isfile(info_path) else {}
   for note in info.get("report", {}).get("notes", []):

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from pkm_jax import convert, pretrained
+from pkm_jax import checksums, convert, pretrained
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -177,6 +177,35 @@ def test_converted_dir_round_trip(tmp_path):
     convert.convert_to_dir(hf, out)
   convert.convert_to_dir(hf, out, overwrite=True)
   assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []
+
+
+def test_converted_dir_checksums(tmp_path, capfd):
+  """Every file hashed; one flipped bit anywhere refused in one line naming the file; a folder
+  converted before checksums existed still loads, with one warning."""
+  hf = hf_fixtures.save_hf(transformers.BertForMaskedLM(hf_fixtures.bert_config()),
+                           str(tmp_path / "hf"), seed=5)
+  out = convert.convert_to_dir(hf, str(tmp_path / "out"))
+  digests = checksums.read(out)
+  files = sorted(os.path.relpath(os.path.join(r, n), out) for r, _, names in os.walk(out)
+                 for n in names)
+  assert sorted([*digests, checksums.MANIFEST]) == sorted(files)
+  assert {"model_config.json", "tokenizer.json"} <= set(digests)
+  largest = max(digests, key=lambda rel: os.path.getsize(os.path.join(out, rel)))
+  path = os.path.join(out, largest)
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)[0]
+    f.seek(os.path.getsize(path) // 2)
+    f.write(bytes([byte ^ 4]))
+  with pytest.raises(ValueError, match=f"converted checkpoint .* is corrupt: {path} does not "
+                                       "match its checksum.*convert it again"):
+    pretrained.load_pretrained(out)
+  out2 = convert.convert_to_dir(hf, str(tmp_path / "out2"))
+  os.remove(os.path.join(out2, checksums.MANIFEST))
+  capfd.readouterr()
+  cfg, _, _ = pretrained.load_pretrained(out2)
+  pretrained.load_pretrained(out2)
+  assert capfd.readouterr().err.count("read without a check") == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -351,3 +351,24 @@ def test_bad_input_fails_with_one_line(pretrained, glue_dir, tmp_path):
   (partial / "SST-2" / "dev.tsv").write_text("sentence\tlabel\nfine words\tmaybe\n")
   with pytest.raises(ValueError, match=r"dev.tsv line 2: invalid label 'maybe'"):
     finetune.finetune_and_evaluate(ft_config(workdir, str(partial)), str(tmp_path / "ft"))
+
+
+def test_corrupt_pretrained_checkpoint_is_one_line(pretrained, glue_dir, tmp_path):
+  """Fine-tuning's init from a damaged checkpoint: one line naming the step and the file."""
+  workdir, _ = pretrained
+  copy = str(tmp_path / "pre")
+  shutil.copytree(workdir, copy)
+  step_dir = os.path.join(copy, "checkpoints", str(ckpt_lib.latest_step(copy)))
+  files = [os.path.join(r, n) for r, _, names in os.walk(os.path.join(step_dir, "params"))
+           for n in names]
+  bad = max(files, key=os.path.getsize)
+  with open(bad, "r+b") as f:
+    f.seek(os.path.getsize(bad) // 2)
+    f.write(os.urandom(os.path.getsize(bad) - os.path.getsize(bad) // 2))
+  proc = run_eval("--config", "configs/glue.py", "--config.task=sst2",
+                  f"--config.init.pretrained={copy}", f"--config.data.data_dir={glue_dir}",
+                  f"--workdir={tmp_path / 'ft'}")
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 1 and proc.stdout == "" and len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith(f"error: ValueError: checkpoint step") and bad in lines[0]
+  assert not (tmp_path / "ft").exists()

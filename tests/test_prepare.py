@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from pkm_jax import checksums
 from pkm_jax.data import corpus as corpus_lib
 from pkm_jax.data import keyed_random
 from pkm_jax.data import prepare as prepare_lib
@@ -101,6 +102,22 @@ def test_prepare_command_writes_the_in_memory_packers_rows(corpus, tmp_path):
   assert meta["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tok)
   assert meta["dtype"] == "uint16" and meta["special_ids"] == special_token_ids(tok)
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary folder left
+  # Every file hashed; the metadata checked on open, a shard when it is first read.
+  assert sorted(checksums.read(str(out))) == sorted(n for n in os.listdir(out)
+                                                    if n != checksums.MANIFEST)
+  shard = out / train["shards"][-1]["file"]
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 1
+  shard.write_bytes(bytes(data))
+  rows = prepared_lib.PreparedRows(str(out), "train")
+  rows.read(np.arange(3))  # the first shard is intact
+  with pytest.raises(ValueError, match=f"prepared shard {shard} is corrupt: .* does not match "
+                                       "its checksum"):
+    rows.read(np.array([len(rows) - 1]))
+  meta_file = out / "metadata.json"
+  meta_file.write_text(meta_file.read_text().replace('"max_len": 32', '"max_len": 33'))
+  with pytest.raises(ValueError, match="metadata.json does not match its checksum"):
+    prepared_lib.read_metadata(str(out))
 
 
 def test_one_worker_separate_eval_input_and_learnt_vocabulary(corpus, tmp_path):

@@ -34,7 +34,7 @@ from absl import flags
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from pkm_jax import cli
+from pkm_jax import checksums, cli
 from pkm_jax.data import prepared as prepared_lib
 from pkm_jax.data import text_stream
 from pkm_jax.data import tokenizer as tok_lib
@@ -219,6 +219,7 @@ def prepare(out: str, *, inputs: str = "", tfds_name: str = "", tfds_split: str 
     }
     with open(os.path.join(tmp, prepared_lib.METADATA_FILE), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
+    checksums.write(tmp)
   return meta
 
 

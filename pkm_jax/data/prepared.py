@@ -6,6 +6,10 @@ Written once by `python -m pkm_jax.data.prepare` (prepare.py), read by training 
   DIR/metadata.json                what is in the folder (below); written last
   DIR/tokenizer.json               the tokenizer the rows were made with
   DIR/<split>-NNNNN.array_record   packed rows of split 'train' or 'eval', in stream order
+  DIR/checksums.sha256             every file's SHA-256 (`checksums`): the metadata and the
+                                   tokenizer are checked when the folder is opened, a shard
+                                   when a process first reads from it (riegeli's own chunk
+                                   hashes check each record as it is read, too)
 
 A record holds up to ROWS_PER_RECORD consecutive rows as one [k, max_len] array of `dtype`
 (uint16 when the vocabulary fits, else uint32): ArrayRecord keeps a ~14-byte index entry per
@@ -23,11 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
 from typing import Any
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from pkm_jax import checksums
 
 FORMAT, VERSION = "pkm-jax-prepared", 1
 METADATA_FILE, TOKENIZER_FILE = "metadata.json", "tokenizer.json"
@@ -108,6 +115,7 @@ def read_metadata(folder: str, what: str = "data.path") -> dict[str, Any]:
     raise FileNotFoundError(f"{what}={folder} is not a prepared folder: no {METADATA_FILE} (an "
                             "interrupted preparation leaves none; run python -m "
                             "pkm_jax.data.prepare again)")
+  _verify(folder, lambda rel: rel in (METADATA_FILE, TOKENIZER_FILE))
   try:
     with open(path, encoding="utf-8") as f:
       meta = json.load(f)
@@ -128,6 +136,24 @@ def read_metadata(folder: str, what: str = "data.path") -> dict[str, Any]:
         raise ValueError(f"prepared shard {file} has {size} bytes but {METADATA_FILE} says "
                          f"{shard['bytes']}: it is truncated or was replaced")
   return meta
+
+
+def _verify(folder: str, include) -> None:
+  try:
+    if not checksums.verify(folder, include):
+      _warn_unverified(folder)
+  except checksums.ChecksumError as e:
+    raise ValueError(f"prepared folder {folder} is corrupt: {e}; prepare it again") from e
+
+
+_warned: set[str] = set()
+
+
+def _warn_unverified(folder: str) -> None:
+  if folder not in _warned:
+    _warned.add(folder)
+    print(f"warning: {folder} has no {checksums.MANIFEST} (prepared before pkm-jax kept "
+          "checksums): read without a check", file=sys.stderr)
 
 
 class PreparedRows:
@@ -153,6 +179,7 @@ class PreparedRows:
     self.fingerprint = hashlib.sha256(json.dumps(
         [self.meta["tokenizer"]["fingerprint"], self.max_len, split, self.shards],
         sort_keys=True).encode()).hexdigest()[:16]
+    self._digests = checksums.read(folder)  # the metadata's check read it whole already
     self._open()
 
   def _open(self) -> None:
@@ -175,6 +202,12 @@ class PreparedRows:
     if shard not in self._readers:
       file = os.path.join(self.folder, self.shards[shard]["file"])
       want = -(-self.shards[shard]["rows"] // self.rows_per_record)
+      if self._digests is not None:  # once per shard and process: the cost of what is read
+        try:
+          checksums.verify_file(self.folder, self.shards[shard]["file"], self._digests)
+        except checksums.ChecksumError as e:
+          raise ValueError(f"prepared shard {file} is corrupt: {e}; prepare the folder "
+                           "again") from e
       try:
         reader = ArrayRecordReader(file, _READER_OPTIONS, file_reader_buffer_size=512)
         have = reader.num_records()
