@@ -17,11 +17,14 @@ fails inside it leaves its sibling reads running past the failure).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 import jax
@@ -38,6 +41,37 @@ from pkm_jax.steps import TrainState
 STATE_ITEMS = ("params", "model_state", "opt_state", "sparse_opt_state", "frozen")
 ITEMS = (*STATE_ITEMS, "data")
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's temporary step folders: <step><suffix>-<time>
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+  """Holds a first Ctrl-C until the block is done; a second one interrupts at once.
+
+  orbax runs a save's or restore's reads and writes on tensorstore's threads under an asyncio
+  loop: a KeyboardInterrupt inside it closes the loop with that work still in flight, and each
+  piece then fails on the closed loop at exit, printing a traceback. Only in the main thread,
+  and only where Python's own handler (or another callable) is installed; restored after.
+  """
+  previous = signal.getsignal(signal.SIGINT)
+  if (threading.current_thread() is not threading.main_thread() or not callable(previous)
+      or getattr(previous, "holds_sigint", False)):  # not a main thread, or nested
+    yield
+    return
+  held = []
+
+  def hold(signum, frame):
+    if held:  # the second Ctrl-C
+      previous(signum, frame)
+    held.append(signum)
+
+  hold.holds_sigint = True
+  signal.signal(signal.SIGINT, hold)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if held:
+    raise KeyboardInterrupt
 
 
 # orbax rewrites its step metadata (a commit time) and adds a marker when it renames the step:
@@ -78,11 +112,16 @@ class Manager(ocp.CheckpointManager):
 
   def save(self, step: int, *args, **kwargs) -> bool:
     # One save in flight at a time, so that the callback knows which step it finalises.
-    self.wait_until_finished()
-    self._checksums.step = self._incomplete = step
-    return super().save(step, *args, **kwargs)
+    with sigint_deferred():
+      self.wait_until_finished()
+      self._checksums.step = self._incomplete = step
+      return super().save(step, *args, **kwargs)
 
   def wait_until_finished(self) -> None:
+    with sigint_deferred():
+      self._wait_and_complete()
+
+  def _wait_and_complete(self) -> None:
     super().wait_until_finished()  # orbax calls it within save() too, before the step exists
     folder = os.path.join(str(self.directory), str(self._incomplete))
     if self._incomplete is not None and os.path.isfile(os.path.join(folder, checksums.MANIFEST)):
@@ -148,7 +187,9 @@ def ignore_closed_event_loop() -> None:
   their callbacks then raise in a background thread, printed as tracebacks up to exit. Drop
   those, and only those. A failed restore can also leave its sibling reads' errors unretrieved,
   which asyncio logs when it collects them, sometimes (a race with the failure we report):
-  those records are dropped too."""
+  those records are dropped too. Since checkpoints carry checksums a damaged file is refused
+  before orbax reads any file, so a failed read (and that race) is left to checkpoints written
+  without them."""
   if not isinstance(sys.unraisablehook, _IgnoreClosedEventLoop):
     sys.unraisablehook = _IgnoreClosedEventLoop(sys.unraisablehook)
   asyncio_log = logging.getLogger("asyncio")
@@ -199,7 +240,8 @@ def restore_items(manager: Manager, step: int, targets: dict[str, Any], *,
   verified = verify_files(step_dir, what, advice, include)
   ignore_closed_event_loop()
   try:
-    restored = dict(manager.restore(step, args=ocp.args.Composite(**args)))
+    with sigint_deferred():
+      restored = dict(manager.restore(step, args=ocp.args.Composite(**args)))
   except Exception as e:  # orbax raises many types; the user needs the path and the cause
     unchecked = "" if verified else "; it has no checksums: written before pkm-jax kept them"
     raise ValueError(f"{what} could not be restored (corrupt or from another model{unchecked})"

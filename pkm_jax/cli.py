@@ -108,5 +108,12 @@ def run(main: Callable[[list[str]], None]) -> None:
       main(argv)
     except USER_ERRORS as e:
       sys.exit(f"error: {one_line(e)}")
+    except KeyboardInterrupt:
+      # The run's `finally` blocks have run by now: an async checkpoint save finished (or its
+      # temporary folder, which never counts as a step, was left), the TensorBoard writer and
+      # the data workers closed.
+      print("interrupted: the checkpoints saved so far are kept (the same command resumes "
+            "from the latest)", file=sys.stderr)
+      sys.exit(130)
 
   app.run(guarded, flags_parser=_parse)

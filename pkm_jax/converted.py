@@ -81,7 +81,7 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict, tokenizer: An
       json.dump(architecture.to_dict(cfg), f, indent=2, sort_keys=True)
     with open(os.path.join(tmp, "conversion.json"), "w") as f:
       json.dump({"format": FORMAT, **(info or {})}, f, indent=2, sort_keys=True)
-    with ocp.StandardCheckpointer() as ckptr:
+    with ckpt_lib.sigint_deferred(), ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, "params"), jax.tree.map(jnp.asarray, params))
       ckptr.wait_until_finished()
     checksums.write(tmp)
@@ -119,7 +119,7 @@ def read_checkpoint(path: str) -> tuple[ModelConfig, dict, Any]:
   params_dir = os.path.join(os.path.abspath(path), "params")
   ckpt_lib.ignore_closed_event_loop()
   try:
-    with ocp.StandardCheckpointer() as ckptr:
+    with ckpt_lib.sigint_deferred(), ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(params_dir, target)
   except Exception as e:  # orbax raises many types; the user needs the path and the cause
     raise ValueError(f"{params_dir} could not be restored (corrupt or from another model"
