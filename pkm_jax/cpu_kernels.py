@@ -7,12 +7,16 @@
 Each op has its pure-JAX reference, which GPUs and TPUs run (`jax.lax.platform_dependent`
 picks by the platform lowered for), and against which the tests compare the kernels.
 
-The library is compiled on first use with the system's C++ compiler (`$CXX`, else `c++`) against
-jaxlib's FFI headers (~10 s), into `$PKM_JAX_CACHE_DIR` (default `~/.cache/pkm_jax`; where that
-cannot be made, a private per-user folder under the system's temporary one), named by a hash of
-the sources, jaxlib's version, the machine, the compiler and the command. Without a compiler, or
-with `PKM_JAX_CPU_KERNELS=0`, every op runs its pure-JAX reference (with one warning when the
-build failed). A computation exported with `jax.export` for CPU carries the custom calls, which
+Only where jax's default backend is the CPU: on a GPU or TPU host nothing is compiled, loaded or
+registered (the computation runs there, so the references run everywhere; code placed on such a
+host's CPU devices runs them too). The library is compiled on first use with the system's C++
+compiler (`$CXX`, else `c++`; at most 300 s) against jaxlib's FFI headers (~10 s), into
+`$PKM_JAX_CACHE_DIR` (default `~/.cache/pkm_jax`; where that cannot be made, a private per-user
+folder under the system's temporary one), named by a hash of the sources, jaxlib's version, the
+machine, the C library, the compiler and the command. A cache folder or library that this user
+does not own, or that others can write to, is refused (a library found there would run in this
+process). Without a compiler, on such a refusal, or with `PKM_JAX_CPU_KERNELS=0`, every op runs
+its pure-JAX reference (with one warning when the build or a check failed). A computation exported with `jax.export` for CPU carries the custom calls, which
 jax.export refuses by default: export with `PKM_JAX_CPU_KERNELS=0` (GPU/TPU exports never see
 them).
 """
@@ -61,6 +65,17 @@ def compile_command(out: Path) -> list[str]:
           *map(str, SOURCES), "-o", str(out)]
 
 
+_COMPILE_TIMEOUT_S = 300
+
+
+def _check_private(path: Path) -> None:
+  """OSError unless `path` is owned by this user and writable by no one else."""
+  info = path.lstat()
+  if info.st_uid != os.getuid() or info.st_mode & 0o022 or stat.S_ISLNK(info.st_mode):
+    raise OSError(f"{path} is not owned by this user or can be written by others: not using it "
+                  f"(set PKM_JAX_CACHE_DIR to a private folder)")
+
+
 def _private_temp_dir() -> Path:
   """A per-user folder under the system's temporary one, used only if no one else owns it or
   can write to it: a library found there is loaded into this process."""
@@ -76,10 +91,13 @@ def _cache_folder() -> Path:
   """cache_dir(), or, where it cannot be made (a read-only home on some clusters and CI
   sandboxes), the private temporary folder."""
   try:
-    cache_dir().mkdir(parents=True, exist_ok=True)
+    cache_dir().mkdir(mode=0o700, parents=True, exist_ok=True)
   except OSError:
     return _private_temp_dir()
-  return cache_dir() if os.access(cache_dir(), os.W_OK) else _private_temp_dir()
+  if not os.access(cache_dir(), os.W_OK):
+    return _private_temp_dir()
+  _check_private(cache_dir())
+  return cache_dir()
 
 
 def build() -> Path:
@@ -88,21 +106,26 @@ def build() -> Path:
   command = compile_command(Path("lib.so"))
   if shutil.which(command[0]) is None:
     raise OSError(f"no C++ compiler {command[0]!r} on PATH")
-  version = subprocess.run([command[0], "--version"], capture_output=True, text=True).stdout
+  version = subprocess.run([command[0], "--version"], capture_output=True, text=True,
+                           timeout=60).stdout
   key = hashlib.sha256()
+  # The C library too: one built against a newer glibc on one host of a shared home fails to
+  # load on the others.
   for part in (*(f.read_text() for f in SOURCES + HEADERS), jaxlib.__version__,
-               platform.machine(), version, " ".join(command)):
+               platform.machine(), " ".join(platform.libc_ver()), version, " ".join(command)):
     key.update(part.encode())
   folder = _cache_folder()
   path = folder / f"kernels-{key.hexdigest()[:16]}.so"
   if path.is_file():
+    _check_private(path)
     return path
   # Built beside its final name and renamed: concurrent first uses (test workers, hosts sharing
   # a home) each see either no library or a whole one.
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
   os.close(fd)
   try:
-    subprocess.run(compile_command(Path(tmp)), check=True, capture_output=True, text=True)
+    subprocess.run(compile_command(Path(tmp)), check=True, capture_output=True, text=True,
+                   timeout=_COMPILE_TIMEOUT_S)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -110,11 +133,16 @@ def build() -> Path:
   return path
 
 
-@functools.cache
 def available() -> bool:
-  """Whether the custom calls are built and registered for CPUs (once per process)."""
-  if os.environ.get("PKM_JAX_CPU_KERNELS", "1") == "0":
+  """Whether the custom calls are built and registered for CPUs: never where jax's default
+  backend is not the CPU (nothing is then built or loaded); else built once per process."""
+  if os.environ.get("PKM_JAX_CPU_KERNELS", "1") == "0" or jax.default_backend() != "cpu":
     return False
+  return _load()
+
+
+@functools.cache
+def _load() -> bool:
   try:
     library = ctypes.cdll.LoadLibrary(str(build()))
     for target, symbol in TARGETS.items():

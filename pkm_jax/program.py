@@ -17,7 +17,6 @@ import ml_collections
 from flax import nnx
 
 from pkm_jax import checkpoint as ckpt_lib
-from pkm_jax import cpu_random
 from pkm_jax import memory_kinds
 from pkm_jax import optim as optim_lib
 from pkm_jax import sharding as sharding_lib
@@ -72,7 +71,6 @@ def build_program(config: ml_collections.ConfigDict, *,
   make_model(placement) builds the model with fresh parameters (from `config.seed`);
   init_from(model, source) replaces some of them with pretrained ones inside the jitted init.
   """
-  cpu_random.use_unrolled_threefry()  # dropout's bits, as before, in one pass on CPU
   mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model)
   rules = sharding_lib.rules_from_config(config)
   placement = MemoryPlacement.from_mesh(mesh, rules, lookup_kernel=config.mesh.lookup_kernel)

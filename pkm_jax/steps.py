@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pkm_jax import cpu_random
 from pkm_jax import metrics as metrics_lib
 from pkm_jax.architecture import MemoryConfig
 from pkm_jax.bert import state_at
@@ -95,7 +96,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimiz
   the gradients of their picked rows; with grad_clip > 0 both are first clipped by their joint
   global norm. `model_state_filter` selects the statistics the step updates (frozen ones stay).
   """
-  base_key = jax.random.key(seed)
+  base_key = cpu_random.key(seed)  # jax's Threefry bits, drawn in one pass on CPUs
   tx, sparse_tx, schedule = optimizers.tx, optimizers.sparse, optimizers.schedule
   tables = sparse_tables if sparse_tx is not None else {}
   layers = sorted({layer for _, _, readers in tables.values() for layer in readers})

@@ -1,7 +1,8 @@
 """pkm_jax.cpu_random: the unrolled Threefry-2x32 is the Threefry of the spec (a numpy one, and
-the Random123 known-answer vectors) and, once registered for CPU, every jax.random draw gives the
-bits jax's own lowering gave."""
+the Random123 known-answer vectors); pkm-jax's own keys draw the bits jax's default keys draw,
+and nothing of jax changes for other code."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -48,26 +49,52 @@ def test_known_answers_and_numpy():
     np.testing.assert_array_equal(a, b)
 
 
-def test_registered_lowering_gives_jax_bits_faster_program():
-  """In a fresh process (this one may have registered it already): draws before and after."""
+def test_own_keys_give_jax_bits_and_jax_is_untouched():
+  """pkm-jax's keys draw exactly what jax's default keys draw (dropout's shapes and widths,
+  under jit and vmap); on CPU in one unrolled pass (no while loop); and a jax.random function of
+  the user's lowers the same text before and after pkm-jax's keys were used."""
+  def draws(key):
+    k1, k2 = jax.random.split(key)
+    return (jax.random.bernoulli(k1, 0.9, (4, 64, 33)), jax.random.normal(k2, (5, 7)),
+            jax.random.key_data(jax.random.split(jax.random.fold_in(key, 3), 4)),
+            jax.random.bits(key, (999,), jnp.uint8), jax.random.uniform(key, (17,)),
+            jax.random.bits(key, (3, 5), jnp.uint16),
+            jax.vmap(lambda k: jax.random.bernoulli(k, 0.5, (6,)))(jax.random.split(k2, 3)))
+
+  user = jax.jit(lambda k: jax.random.bits(k, (8, 8)))
+  text_before = user.lower(jax.random.key(7)).as_text()
+  ours = jax.jit(draws)(cpu_random.key(7))
+  theirs = jax.jit(draws)(jax.random.key(7))
+  for a, b in zip(ours, theirs):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(jax.random.key_data(cpu_random.key(7)),
+                                jax.random.key_data(jax.random.key(7)))
+  ours_text = jax.jit(draws).lower(cpu_random.key(7)).compile().as_text()
+  theirs_text = jax.jit(draws).lower(jax.random.key(7)).compile().as_text()
+  assert " while(" in theirs_text
+  # Split and fold_in are jax's (small, loops allowed); the draws themselves run unrolled.
+  assert ours_text.count(" while(") < theirs_text.count(" while(")
+  assert user.lower(jax.random.key(7)).as_text() == text_before
+
+
+def test_no_process_wide_change_in_a_fresh_process():
+  """Building a program leaves jax's lowering of a user's random function as it was."""
   code = textwrap.dedent("""
-      import jax, jax.numpy as jnp, numpy as np
-      from pkm_jax import cpu_random
-      def draws(key):
-        k1, k2 = jax.random.split(key)
-        return (jax.random.bernoulli(k1, 0.9, (4, 64, 33)), jax.random.normal(k2, (5, 7)),
-                jax.random.key_data(jax.random.split(jax.random.fold_in(key, 3), 4)),
-                jax.random.bits(key, (999,), jnp.uint8), jax.random.uniform(key, (17,)))
-      key = jax.random.key(7)
-      before = jax.jit(draws)(key)
-      text_before = jax.jit(draws).lower(key).compile().as_text()
-      cpu_random.use_unrolled_threefry()
-      after = jax.jit(lambda k: draws(k))(key)
-      text_after = jax.jit(lambda k: draws(k)).lower(key).compile().as_text()
-      for a, b in zip(before, after):
-        np.testing.assert_array_equal(a, b)
-      assert " while(" in text_before and " while(" not in text_after
+      import jax, jax.numpy as jnp
+      from configs import default
+      from pkm_jax import trainer
+      # A new function object each time (no cache shared), from the same source line.
+      lowered = lambda: jax.jit(lambda k: jax.random.bits(k, (999,))).lower(jax.random.key(3))
+      before = lowered().as_text()
+      assert before == lowered().as_text()  # the comparison's control
+      config = default.get_config()
+      config.model.hidden_size, config.model.intermediate_size, config.model.num_layers = 32, 64, 2
+      config.model.num_heads, config.memory.layers, config.memory.n_keys = 2, (1,), 8
+      config.memory.k, config.memory.k_dim, config.memory.heads = 4, 16, 2
+      program = trainer.build_train_program(config, vocab_size=100)
+      assert lowered().as_text() == before
       print("OK")
       """)
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
