@@ -95,3 +95,57 @@ def test_build_cache_and_fallbacks(tmp_path):
   off = _run(CHECK, PKM_JAX_CACHE_DIR=str(tmp_path / "off"), PKM_JAX_CPU_KERNELS="0")
   assert off.returncode == 0 and off.stdout.split("\n")[0] == OFF, off.stderr
   assert not (tmp_path / "off").exists()
+
+
+def test_caches_others_can_write_or_own_are_refused(tmp_path):
+  """A group-writable cache folder, a library others can write to, or one another user owns:
+  one warning, nothing loaded from there, the pure-JAX ops."""
+  shared = tmp_path / "shared"
+  shared.mkdir()
+  shared.chmod(0o775)
+  proc = _run(CHECK, PKM_JAX_CACHE_DIR=str(shared))
+  assert proc.returncode == 0 and proc.stdout.startswith(OFF), proc.stderr
+  assert proc.stderr.count("RuntimeWarning") == 1 and "can be written by others" in proc.stderr
+  assert not list(shared.iterdir())
+  private = tmp_path / "private"
+  built = _run(CHECK, PKM_JAX_CACHE_DIR=str(private))
+  assert built.stdout.startswith(ON), built.stderr
+  (library,) = private.iterdir()
+  library.chmod(0o666)
+  proc = _run(CHECK, PKM_JAX_CACHE_DIR=str(private))
+  assert proc.stdout.startswith(OFF) and "can be written by others" in proc.stderr
+  library.chmod(0o755)
+  if os.getuid() == 0:  # root can hand the library to another user
+    os.chown(library, 65534, 65534)
+    proc = _run(CHECK, PKM_JAX_CACHE_DIR=str(private))
+    assert proc.stdout.startswith(OFF) and "not owned by this user" in proc.stderr
+
+
+def test_nothing_is_built_or_loaded_off_the_cpu(tmp_path):
+  """With a GPU as jax's default backend (jax.default_backend patched: this machine has none),
+  tracing and exporting the memory layer for cuda runs no compiler and loads no library."""
+  proc = _run("""
+      import ctypes, subprocess, jax
+      calls = []
+      def refuse(*args, **kwargs):  # recorded: the old code swallowed a build's failure
+        calls.append(args[:1])
+        raise OSError(f"called off the CPU: {args[:1]}")
+      jax.default_backend = lambda: "gpu"
+      subprocess.run = subprocess.Popen = ctypes.cdll.LoadLibrary = refuse
+      import jax.numpy as jnp
+      from flax import nnx
+      from jax import export
+      from pkm_jax import cpu_kernels, architecture, memory
+      cfg = architecture.MemoryConfig(n_keys=8, k=4, k_dim=16, heads=2, v_dim=32)
+      layer = memory.ProductKeyMemory(32, cfg, rngs=nnx.Rngs(0))
+      graphdef, state = nnx.split(layer)
+      def loss(state, x):
+        return jnp.sum(nnx.merge(graphdef, state)(x, jnp.ones(x.shape[:2]))[0])
+      x = jnp.ones((2, 8, 32))
+      exported = export.export(jax.jit(jax.value_and_grad(loss)), platforms=("cuda",))(state, x)
+      text = exported.mlir_module()
+      assert not any(t in text for t in cpu_kernels.TARGETS)
+      print(cpu_kernels.available(), len(calls))
+  """, PKM_JAX_CACHE_DIR=str(tmp_path / "cache"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["False", "0"] and not (tmp_path / "cache").exists()
