@@ -1,7 +1,7 @@
 """This package's XLA FFI custom calls for CPUs (`csrc/`): built on first use, registered once.
 
   - `csrc/top_k.cc`: the search's exact top-k (`cpu_top_k`);
-  - `csrc/lookup.cc`: the weighted lookup, its weights' gradient and its table's (`cpu_lookup`);
+  - `csrc/lookup.cc`: the weighted lookup's weights' gradient and its table's (`cpu_lookup`);
   - `csrc/sparse_rows.cc`: the gradients of picked table rows and lazy Adam on them, in place
     (`cpu_sparse_rows`, used by `sparse_adam`).
 Each op has its pure-JAX reference, which GPUs and TPUs run (`jax.lax.platform_dependent`
@@ -45,7 +45,6 @@ SOURCES = (CSRC / "top_k.cc", CSRC / "lookup.cc", CSRC / "sparse_rows.cc")  # co
 HEADERS = (CSRC / "parallel.h",)
 # Registered name -> the handler symbol the library exports.
 TARGETS = {"pkm_jax_top_k_f32": "PkmTopKF32",
-           "pkm_jax_gather_sum_f32": "PkmGatherSumF32",
            "pkm_jax_gather_dot_f32": "PkmGatherDotF32",
            "pkm_jax_scatter_sum_f32": "PkmScatterSumF32",
            "pkm_jax_row_gradients_f32": "PkmRowGradientsF32",

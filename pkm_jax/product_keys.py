@@ -143,19 +143,23 @@ def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Arra
 
   values [N, V], indices/weights [..., H, K] -> [..., V] float32. Picks are gathered a chunk
   at a time (`chunks.CACHE_CHUNK_BYTES`), so [tokens, picks, V] is never built, forward or backward;
-  the sum is accumulated in float32 whatever the table's dtype (a bf16 table, 128 picks).
+  the sum is accumulated in float32 whatever the table's dtype (a bf16 table, 128 picks). Ids
+  outside [0, N) are padding: no row, no gradient (as in the CPU and Pallas kernels).
   """
   lead = indices.shape[:-2]
   picks = indices.shape[-2] * indices.shape[-1]
+  n = values_NxV.shape[0]
   idx_MxP = indices.reshape(-1, picks)
+  # Row N, past the end: `take` fills it with zeros, scatters drop it (negative ids would wrap).
+  idx_MxP = jnp.where((idx_MxP >= 0) & (idx_MxP < n), idx_MxP, n)
   # Weights stay at least float32: rounding them to a bf16 table's dtype would cost more
   # precision than the table's own rounding.
   w_MxP = weights.reshape(-1, picks).astype(jnp.promote_types(values_NxV.dtype, jnp.float32))
   bytes_per_pick = idx_MxP.shape[0] * values_NxV.shape[1] * values_NxV.dtype.itemsize
   chunk = chunks.cache_chunk(picks, bytes_per_pick)
   if chunk == picks:
-    out_MxV = jnp.einsum("mp,mpv->mv", w_MxP, values_NxV[idx_MxP],
-                         preferred_element_type=jnp.float32)
+    rows = jnp.take(values_NxV, idx_MxP, axis=0, mode="fill", fill_value=0)
+    out_MxV = jnp.einsum("mp,mpv->mv", w_MxP, rows, preferred_element_type=jnp.float32)
   else:
     # Padding picks read row N, past the end: zeros, and their gradient scatters are dropped.
     out_MxV = _chunked_lookup(values_NxV, chunks.to_chunks(idx_MxP, chunk, values_NxV.shape[0]),

@@ -35,7 +35,8 @@ CHECK = """
              + jax.jit(lambda i, w, g: sparse_adam.row_gradients(i, w, g, num_rows=4)).lower(
                  jnp.zeros((1, 1, 1, 2), jnp.int32), jnp.zeros((1, 1, 1, 2)),
                  jnp.zeros((1, 1, 1))).as_text()
-             + jax.jit(cpu_lookup.weighted_lookup).lower(table, picks, weights).as_text())
+             + jax.jit(jax.grad(lambda t: jnp.sum(cpu_lookup.weighted_lookup(t, picks, weights)))
+                       ).lower(table).as_text())
     print(cpu_kernels.available(), i.tolist(), ids.tolist(), grads.ravel().tolist(),
           out.ravel().tolist(), sum(t in texts for t in cpu_kernels.TARGETS))
 """

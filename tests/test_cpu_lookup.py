@@ -60,8 +60,6 @@ def _grads(lookup, values, idx, w, g, stop_table=False):
                                          ((4, 16, 2, 4), 7, 5)])  # a few rows, many repeats
 def test_equals_reference_and_brute_force(shape, n, v):
   values, idx, w, g = _case(shape, n, v)
-  assert cpu_lookup.GATHER_SUM in jax.jit(cpu_lookup.weighted_lookup).lower(
-      values, idx, w).as_text()
   backward = jax.jit(jax.grad(lambda t, w: jnp.sum(cpu_lookup.weighted_lookup(t, idx, w) * g),
                               argnums=(0, 1))).lower(values, w).as_text()
   assert cpu_lookup.GATHER_DOT in backward and cpu_lookup.SCATTER_SUM in backward
@@ -81,8 +79,11 @@ def test_ids_outside_the_table_are_padding():
   assert (np.asarray(idx) < 0).any() and (np.asarray(idx) >= 64).any()
   out = jax.jit(cpu_lookup.weighted_lookup)(values, idx, w)
   d_values, d_w = _grads(cpu_lookup.weighted_lookup, values, idx, w, g)
-  for got, brute in zip((out, d_values, d_w), _brute_force(values, idx, w, g)):
+  ref = (jax.jit(product_keys.weighted_lookup)(values, idx, w),
+         *_grads(product_keys.weighted_lookup, values, idx, w, g))
+  for got, want, brute in zip((out, d_values, d_w), ref, _brute_force(values, idx, w, g)):
     np.testing.assert_allclose(got, brute, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(want, brute, rtol=1e-5, atol=1e-5)  # the reference agrees
   assert not np.asarray(d_w)[(np.asarray(idx) < 0) | (np.asarray(idx) >= 64)].any()
 
 
@@ -97,25 +98,31 @@ def test_a_stopped_table_builds_no_table_gradient():
                              atol=1e-5)
 
 
+def _backward_text(values, idx, w, g) -> str:
+  return jax.jit(jax.grad(lambda t, w: jnp.sum(cpu_lookup.weighted_lookup(t, idx, w) * g),
+                          argnums=(0, 1))).lower(values, w).as_text()
+
+
 def test_other_dtypes_and_no_kernels_are_the_reference(monkeypatch):
   values, idx, w, g = _case((2, 8, 4, 4), 64, 16)
   bf16 = values.astype(jnp.bfloat16)
-  assert cpu_lookup.GATHER_SUM not in jax.jit(cpu_lookup.weighted_lookup).lower(
-      bf16, idx, w).as_text()
+  assert cpu_lookup.GATHER_DOT not in _backward_text(bf16, idx, w, g)
   np.testing.assert_allclose(jax.jit(cpu_lookup.weighted_lookup)(bf16, idx, w),
                              _brute_force(bf16.astype(jnp.float32), idx, w, g)[0], rtol=1e-5,
                              atol=1e-5)
+  assert cpu_lookup.GATHER_DOT in _backward_text(values, idx, w, g)
   monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-  assert cpu_lookup.GATHER_SUM not in jax.jit(cpu_lookup.weighted_lookup).lower(
-      values, idx, w).as_text()
+  assert cpu_lookup.GATHER_DOT not in _backward_text(values, idx, w, g)
 
 
 def test_a_one_device_memory_layer_runs_the_custom_calls():
   layer = ProductKeyMemory(32, MemoryConfig(n_keys=16, heads=2, k=4, k_dim=8, v_dim=32),
                            rngs=nnx.Rngs(0))
   x, mask = jnp.ones((2, 5, 32)), jnp.ones((2, 5))
-  text = jax.jit(lambda x, mask: layer(x, mask)[0]).lower(x, mask).as_text()
-  assert cpu_lookup.GATHER_SUM in text
+  graphdef, state = nnx.split(layer)
+  text = jax.jit(jax.grad(lambda state: jnp.sum(nnx.merge(graphdef, state)(x, mask)[0]))).lower(
+      state).as_text()
+  assert cpu_lookup.GATHER_DOT in text
 
 
 def test_vmap():

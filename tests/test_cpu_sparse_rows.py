@@ -150,3 +150,51 @@ def test_accelerator_exports_keep_pure_jax(platform):
     text = exported.mlir_module()
     assert not any(target in text for target in cpu_kernels.TARGETS)
     assert "scatter" in text  # the pure-JAX loop's
+
+
+def test_duplicate_row_ids_are_an_error_before_any_write():
+  """Two threads would step one row at once: a caller's duplicates are refused, nothing moves."""
+  table = jnp.arange(12, dtype=jnp.float32).reshape(6, 2)
+  assert cpu_sparse_rows.usable(table)  # built and registered
+  kwargs = dict(grad_scale=1.0, lr=0.1, bias1=0.1, bias2=0.001, b1=0.9, b2=0.999, eps=1e-8,
+                weight_decay=0.0)
+  step = jax.jit(lambda ids, g, t, m, n: cpu_sparse_rows.lazy_adam_step(ids, g, t, m, n,
+                                                                        **kwargs))
+  ok = step(jnp.asarray([1, 6, 6, 3]), jnp.ones((4, 2)), table, jnp.zeros_like(table),
+            jnp.zeros_like(table))  # padding (6 = N) may repeat
+  assert not np.array_equal(ok[0][1], table[1]) and np.array_equal(ok[0][0], table[0])
+  with pytest.raises(Exception, match="row id 3 appears more than once"):
+    jax.block_until_ready(step(jnp.asarray([3, 1, 3, 6]), jnp.ones((4, 2)), table,
+                               jnp.zeros_like(table), jnp.zeros_like(table)))
+
+
+def test_a_failed_allocation_is_an_error_not_an_abort():
+  """Under an address-space limit the row gradients' working buffers cannot be had: the call
+  raises RESOURCE_EXHAUSTED in Python; the process lives on (exit 0)."""
+  import subprocess
+  import sys
+  import textwrap
+
+  code = textwrap.dedent("""
+      import resource, jax, jax.numpy as jnp
+      from pkm_jax import cpu_sparse_rows
+      picks = 1 << 25  # 32M picks: 256 MB of ids and weights; ~500 MB of sort buffers inside
+      idx = (jnp.arange(picks, dtype=jnp.int32) % 1000).reshape(-1, 32)
+      w = jnp.ones(idx.shape, jnp.float32)
+      g = jnp.ones((idx.shape[0], 1), jnp.float32)
+      assert cpu_sparse_rows.usable(w)  # built and registered
+      f = jax.jit(lambda i, w, g: cpu_sparse_rows.row_gradients(i, w, g, num_rows=1000))
+      jax.block_until_ready(f(idx[:64], w[:64], g[:64]))  # compiled, and the kernel loaded
+      with open("/proc/self/status") as s:
+        vm = next(int(l.split()[1]) for l in s if l.startswith("VmSize:")) * 1024
+      resource.setrlimit(resource.RLIMIT_AS, (vm + (160 << 20), resource.RLIM_INFINITY))
+      try:
+        jax.block_until_ready(f(idx, w, g))
+        print("no error")
+      except Exception as e:
+        print("raised", "RESOURCE_EXHAUSTED" in str(e), "out of host memory" in str(e))
+      """)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ["raised", "True", "True"], proc.stdout + proc.stderr[-2000:]

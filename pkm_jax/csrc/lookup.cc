@@ -1,13 +1,14 @@
-// The memory layer's weighted lookup and its gradients as XLA FFI custom calls for CPUs.
+// The memory layer's weighted lookup's gradients as XLA FFI custom calls for CPUs.
 //
-// The same functions as `product_keys.weighted_lookup` and its backward (the pure-JAX code the
-// tests compare with). XLA runs that lookup as a loop over a token's picks, each step a gather
-// of every token's row, a multiply and an add into a [M, V] accumulator; its backward as the same
-// loop with a scatter-add of w * g per step into a zeroed [N, V] gradient. Each step is a few
-// small ops with a table-sized or token-sized array in and out. Here a token's rows are summed
-// (or dotted with its output gradient) in cache, each output written once, and the table's
-// gradient is built by a counting sort of the picks by row: each row summed once, pick-major
-// (the reference loop's order when it takes one pick a step), rows not picked written as zeros.
+// The same functions as `product_keys.weighted_lookup`'s backward (the pure-JAX code the tests
+// compare with). The forward had a kernel too (each token's rows summed in cache); at BERT-base
+// it was 1.06-1.08x of XLA's loop in two runs, within the noise, and was removed. XLA runs the
+// backward as a loop over a token's picks, each step a gather of every token's row, a dot with
+// its gradient, and a scatter-add of w * g into a zeroed [N, V] gradient: a few small ops with
+// a table-sized or token-sized array in and out. Here each picked row is dotted with its
+// token's gradient in cache, and the table's gradient is built by a counting sort of the picks
+// by row: each row summed once, pick-major (the reference loop's order when it takes one pick a
+// step), rows not picked written as zeros.
 
 #include <algorithm>
 #include <cstdint>
@@ -26,11 +27,8 @@ bool Valid(int32_t id, int64_t n) { return id >= 0 && id < n; }
 
 // Rows are read in the order of a token's picks: scattered over a table far larger than the
 // caches, each a DRAM (and TLB) miss. The row two picks ahead is requested while this one is
-// summed, into L2 only (locality 2): an L1 prefetch of a whole 3 KB row holds the few L1 miss
-// buffers the row being summed needs. At BERT-base on two cores (262,144 x 768 table, 128 picks)
-// this took the forward from 0.93-0.97x of XLA's gather loop to 1.06-1.08x (two runs each); L1
-// prefetches 2 or 4 ahead and L2 ones 1 or 4 ahead gave 0.94-1.17x in single runs, not repeated;
-// two ahead into L2 held its gain over two runs.
+// dotted, into L2 only (locality 2): an L1 prefetch of a whole 3 KB row holds the few L1 miss
+// buffers the row being read needs (measured on the removed forward kernel and d weights).
 constexpr int64_t kPrefetchPicks = 2;
 inline void PrefetchRow(const float* row, int64_t v) {
   for (int64_t e = 0; e < v; e += 16) __builtin_prefetch(row + e, /*rw=*/0, /*locality=*/2);
@@ -57,42 +55,9 @@ inline float Dot(const float* __restrict a, const float* __restrict b, int64_t v
   return sum;
 }
 
-// values [N, V], idx/w [M, P] (ids outside [0, N): padding) -> out [M, V]: sum over p of
-// w[m, p] * values[idx[m, p]], the picks added in order.
-ffi::Error GatherSumImpl(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx,
-                         ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out,
-                         ffi::ThreadPool pool) {
-  const auto t_dims = values.dimensions();
-  const auto id_dims = idx.dimensions();
-  const auto out_dims = out->dimensions();
-  if (t_dims.size() != 2 || id_dims.size() != 2 || out_dims.size() != 2 ||
-      w.element_count() != idx.element_count() || out_dims[0] != id_dims[0] ||
-      out_dims[1] != t_dims[1]) {
-    return ffi::Error::InvalidArgument("gather_sum: values [N, V], idx/w [M, P] -> out [M, V]");
-  }
-  const int64_t n = t_dims[0], v = t_dims[1], m = id_dims[0], p = id_dims[1];
-  const float* table = values.typed_data();
-  const int32_t* ids = idx.typed_data();
-  const float* weights = w.typed_data();
-  float* result = out->typed_data();
-  pkm_jax::ParallelFor(pool, (m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
-    for (int64_t t = c * kRowsPerChunk; t < std::min(m, (c + 1) * kRowsPerChunk); ++t) {
-      float* acc = result + t * v;
-      std::fill(acc, acc + v, 0.0f);
-      for (int64_t j = 0; j < p; ++j) {
-        const int64_t ahead = t * p + j + kPrefetchPicks;
-        if (ahead < m * p && Valid(ids[ahead], n)) PrefetchRow(table + int64_t{ids[ahead]} * v, v);
-        const int32_t id = ids[t * p + j];
-        if (Valid(id, n)) AddScaled(weights[t * p + j], table + int64_t{id} * v, acc, v);
-      }
-    }
-  });
-  return ffi::Error::Success();
-}
-
 // values [N, V], idx [M, P], g [M, V] -> g_w [M, P]: g[m] . values[idx[m, p]] (0 at padding),
 // the gradient of the lookup with respect to its weights.
-ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx,
+ffi::Error GatherDotImplBody(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx,
                          ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> g_w,
                          ffi::ThreadPool pool) {
   const auto t_dims = values.dimensions();
@@ -121,12 +86,20 @@ ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx
   return ffi::Error::Success();
 }
 
+ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx,
+                         ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> g_w,
+                         ffi::ThreadPool pool) {
+  return pkm_jax::Guarded("gather_dot", [&] {
+    return GatherDotImplBody(values, idx, g, g_w, pool);
+  });
+}
+
 // idx/w [M, P] (ids outside [0, N): padding), g [M, V] -> g_values [N, V]: row i is the sum
 // over the picks of row i of w * g[token] (zeros for rows not picked), the gradient of the
 // lookup with respect to the table. A counting sort by row (O(N + picks)) keeps the picks of a
 // row in pick-major order (pick j of every token, then pick j + 1), the order the reference's
 // loop adds them in when it takes one pick a step.
-ffi::Error ScatterSumImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
+ffi::Error ScatterSumImplBody(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
                           ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> g_values,
                           ffi::ThreadPool pool) {
   const auto id_dims = idx.dimensions();
@@ -170,15 +143,15 @@ ffi::Error ScatterSumImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
   return ffi::Error::Success();
 }
 
-}  // namespace
+ffi::Error ScatterSumImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
+                          ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> g_values,
+                          ffi::ThreadPool pool) {
+  return pkm_jax::Guarded("scatter_sum", [&] {
+    return ScatterSumImplBody(idx, w, g, g_values, pool);
+  });
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PkmGatherSumF32, GatherSumImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ctx<ffi::ThreadPool>());
+}  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PkmGatherDotF32, GatherDotImpl,
                               ffi::Ffi::Bind()

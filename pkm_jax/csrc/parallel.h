@@ -1,4 +1,5 @@
 // ParallelFor: the custom calls' one way of splitting work over XLA's intra-op thread pool.
+// Guarded: a handler's body with C++ exceptions turned into FFI errors.
 
 #ifndef PKM_JAX_CSRC_PARALLEL_H_
 #define PKM_JAX_CSRC_PARALLEL_H_
@@ -7,7 +8,10 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <exception>
 #include <memory>
+#include <new>
+#include <string>
 #include <thread>
 #include <utility>
 
@@ -45,6 +49,22 @@ inline void ParallelFor(xla::ffi::ThreadPool pool, int64_t chunks,
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->Run(); });
   job->Run();
   while (job->finished.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// Runs a handler's body: an exception must not cross the FFI's `extern "C"` boundary (it would
+// end the process), so a failed allocation (std::bad_alloc) becomes a RESOURCE_EXHAUSTED
+// error and anything else an INTERNAL one, which XLA raises in Python. Work inside ParallelFor
+// allocates nothing; the buffers are made before it.
+template <typename Body>
+xla::ffi::Error Guarded(const char* name, Body&& body) {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return xla::ffi::Error(xla::ffi::ErrorCode::kResourceExhausted,
+                           std::string(name) + ": out of host memory for its working buffers");
+  } catch (const std::exception& e) {
+    return xla::ffi::Error(xla::ffi::ErrorCode::kInternal, std::string(name) + ": " + e.what());
+  }
 }
 
 }  // namespace pkm_jax

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -56,7 +57,7 @@ inline void AddScaled(float weight, const float* __restrict token, float* __rest
 // idx [M, P] (ids outside [0, num_rows): padding), w [M, P], g [M, V] -> row_ids [R] (the
 // picked ids, ascending, then num_rows), row_grads [R, V] (sum over the picks of a row of
 // w * g[token]; zeros at padding), row_sq [R] (each row gradient's squared norm).
-ffi::Error RowGradientsImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
+ffi::Error RowGradientsImplBody(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
                             ffi::Buffer<ffi::F32> g, int64_t num_rows,
                             ffi::ResultBuffer<ffi::S32> row_ids,
                             ffi::ResultBuffer<ffi::F32> row_grads,
@@ -123,6 +124,16 @@ ffi::Error RowGradientsImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
   return ffi::Error::Success();
 }
 
+ffi::Error RowGradientsImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
+                            ffi::Buffer<ffi::F32> g, int64_t num_rows,
+                            ffi::ResultBuffer<ffi::S32> row_ids,
+                            ffi::ResultBuffer<ffi::F32> row_grads,
+                            ffi::ResultBuffer<ffi::F32> row_sq, ffi::ThreadPool pool) {
+  return pkm_jax::Guarded("row_gradients", [&] {
+    return RowGradientsImplBody(idx, w, g, num_rows, row_ids, row_grads, row_sq, pool);
+  });
+}
+
 struct AdamConstants {
   float scale, lr, bc1, bc2, b1, one_minus_b1, b2, one_minus_b2, eps, weight_decay;
 };
@@ -144,10 +155,11 @@ void AdamRow(const float* __restrict grad_row, float* __restrict t, float* __res
   }
 }
 
-// One lazy Adam(W) step of the rows row_ids (unique; ids outside [0, N): padding, skipped) of
+// One lazy Adam(W) step of the rows row_ids (unique, else an INVALID_ARGUMENT error before any
+// write: two threads would step one row at once; ids outside [0, N): padding, skipped) of
 // table/mu/nu [N, V], in place (the results alias those arguments). scalars: [grad_scale, lr,
 // 1 - b1^count, 1 - b2^count]. The same expressions, in the same order, as sparse_adam's.
-ffi::Error LazyAdamImpl(ffi::Buffer<ffi::S32> row_ids, ffi::Buffer<ffi::F32> row_grads,
+ffi::Error LazyAdamImplBody(ffi::Buffer<ffi::S32> row_ids, ffi::Buffer<ffi::F32> row_grads,
                         ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> table_in,
                         ffi::Buffer<ffi::F32> mu_in, ffi::Buffer<ffi::F32> nu_in, float b1,
                         float one_minus_b1, float b2, float one_minus_b2, float eps,
@@ -162,6 +174,21 @@ ffi::Error LazyAdamImpl(ffi::Buffer<ffi::S32> row_ids, ffi::Buffer<ffi::F32> row
       nu->element_count() != table->element_count()) {
     return ffi::Error::InvalidArgument(
         "lazy_adam: row_ids [R], row_grads [R, V], scalars [4], table/mu/nu [N, V]");
+  }
+  {
+    const int64_t n = t_dims[0], r = g_dims[0];
+    const int32_t* ids = row_ids.typed_data();
+    std::vector<uint64_t> seen((n + 63) / 64, 0);  // n bits: ~32 KB for 262,144 rows
+    for (int64_t u = 0; u < r; ++u) {
+      const int32_t id = ids[u];
+      if (id < 0 || id >= n) continue;
+      const uint64_t bit = uint64_t{1} << (id % 64);
+      if (seen[id / 64] & bit) {
+        return ffi::Error::InvalidArgument("lazy_adam: row id " + std::to_string(id) +
+                                           " appears more than once; row ids must be unique");
+      }
+      seen[id / 64] |= bit;
+    }
   }
   // The results alias table/mu/nu (input_output_aliases), so XLA hands over the same buffers;
   // should it ever not, the rows not picked must still come through: copy them first.
@@ -198,6 +225,19 @@ ffi::Error LazyAdamImpl(ffi::Buffer<ffi::S32> row_ids, ffi::Buffer<ffi::F32> row
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error LazyAdamImpl(ffi::Buffer<ffi::S32> row_ids, ffi::Buffer<ffi::F32> row_grads,
+                        ffi::Buffer<ffi::F32> scalars, ffi::Buffer<ffi::F32> table_in,
+                        ffi::Buffer<ffi::F32> mu_in, ffi::Buffer<ffi::F32> nu_in, float b1,
+                        float one_minus_b1, float b2, float one_minus_b2, float eps,
+                        float weight_decay, ffi::ResultBuffer<ffi::F32> table,
+                        ffi::ResultBuffer<ffi::F32> mu, ffi::ResultBuffer<ffi::F32> nu,
+                        ffi::ThreadPool pool) {
+  return pkm_jax::Guarded("lazy_adam", [&] {
+    return LazyAdamImplBody(row_ids, row_grads, scalars, table_in, mu_in, nu_in, b1,
+            one_minus_b1, b2, one_minus_b2, eps, weight_decay, table, mu, nu, pool);
+  });
 }
 
 }  // namespace

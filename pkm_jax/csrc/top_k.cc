@@ -71,7 +71,7 @@ void TopKRow(const float* row, int64_t n, int64_t k, int32_t* keys, int32_t* ids
 
 // x [..., n] -> the indices [..., k] of each row's best k, best first (the caller gathers the
 // values: the same bits, and differentiable).
-ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> indices,
+ffi::Error TopKImplBody(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> indices,
                     ffi::ThreadPool pool) {
   const auto dims = x.dimensions();
   const auto out_dims = indices->dimensions();
@@ -95,6 +95,13 @@ ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> indices
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> indices,
+                    ffi::ThreadPool pool) {
+  return pkm_jax::Guarded("top_k", [&] {
+    return TopKImplBody(x, indices, pool);
+  });
 }
 
 }  // namespace
