@@ -95,9 +95,9 @@ def _quiet_orbax(record) -> bool:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """absl's app.run, but bad flags and user errors end with one line and exit status 1; first,
-  the command re-executes itself with huge pages for XLA's host buffers if that helps
-  (`host_memory`: up to 1.2x faster steps on CPU)."""
+  """absl's app.run, but bad flags and user errors end with one line and exit status 1 (Ctrl-C:
+  one line, 130); first, with PKM_JAX_HUGE_PAGES=1, the command re-executes itself with huge
+  pages for XLA's host buffers if that helps (`host_memory`: up to 1.2x faster steps on CPU)."""
   host_memory.reexec_with_huge_pages()
 
   def guarded(argv):

@@ -1,5 +1,7 @@
-"""Transparent huge pages for XLA's host buffers: the command re-executes itself with glibc's
-`glibc.malloc.hugetlb=1` tunable when the kernel gives huge pages only to those who ask.
+"""Transparent huge pages for XLA's host buffers, on request: with PKM_JAX_HUGE_PAGES=1 a
+command re-executes itself with glibc's `glibc.malloc.hugetlb=1` tunable when the kernel gives
+huge pages only to those who ask. Off by default: a command never re-executes or reconfigures
+the user's process unasked, and the gain was measured on CPUs only.
 
 XLA's CPU runtime allocates a step's large buffers afresh at every call and frees them after:
 glibc serves each one with a new mmap, and the step then faults its pages in one 4 KiB page at
@@ -11,10 +13,14 @@ faults, the same 300 steps in 111 s instead of 133 s, bit-identical results.
 glibc reads tunables once, when a process starts, so setting the variable from Python is too
 late for this process: `reexec_with_huge_pages` replaces the process by the same command with
 it set (same pid, arguments, open files) before any work is done; child processes inherit it.
-Nothing happens when the kernel already gives huge pages to everyone ('always'), to no one
-('never'), on other C libraries or systems, with PKM_JAX_HUGE_PAGES=0, inside IPython / Jupyter
-(`%run train.py` must not replace the kernel), for a script read from stdin, or a second time
-(a marker is set: glibc drops the tunable for privileged binaries, which must not loop).
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py` does the same without the re-execution.
+No in-process setting gives the same: the large buffers come from mmap in XLA's threads' malloc
+arenas (whatever mallopt's M_MMAP_MAX says); one arena (M_ARENA_MAX=1) and no trimming cut the
+faults 8x but made the steps slower than the faults did. Nothing happens unless
+PKM_JAX_HUGE_PAGES=1, nor when the kernel already gives huge pages to everyone ('always'), to no
+one ('never'), on other C libraries or systems, inside IPython / Jupyter (`%run train.py` must
+not replace the kernel), for a script read from stdin, or a second time (a marker is set: glibc
+drops the tunable for privileged binaries, which must not loop).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import sys
 
 ENV = "GLIBC_TUNABLES"
 TUNABLE = "glibc.malloc.hugetlb=1"
-OPT_OUT = "PKM_JAX_HUGE_PAGES"  # '0': leave malloc as it is
+OPT_IN = "PKM_JAX_HUGE_PAGES"  # '1': re-execute with the tunable where it helps
 DONE = "PKM_JAX_HUGE_PAGES_DONE"  # set in the re-executed process: never twice
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
@@ -42,10 +48,10 @@ def thp_mode(path: str = THP_MODE_FILE) -> str:
 
 
 def wants_tunable(env: dict[str, str], libc: tuple[str, str], mode: str) -> bool:
-  """Whether a process with this environment, C library (name, version) and THP mode would
-  gain from the tunable and does not have it yet."""
+  """Whether a process with this environment (PKM_JAX_HUGE_PAGES=1 asks), C library (name,
+  version) and THP mode would gain from the tunable and does not have it yet."""
   name, version = libc
-  if (env.get(OPT_OUT) == "0" or DONE in env or mode != "madvise"
+  if (env.get(OPT_IN) != "1" or DONE in env or mode != "madvise"
       or "glibc.malloc.hugetlb=" in env.get(ENV, "")):  # set already, maybe to another value
     return False
   try:

@@ -16,6 +16,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from pkm_jax import host_memory  # noqa: E402
 
 # Processes the tests start (the commands they run, xdist's workers) begin with huge pages for
-# XLA's host buffers, as users' commands re-execute themselves to (pkm_jax/host_memory.py:
-# fewer page faults, the same results); this process cannot, glibc reads it at start-up.
-os.environ.update(host_memory.huge_pages_env() or {})
+# XLA's host buffers, as a user's commands do with PKM_JAX_HUGE_PAGES=1 (pkm_jax/host_memory.py:
+# fewer page faults, the same results: a faster suite); this process cannot, glibc reads it at
+# start-up. Only the tunable is passed on: the commands are not asked to re-execute.
+_huge = host_memory.huge_pages_env({**os.environ, host_memory.OPT_IN: "1"})
+if _huge is not None:
+  os.environ[host_memory.ENV] = _huge[host_memory.ENV]
