@@ -247,21 +247,10 @@ def restore_items(manager: Manager, step: int, targets: dict[str, Any], *,
     raise ValueError(f"{what} could not be restored (corrupt or from another model{unchecked})"
                      f": {orbax_cause(e)}; {advice}") from e
   if not verified:
-    warn_unverified(step_dir)
+    checksums.warn_unverified(step_dir)
   for name, tree in targets.items():
     restored.setdefault(name, tree)
   return restored
-
-
-_warned_unverified: set[str] = set()
-
-
-def warn_unverified(folder: str) -> None:
-  """Once per folder and process: a folder without checksums was read unchecked."""
-  if folder not in _warned_unverified:
-    _warned_unverified.add(folder)
-    print(f"warning: {folder} has no {checksums.MANIFEST} (written before pkm-jax kept "
-          "checksums, or cut off before it was written): read without a check", file=sys.stderr)
 
 
 def restore_state(manager: Manager, step: int, abstract: TrainState) -> tuple[TrainState, dict]:

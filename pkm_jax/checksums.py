@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
+import sys
 from typing import Callable, Iterable
 
 MANIFEST = "checksums.sha256"
@@ -147,3 +148,15 @@ def verify_file(folder: str, rel: str, digests: dict[str, str]) -> None:
   if file_sha256(path) != digests[rel]:
     raise ChecksumError(f"{path} does not match its checksum (changed, truncated or damaged)",
                         rel)
+
+
+_warned: set[str] = set()
+
+
+def warn_unverified(folder: str, what: str = "written") -> None:
+  """One stderr line, once per folder and process: `folder` had no manifest and was read
+  unchecked (`what`: how it was made, e.g. 'prepared')."""
+  if folder not in _warned:
+    _warned.add(folder)
+    print(f"warning: {folder} has no {MANIFEST} ({what} before pkm-jax kept checksums, or cut "
+          "off before it was written): read without a check", file=sys.stderr)

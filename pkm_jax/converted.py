@@ -126,7 +126,7 @@ def read_checkpoint(path: str) -> tuple[ModelConfig, dict, Any]:
                      f"{'' if verified else '; it has no checksums'}): "
                      f"{ckpt_lib.orbax_cause(e)}; convert it again") from e
   if not verified:
-    ckpt_lib.warn_unverified(os.path.abspath(path))
+    checksums.warn_unverified(os.path.abspath(path), "converted")
   info_path = os.path.join(path, "conversion.json")
   info = ckpt_lib.read_json(info_path, what) if os.path.isfile(info_path) else {}
   for note in info.get("report", {}).get("notes", []):

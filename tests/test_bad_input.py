@@ -24,6 +24,7 @@ from configs import glue as glue_config
 from pkm_jax import config as config_lib
 from pkm_jax.config import ConfigError
 from pkm_jax.tasks import task_config
+from test_checksums import flip_bit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.train.steps=4", "--config.train.log_every=2", "--config.train.eval_every=2",
@@ -173,14 +174,6 @@ def _random_second_half(file: str) -> None:
     f.write(os.urandom(size - size // 2))
 
 
-def _flip_bit(file: str, bit: int) -> None:
-  with open(file, "r+b") as f:
-    f.seek(bit // 8)
-    byte = f.read(1)[0]
-    f.seek(bit // 8)
-    f.write(bytes([byte ^ (1 << (bit % 8))]))
-
-
 def test_corrupt_checkpoint_is_one_line_everywhere(workdir):
   path, _ = workdir
   bad = _largest_params_file(path, 4)
@@ -231,12 +224,12 @@ def test_one_flipped_bit_in_any_checkpoint_file_is_refused(workdir):
   for i, rel in enumerate(rels):
     file = os.path.join(step_dir, rel)
     bit = (8 * os.path.getsize(file) * (2 * i + 1)) // (2 * len(rels))  # spread over files
-    _flip_bit(file, bit)
+    flip_bit(file, bit)
     with pytest.raises(ValueError, match="checkpoint step 4 is corrupt") as e:
       ckpt_lib.verify_files(step_dir, "checkpoint step 4", "")
     assert rel in str(e.value)
-    _flip_bit(file, bit)
-  _flip_bit(_largest_params_file(path, 4), 8 * os.path.getsize(_largest_params_file(path, 4)) // 2)
+    flip_bit(file, bit)
+  flip_bit(_largest_params_file(path, 4), 8 * os.path.getsize(_largest_params_file(path, 4)) // 2)
   assert_one_line_error(run("eval.py", f"--workdir={path}"), "checkpoint step 4",
                         "does not match its checksum")
 

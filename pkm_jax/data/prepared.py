@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import threading
 from typing import Any
 
@@ -141,19 +140,9 @@ def read_metadata(folder: str, what: str = "data.path") -> dict[str, Any]:
 def _verify(folder: str, include) -> None:
   try:
     if not checksums.verify(folder, include):
-      _warn_unverified(folder)
+      checksums.warn_unverified(folder, "prepared")
   except checksums.ChecksumError as e:
     raise ValueError(f"prepared folder {folder} is corrupt: {e}; prepare it again") from e
-
-
-_warned: set[str] = set()
-
-
-def _warn_unverified(folder: str) -> None:
-  if folder not in _warned:
-    _warned.add(folder)
-    print(f"warning: {folder} has no {checksums.MANIFEST} (prepared before pkm-jax kept "
-          "checksums): read without a check", file=sys.stderr)
 
 
 class PreparedRows:
