@@ -57,40 +57,37 @@ inline float Dot(const float* __restrict a, const float* __restrict b, int64_t v
 
 // values [N, V], idx [M, P], g [M, V] -> g_w [M, P]: g[m] . values[idx[m, p]] (0 at padding),
 // the gradient of the lookup with respect to its weights.
-ffi::Error GatherDotImplBody(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx,
-                         ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> g_w,
-                         ffi::ThreadPool pool) {
-  const auto t_dims = values.dimensions();
-  const auto id_dims = idx.dimensions();
-  const auto g_dims = g.dimensions();
-  if (t_dims.size() != 2 || id_dims.size() != 2 || g_dims.size() != 2 ||
-      g_dims[0] != id_dims[0] || g_dims[1] != t_dims[1] ||
-      g_w->element_count() != idx.element_count()) {
-    return ffi::Error::InvalidArgument("gather_dot: values [N, V], idx [M, P], g [M, V] -> [M, P]");
-  }
-  const int64_t n = t_dims[0], v = t_dims[1], m = id_dims[0], p = id_dims[1];
-  const float* table = values.typed_data();
-  const int32_t* ids = idx.typed_data();
-  const float* grads = g.typed_data();
-  float* result = g_w->typed_data();
-  pkm_jax::ParallelFor(pool, (m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
-    for (int64_t t = c * kRowsPerChunk; t < std::min(m, (c + 1) * kRowsPerChunk); ++t) {
-      for (int64_t j = 0; j < p; ++j) {
-        const int64_t ahead = t * p + j + kPrefetchPicks;
-        if (ahead < m * p && Valid(ids[ahead], n)) PrefetchRow(table + int64_t{ids[ahead]} * v, v);
-        const int32_t id = ids[t * p + j];
-        result[t * p + j] = Valid(id, n) ? Dot(grads + t * v, table + int64_t{id} * v, v) : 0.0f;
-      }
-    }
-  });
-  return ffi::Error::Success();
-}
-
 ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx,
                          ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> g_w,
                          ffi::ThreadPool pool) {
-  return pkm_jax::Guarded("gather_dot", [&] {
-    return GatherDotImplBody(values, idx, g, g_w, pool);
+  return pkm_jax::Guarded("gather_dot", [&]() -> ffi::Error {
+    const auto t_dims = values.dimensions();
+    const auto id_dims = idx.dimensions();
+    const auto g_dims = g.dimensions();
+    if (t_dims.size() != 2 || id_dims.size() != 2 || g_dims.size() != 2 ||
+        g_dims[0] != id_dims[0] || g_dims[1] != t_dims[1] ||
+        g_w->element_count() != idx.element_count()) {
+      return ffi::Error::InvalidArgument(
+          "gather_dot: values [N, V], idx [M, P], g [M, V] -> [M, P]");
+    }
+    const int64_t n = t_dims[0], v = t_dims[1], m = id_dims[0], p = id_dims[1];
+    const float* table = values.typed_data();
+    const int32_t* ids = idx.typed_data();
+    const float* grads = g.typed_data();
+    float* result = g_w->typed_data();
+    pkm_jax::ParallelFor(pool, (m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
+      for (int64_t t = c * kRowsPerChunk; t < std::min(m, (c + 1) * kRowsPerChunk); ++t) {
+        for (int64_t j = 0; j < p; ++j) {
+          const int64_t ahead = t * p + j + kPrefetchPicks;
+          if (ahead < m * p && Valid(ids[ahead], n)) {
+            PrefetchRow(table + int64_t{ids[ahead]} * v, v);
+          }
+          const int32_t id = ids[t * p + j];
+          result[t * p + j] = Valid(id, n) ? Dot(grads + t * v, table + int64_t{id} * v, v) : 0.0f;
+        }
+      }
+    });
+    return ffi::Error::Success();
   });
 }
 
@@ -99,55 +96,49 @@ ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx
 // lookup with respect to the table. A counting sort by row (O(N + picks)) keeps the picks of a
 // row in pick-major order (pick j of every token, then pick j + 1), the order the reference's
 // loop adds them in when it takes one pick a step.
-ffi::Error ScatterSumImplBody(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
-                          ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> g_values,
-                          ffi::ThreadPool pool) {
-  const auto id_dims = idx.dimensions();
-  const auto g_dims = g.dimensions();
-  const auto out_dims = g_values->dimensions();
-  if (id_dims.size() != 2 || g_dims.size() != 2 || out_dims.size() != 2 ||
-      w.element_count() != idx.element_count() || g_dims[0] != id_dims[0] ||
-      out_dims[1] != g_dims[1] || out_dims[0] >= int64_t{1} << 31 ||
-      idx.element_count() > int64_t{UINT32_MAX}) {
-    return ffi::Error::InvalidArgument("scatter_sum: idx/w [M, P], g [M, V] -> [N, V]");
-  }
-  const int64_t m = id_dims[0], p = id_dims[1], v = g_dims[1], n = out_dims[0];
-  const int32_t* ids = idx.typed_data();
-  std::vector<uint32_t> start(n + 1, 0);  // start[i]: row i's first pick in `sorted`
-  for (int64_t i = 0; i < m * p; ++i) {
-    if (Valid(ids[i], n)) ++start[ids[i] + 1];
-  }
-  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
-  std::vector<uint32_t> sorted(start[n]);
-  {
-    std::vector<uint32_t> next(start.begin(), start.end() - 1);
-    for (int64_t j = 0; j < p; ++j) {
-      for (int64_t t = 0; t < m; ++t) {
-        const int32_t id = ids[t * p + j];
-        if (Valid(id, n)) sorted[next[id]++] = static_cast<uint32_t>(t * p + j);
-      }
-    }
-  }
-  const float* weights = w.typed_data();
-  const float* grads = g.typed_data();
-  float* result = g_values->typed_data();
-  pkm_jax::ParallelFor(pool, (n + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
-    for (int64_t i = c * kRowsPerChunk; i < std::min(n, (c + 1) * kRowsPerChunk); ++i) {
-      float* row = result + i * v;
-      std::fill(row, row + v, 0.0f);
-      for (uint32_t s = start[i]; s < start[i + 1]; ++s) {
-        AddScaled(weights[sorted[s]], grads + (sorted[s] / p) * v, row, v);
-      }
-    }
-  });
-  return ffi::Error::Success();
-}
-
 ffi::Error ScatterSumImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
                           ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> g_values,
                           ffi::ThreadPool pool) {
-  return pkm_jax::Guarded("scatter_sum", [&] {
-    return ScatterSumImplBody(idx, w, g, g_values, pool);
+  return pkm_jax::Guarded("scatter_sum", [&]() -> ffi::Error {
+    const auto id_dims = idx.dimensions();
+    const auto g_dims = g.dimensions();
+    const auto out_dims = g_values->dimensions();
+    if (id_dims.size() != 2 || g_dims.size() != 2 || out_dims.size() != 2 ||
+        w.element_count() != idx.element_count() || g_dims[0] != id_dims[0] ||
+        out_dims[1] != g_dims[1] || out_dims[0] >= int64_t{1} << 31 ||
+        idx.element_count() > int64_t{UINT32_MAX}) {
+      return ffi::Error::InvalidArgument("scatter_sum: idx/w [M, P], g [M, V] -> [N, V]");
+    }
+    const int64_t m = id_dims[0], p = id_dims[1], v = g_dims[1], n = out_dims[0];
+    const int32_t* ids = idx.typed_data();
+    std::vector<uint32_t> start(n + 1, 0);  // start[i]: row i's first pick in `sorted`
+    for (int64_t i = 0; i < m * p; ++i) {
+      if (Valid(ids[i], n)) ++start[ids[i] + 1];
+    }
+    for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
+    std::vector<uint32_t> sorted(start[n]);
+    {
+      std::vector<uint32_t> next(start.begin(), start.end() - 1);
+      for (int64_t j = 0; j < p; ++j) {
+        for (int64_t t = 0; t < m; ++t) {
+          const int32_t id = ids[t * p + j];
+          if (Valid(id, n)) sorted[next[id]++] = static_cast<uint32_t>(t * p + j);
+        }
+      }
+    }
+    const float* weights = w.typed_data();
+    const float* grads = g.typed_data();
+    float* result = g_values->typed_data();
+    pkm_jax::ParallelFor(pool, (n + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
+      for (int64_t i = c * kRowsPerChunk; i < std::min(n, (c + 1) * kRowsPerChunk); ++i) {
+        float* row = result + i * v;
+        std::fill(row, row + v, 0.0f);
+        for (uint32_t s = start[i]; s < start[i + 1]; ++s) {
+          AddScaled(weights[sorted[s]], grads + (sorted[s] / p) * v, row, v);
+        }
+      }
+    });
+    return ffi::Error::Success();
   });
 }
 

@@ -71,36 +71,31 @@ void TopKRow(const float* row, int64_t n, int64_t k, int32_t* keys, int32_t* ids
 
 // x [..., n] -> the indices [..., k] of each row's best k, best first (the caller gathers the
 // values: the same bits, and differentiable).
-ffi::Error TopKImplBody(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> indices,
-                    ffi::ThreadPool pool) {
-  const auto dims = x.dimensions();
-  const auto out_dims = indices->dimensions();
-  if (dims.size() == 0 || out_dims.size() != dims.size() ||
-      !std::equal(dims.begin(), dims.end() - 1, out_dims.begin())) {
-    return ffi::Error::InvalidArgument("top_k: x [..., n] and indices [..., k]");
-  }
-  const int64_t n = dims.back(), k = out_dims.back();
-  if (k < 1 || k > n || k > kMaxK) {
-    return ffi::Error::InvalidArgument("top_k needs 1 <= k <= min(n, 1024)");
-  }
-  const float* in = x.typed_data();
-  int32_t* out_ids = indices->typed_data();
-  const int64_t rows = static_cast<int64_t>(x.element_count()) / n;
-  // ~64K scores per chunk: large enough that claiming one costs nothing next to it.
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / n);
-  pkm_jax::ParallelFor(pool, (rows + chunk - 1) / chunk, [&](int64_t c) {
-    int32_t keys[kMaxK];
-    for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); ++r) {
-      TopKRow(in + r * n, n, k, keys, out_ids + r * k);
-    }
-  });
-  return ffi::Error::Success();
-}
-
 ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::S32> indices,
                     ffi::ThreadPool pool) {
-  return pkm_jax::Guarded("top_k", [&] {
-    return TopKImplBody(x, indices, pool);
+  return pkm_jax::Guarded("top_k", [&]() -> ffi::Error {
+    const auto dims = x.dimensions();
+    const auto out_dims = indices->dimensions();
+    if (dims.size() == 0 || out_dims.size() != dims.size() ||
+        !std::equal(dims.begin(), dims.end() - 1, out_dims.begin())) {
+      return ffi::Error::InvalidArgument("top_k: x [..., n] and indices [..., k]");
+    }
+    const int64_t n = dims.back(), k = out_dims.back();
+    if (k < 1 || k > n || k > kMaxK) {
+      return ffi::Error::InvalidArgument("top_k needs 1 <= k <= min(n, 1024)");
+    }
+    const float* in = x.typed_data();
+    int32_t* out_ids = indices->typed_data();
+    const int64_t rows = static_cast<int64_t>(x.element_count()) / n;
+    // ~64K scores per chunk: large enough that claiming one costs nothing next to it.
+    const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 16) / n);
+    pkm_jax::ParallelFor(pool, (rows + chunk - 1) / chunk, [&](int64_t c) {
+      int32_t keys[kMaxK];
+      for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); ++r) {
+        TopKRow(in + r * n, n, k, keys, out_ids + r * k);
+      }
+    });
+    return ffi::Error::Success();
   });
 }
 
