@@ -101,3 +101,22 @@ def test_accelerator_failed_run_is_recorded_and_the_next_runs(tmp_path, monkeypa
                                "error": "RuntimeError: Mosaic: unsupported DMA"}]
   assert [r["name"] for r in report["runs"]] == ["second"]
   assert report["runs"][0]["results"][0]["argv"][0] == "--b"
+
+
+def test_default_run_benchmark_one_tiny_pair(tmp_path):
+  """benchmarks/default_run.py against this same checkout: a pair timed, the table and JSON."""
+  out = tmp_path / "default_run.json"
+  tiny = ("--config.train.log_every=1 --config.train.eval_every=2 --config.train.eval_batches=1 "
+          "--config.data.batch_size=8 --config.data.max_len=32 --config.data.vocab_size=300 "
+          "--config.data.generated.num_entities=40 --config.data.generated.num_docs=200 "
+          "--config.memory.n_keys=8 --config.memory.k=4 --config.memory.k_dim=16")
+  proc = subprocess.run([sys.executable, "benchmarks/default_run.py", f"--baseline={REPO}",
+                         "--pairs=1", "--steps=2", f"--train_args={tiny}", "--env=A_ONLY=1",
+                         f"--out={out}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| pair | A s | B s | B/A |" in proc.stdout and "over 1 pairs" in proc.stdout
+  result = json.loads(out.read_text())
+  (pair,) = result["pairs"]
+  assert pair["a_s"] > 0 and pair["b_s"] > 0
+  assert math.isclose(pair["speedup"], pair["b_s"] / pair["a_s"])
+  assert result["a_env"] == ["A_ONLY=1"] and result["steps"] == 2
