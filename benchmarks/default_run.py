@@ -4,7 +4,7 @@
       [--steps 300] [--env PKM_JAX_HUGE_PAGES=1] [--train_args '...'] [--out FILE.json]
 
 Runs `python train.py --workdir <fresh> [--config.train.steps=N]` in this checkout (A) and in
-the baseline's (B) in turn, A B A B ..., each a whole process from start to exit (start-up,
+the baseline's (B) in turn, A B, B A, A B ..., each a whole process from start to exit (start-up,
 data generation, compilation, steps, checkpoints and evaluations included), so a drift of the
 machine's speed during the call moves both sides of a pair alike. Prints each pair and the
 ratio B/A (A's speed-up over B: above 1, A is faster), their median, min and max, and saves the
@@ -62,8 +62,14 @@ def main() -> None:
         f"steps: {args.steps or 'the config default'}\n\n| pair | A s | B s | B/A |\n|---|---|---|---|",
         flush=True)
   for pair in range(1, args.pairs + 1):
-    a = run_once(HERE, args.steps, a_env, extra)
-    b = run_once(os.path.abspath(args.baseline), args.steps, base_env, extra)
+    # Which side goes first alternates, so an order effect (caches, the VM warming) lands on
+    # both sides alike.
+    if pair % 2:
+      a = run_once(HERE, args.steps, a_env, extra)
+      b = run_once(os.path.abspath(args.baseline), args.steps, base_env, extra)
+    else:
+      b = run_once(os.path.abspath(args.baseline), args.steps, base_env, extra)
+      a = run_once(HERE, args.steps, a_env, extra)
     rows.append({"pair": pair, "a_s": a, "b_s": b, "speedup": b / a})
     print(f"| {pair} | {a:.1f} | {b:.1f} | {b / a:.3f} |", flush=True)
   result = {"a": HERE, "a_env": args.env, "b": os.path.abspath(args.baseline),

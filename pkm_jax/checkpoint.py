@@ -11,8 +11,9 @@ Orbax writes each step into a temporary folder and renames it when complete, so 
 during a save leaves the previous step as the latest restorable one. The checksums are written
 into that temporary folder before the rename: a step appears with its manifest or not at all.
 Before a restore, the files of the items restored are hashed and compared, so a damaged file
-is refused in one line before orbax reads any file (orbax keeps no checksums, and a read that
-fails inside it leaves its sibling reads running past the failure).
+is refused in one line before orbax reads any array (orbax keeps no checksums, and a read that
+fails inside it leaves its sibling reads running past the failure; it does read each step's
+small `_CHECKPOINT_METADATA` when a manager is made).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pkm_jax.steps import TrainState
 # TrainState fields saved as orbax items (empty ones are skipped), plus the data iterator's state.
 STATE_ITEMS = ("params", "model_state", "opt_state", "sparse_opt_state", "frozen")
 ITEMS = (*STATE_ITEMS, "data")
-_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's temporary step folders: <step><suffix>-<time>
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's temporary step folder: <step><suffix>
 
 
 @contextlib.contextmanager
@@ -70,8 +71,8 @@ def sigint_deferred():
     yield
   finally:
     signal.signal(signal.SIGINT, previous)
-  if held:
-    raise KeyboardInterrupt
+  if held:  # delivered now, to the handler that was there (Python's raises KeyboardInterrupt)
+    previous(signal.SIGINT, None)
 
 
 # orbax rewrites its step metadata (a commit time) and adds a marker when it renames the step:
@@ -88,7 +89,7 @@ class _StepChecksums:
     self.step: int | None = None
 
   def __call__(self) -> None:
-    tmps = glob.glob(os.path.join(self.directory, f"{self.step}{_TMP_SUFFIX}*"))
+    tmps = glob.glob(os.path.join(glob.escape(self.directory), f"{self.step}{_TMP_SUFFIX}*"))
     if self.step is None or len(tmps) != 1:
       raise RuntimeError(f"cannot find the temporary folder of checkpoint step {self.step} in "
                          f"{self.directory} to write its checksums (found {tmps})")
@@ -109,6 +110,19 @@ class Manager(ocp.CheckpointManager):
         async_options=ocp.AsyncOptions(post_finalization_callback=self._checksums))
     super().__init__(directory, options=options, item_names=ITEMS)
     self._incomplete: int | None = None  # the step whose manifest lacks _COMMIT_FILES
+    if not read_only and jax.process_index() == 0:
+      self._complete_cut_off_manifests()
+
+  def _complete_cut_off_manifests(self) -> None:
+    """A run stopped between a save and its end (preemption, SIGKILL) left its last step's
+    manifest without orbax's commit files: add them (a manifest's text, then those files)."""
+    for step in self.all_steps():
+      folder = os.path.join(str(self.directory), str(step))
+      listed = checksums.read(folder) if os.path.isfile(
+          os.path.join(folder, checksums.MANIFEST)) else None
+      if listed is not None and any(os.path.isfile(os.path.join(folder, f)) and f not in listed
+                                    for f in _COMMIT_FILES):
+        checksums.complete(folder)
 
   def save(self, step: int, *args, **kwargs) -> bool:
     # One save in flight at a time, so that the callback knows which step it finalises.

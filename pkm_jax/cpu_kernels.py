@@ -125,6 +125,7 @@ def build() -> Path:
   try:
     subprocess.run(compile_command(Path(tmp)), check=True, capture_output=True, text=True,
                    timeout=_COMPILE_TIMEOUT_S)
+    os.chmod(tmp, 0o755)  # the linker's mode follows the umask (0775 under umask 002)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

@@ -46,9 +46,15 @@ inline void ParallelFor(xla::ffi::ThreadPool pool, int64_t chunks,
   job->work = std::move(work);
   job->chunks = chunks;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->Run(); });
+  std::exception_ptr failed;
+  try {
+    for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->Run(); });
+  } catch (...) {  // helpers already queued may still run `work`: finish every chunk first
+    failed = std::current_exception();
+  }
   job->Run();
   while (job->finished.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  if (failed) std::rethrow_exception(failed);
 }
 
 // Runs a handler's body: an exception must not cross the FFI's `extern "C"` boundary (it would
