@@ -202,7 +202,7 @@ def ignore_closed_event_loop() -> None:
   those, and only those. A failed restore can also leave its sibling reads' errors unretrieved,
   which asyncio logs when it collects them, sometimes (a race with the failure we report):
   those records are dropped too. Since checkpoints carry checksums a damaged file is refused
-  before orbax reads any file, so a failed read (and that race) is left to checkpoints written
+  before orbax reads any array, so a failed read (and that race) is left to checkpoints written
   without them."""
   if not isinstance(sys.unraisablehook, _IgnoreClosedEventLoop):
     sys.unraisablehook = _IgnoreClosedEventLoop(sys.unraisablehook)
