@@ -65,13 +65,17 @@ def frozen_filter(freeze_memory: bool) -> nnx.filterlib.Filter:
 def build_program(config: ml_collections.ConfigDict, *,
                   make_model: Callable[[MemoryPlacement], nnx.Module], loss_fn: LossFn,
                   total_steps: int, batch_size: int,
-                  init_from: Callable[[nnx.Module, Any], Any] | None = None) -> TrainProgram:
+                  init_from: Callable[[nnx.Module, Any], Any] | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> TrainProgram:
   """The program for a validated config's `mesh`, `optim`, `train.grad_accum_steps` and `seed`.
 
   make_model(placement) builds the model with fresh parameters (from `config.seed`);
   init_from(model, source) replaces some of them with pretrained ones inside the jitted init.
+  `mesh` replaces the config's mesh of this process's devices, e.g. one of a TPU topology's
+  devices for ahead-of-time compilation (benchmarks/pod_plan.py); building allocates nothing.
   """
-  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model)
+  if mesh is None:
+    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model)
   rules = sharding_lib.rules_from_config(config)
   placement = MemoryPlacement.from_mesh(mesh, rules, lookup_kernel=config.mesh.lookup_kernel)
   accum = config.train.grad_accum_steps

@@ -90,8 +90,10 @@ def _memory_images(writer: MetricWriter, step: int, usage: dict) -> None:
 
 
 def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
-                        pretrained_cfg: architecture.ModelConfig | None = None) -> TrainProgram:
-  """The pretraining program (MLM loss) for a validated config and tokenizer vocabulary."""
+                        pretrained_cfg: architecture.ModelConfig | None = None,
+                        mesh: jax.sharding.Mesh | None = None) -> TrainProgram:
+  """The pretraining program (MLM loss) for a validated config and tokenizer vocabulary
+  (`mesh`: see program.build_program)."""
   model_cfg = config_lib.model_config(config, vocab_size=vocab_size)
 
   def make_model(placement):
@@ -105,7 +107,18 @@ def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
       config.data.mask_prob, config.data.max_len))
   return program_lib.build_program(config, make_model=make_model, loss_fn=loss_fn,
                                    total_steps=config.train.steps,
-                                   batch_size=config.data.batch_size, init_from=init_from)
+                                   batch_size=config.data.batch_size, init_from=init_from,
+                                   mesh=mesh)
+
+
+def jit_eval_step(program: TrainProgram):
+  """The evaluation forward, jitted on the program's shardings:
+  (params, model_state, frozen, batch) -> (sums, per-layer slot usage)."""
+  # Sums and per-slot usage totals come back replicated: every host reads the same numbers.
+  return jax.jit(eval_lib.make_eval_step(program.graphdef, program.model_cfg),
+                 in_shardings=(program.state_sharding.params, program.state_sharding.model_state,
+                               program.state_sharding.frozen, program.batch_sharding),
+                 out_shardings=program.replicated)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,12 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Evaluation and memory statistics -----------------------------------------------------
   mesh, replicated = program.mesh, program.replicated
-  # Sums and per-slot usage totals come back replicated: every host reads the same numbers.
-  eval_step = jax.jit(eval_lib.make_eval_step(program.graphdef, model_cfg),
-                      in_shardings=(program.state_sharding.params,
-                                    program.state_sharding.model_state,
-                                    program.state_sharding.frozen, program.batch_sharding),
-                      out_shardings=replicated)
+  eval_step = jit_eval_step(program)
 
   def evaluate(step: int, state, writer: MetricWriter | None = None) -> dict:
     with jax.set_mesh(mesh):
