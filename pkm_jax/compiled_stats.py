@@ -10,7 +10,10 @@ from a constant), else unknown (counted once, and `unknown_trip_counts` says how
 
 Collective bytes are the data one device hands to the collective: the operands of all-reduce,
 reduce-scatter, all-to-all and collective-permute, the result of all-gather (what arrives).
-Async pairs (`*-start` / `*-done`) count once, at the start.
+Async pairs (`*-start` / `*-done`) count once, at the start; so do XLA:TPU's async collective
+fusions, which repeat one collective in the start, continuation and done fusions under one
+`chain_id`. Only one branch of a conditional runs: its branches count as their average (e.g.
+`mlm_loss`'s two heads, nearly the same program).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(.*)$")
 _CALLED = re.compile(r"\b(calls|to_apply|body|true_computation|false_computation)=%?([\w.\-]+)")
 _CALLED_LISTS = re.compile(r"\b(branch_computations|called_computations)=\{([^}]*)\}")
 _COMMENT = re.compile(r"/\*.*?\*/")
+_CHAIN = re.compile(r'chain_id="(\d+)"')
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
@@ -176,6 +180,7 @@ def hlo_stats(text: str) -> dict[str, Any]:
   counts: dict[str, float] = collections.defaultdict(float)
   custom: dict[str, float] = collections.defaultdict(float)
   loops: list[dict] = []
+  chains: set[str] = set()
   unknown = 0
 
   def visit(comp: str, times: float, depth: int = 0) -> None:
@@ -184,7 +189,12 @@ def hlo_stats(text: str) -> dict[str, Any]:
       raise ValueError("HLO call graph deeper than 64: cyclic?")
     for instr in comps.get(comp, ()):
       kind = instr.opcode.removesuffix("-start")
-      if kind in COLLECTIVES:
+      chain = _CHAIN.search(instr.attrs)
+      if kind in COLLECTIVES and chain and chain.group(1) in chains:
+        pass  # a later piece of an async collective fusion already counted
+      elif kind in COLLECTIVES:
+        if chain:
+          chains.add(chain.group(1))
         if kind == "all-gather":
           size = _largest_array_bytes(instr.shape)
         else:
@@ -208,8 +218,13 @@ def hlo_stats(text: str) -> dict[str, Any]:
       for m in _CALLED_LISTS.finditer(instr.attrs):
         called += [(m.group(1), c.strip().lstrip("%")) for c in m.group(2).split(",")
                    if c.strip()]
+      branches = sum(role in ("branch_computations", "true_computation", "false_computation")
+                     for role, _ in called)
       for role, child in called:
-        visit(child, times * (trip if role == "body" else 1), depth + 1)
+        share = (trip if role == "body" else
+                 1 / branches if role in ("branch_computations", "true_computation",
+                                          "false_computation") else 1)
+        visit(child, times * share, depth + 1)
 
   visit(entry, 1.0)
   return dict(
@@ -222,7 +237,8 @@ def hlo_stats(text: str) -> dict[str, Any]:
 
 
 def cost(compiled) -> dict[str, float]:
-  """`cost_analysis()` as one dict (older jax returned a list of one)."""
+  """`cost_analysis()` as one dict (older jax returned a list of one; XLA:GPU compiling without
+  a GPU returns None: {})."""
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
@@ -230,12 +246,14 @@ def cost(compiled) -> dict[str, float]:
 
 
 def program_stats(compiled) -> dict[str, Any]:
-  """A compiled program's per-device figures: flops, bytes_accessed, peak_bytes (arguments +
-  temporaries + outputs - aliased), the memory analysis' parts, and `hlo_stats`."""
+  """A compiled program's per-device figures: flops, bytes_accessed (None where the backend has
+  no cost analysis), peak_bytes (arguments + temporaries + outputs - aliased), the memory
+  analysis' parts, and `hlo_stats`."""
   c = cost(compiled)
   mem = compiled.memory_analysis()
   memory = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
             for k in ("argument", "output", "temp", "alias", "generated_code")}
   peak = memory["argument"] + memory["temp"] + memory["output"] - memory["alias"]
-  return dict(flops=float(c.get("flops", 0.0)), bytes_accessed=float(c.get("bytes accessed", 0.0)),
+  return dict(flops=float(c["flops"]) if "flops" in c else None,
+              bytes_accessed=float(c["bytes accessed"]) if "bytes accessed" in c else None,
               peak_bytes=peak, memory=memory, **hlo_stats(compiled.as_text()))

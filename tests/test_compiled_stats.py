@@ -99,6 +99,43 @@ ENTRY %main (a: f32[4]) -> f32[4] {
   assert stats["collective_bytes"]["all-reduce"] == 5 * 16
 
 
+def test_async_chain_counts_once_and_branches_average():
+  # XLA:TPU repeats one all-gather in its start / done fusions under one chain_id; a
+  # conditional runs one branch: 8 B in one, 24 B in the other -> 16 B on average.
+  text = """HloModule m
+%start (a: f32[2]) -> f32[16] {
+  %a = f32[2] parameter(0)
+  ROOT %g = f32[16] all-gather(%a), dimensions={0}, frontend_attributes={chain_id="0"}
+}
+%done (b: f32[2]) -> f32[16] {
+  %b = f32[2] parameter(0)
+  ROOT %g2 = f32[16] all-gather(%b), dimensions={0}, frontend_attributes={chain_id="0"}
+}
+%small (c: f32[2]) -> f32[2] {
+  %c = f32[2] parameter(0)
+  ROOT %r = f32[2] all-reduce(%c), to_apply=%add
+}
+%big (d: f32[2]) -> f32[6] {
+  %d = f32[2] parameter(0)
+  %e = f32[6] broadcast(%d), dimensions={}
+  ROOT %r2 = f32[6] all-reduce(%e), to_apply=%add
+}
+ENTRY %main (x: f32[2], p: pred[]) -> f32[16] {
+  %x = f32[2] parameter(0)
+  %p = pred[] parameter(1)
+  %f1 = f32[16] fusion(%x), kind=kCustom, calls=%start
+  %f2 = f32[16] fusion(%x), kind=kCustom, calls=%done
+  %k = f32[2] conditional(%p, %x, %x), true_computation=%small, false_computation=%big
+  ROOT %o = f32[16] add(%f1, %f2)
+}
+"""
+  stats = compiled_stats.hlo_stats(text)
+  assert stats["collective_bytes"]["all-gather"] == 64
+  assert stats["collective_count"]["all-gather"] == 1
+  assert stats["collective_bytes"]["all-reduce"] == (8 + 24) / 2
+  assert stats["conditionals"] == 1
+
+
 def test_shape_bytes():
   assert compiled_stats.shape_bytes("(f32[8,4]{1,0:T(8,128)}, s32[], bf16[3])") == 128 + 4 + 6
   assert compiled_stats.shape_bytes("pred[]") == 1
