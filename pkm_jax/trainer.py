@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -90,8 +90,10 @@ def _memory_images(writer: MetricWriter, step: int, usage: dict) -> None:
 
 
 def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
-                        pretrained_cfg: architecture.ModelConfig | None = None) -> TrainProgram:
-  """The pretraining program (MLM loss) for a validated config and tokenizer vocabulary."""
+                        pretrained_cfg: architecture.ModelConfig | None = None,
+                        devices: Sequence[jax.Device] | None = None) -> TrainProgram:
+  """The pretraining program (MLM loss) for a validated config and tokenizer vocabulary, on
+  `devices` (default: all of jax's; `program.build_program`)."""
   model_cfg = config_lib.model_config(config, vocab_size=vocab_size)
 
   def make_model(placement):
@@ -105,7 +107,8 @@ def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
       config.data.mask_prob, config.data.max_len))
   return program_lib.build_program(config, make_model=make_model, loss_fn=loss_fn,
                                    total_steps=config.train.steps,
-                                   batch_size=config.data.batch_size, init_from=init_from)
+                                   batch_size=config.data.batch_size, init_from=init_from,
+                                   devices=devices)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def run_task(config: ml_collections.ConfigDict, task_dir: str, task: TaskData,
   data_ways = math.prod(program.mesh.shape[a] for a in program.placement.token_axes)
   if config.eval.batch_size % data_ways:
     raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
-                     f"{data_ways} data-parallel devices (set --config.mesh.data)")
+                     f"{data_ways} devices the batch is split over (mesh.data x mesh.model)")
   manager = ckpt_lib.make_manager(task_dir, max_to_keep=config.train.keep_checkpoints)
   # Copies on the host: `pre` may serve the next task of a suite, and the state is donated.
   source = jax.tree.map(np.array, (pre.params, pre.batch_stats)) if pre else None
