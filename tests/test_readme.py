@@ -34,6 +34,7 @@ NOT_RUN = {
     "python3 -m venv .venv": "builds the environment: .ci/run does exactly this before the tests",
     ".venv/bin/pip install -r requirements.txt": "as above (.ci/run installs the same file)",
     ".venv/bin/pip install -r requirements-test.txt": "as above",
+    ".venv/bin/pip install --no-deps -t .tpu": "as above (.ci/run installs libtpu the same way)",
     ".venv/bin/python -m pytest": "the test suite itself",
     "gcloud": "needs a TPU pod slice; the same train.py command runs below as one host",
     "python benchmarks/reproduce.py": "tests/test_reproduce.py runs it (with --quick)",
