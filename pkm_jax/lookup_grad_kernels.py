@@ -284,16 +284,21 @@ def gather_sum_grads(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array
 
   The table's gradient is summed in float32 and rounded once to the table's dtype.
   """
+  def kernels(*args):
+    return jax.lax.platform_dependent(
+        *args, cuda=_triton_grads, rocm=_triton_grads, tpu=_tpu_grads,
+        default=functools.partial(_triton_grads, interpret=True))
+
+  return _grads(values_NxV, idx_MxP, w_MxP, g_MxV, want_values=want_values, kernels=kernels)
+
+
+def _grads(values_NxV, idx_MxP, w_MxP, g_MxV, *, want_values: bool, kernels):
+  """`gather_sum_grads` by `kernels(values, ids in range, sorted picks or None, g)`."""
   n = values_NxV.shape[0]
   valid = (idx_MxP >= 0) & (idx_MxP < n)
-  idx_MxP_ = jnp.where(valid, idx_MxP, 0).astype(jnp.int32)  # read as row 0, zeroed below
-  g_MxV = g_MxV.astype(jnp.float32)
-  n_pad = _padded_rows(n)
-  picks = _sorted_picks(idx_MxP, w_MxP, n, n_pad) if want_values else None
-  d_values, d_w = jax.lax.platform_dependent(
-      values_NxV, idx_MxP_, picks, g_MxV,
-      cuda=_triton_grads, rocm=_triton_grads, tpu=_tpu_grads,
-      default=functools.partial(_triton_grads, interpret=True))
-  if d_values is not None and n_pad != n:
+  in_range = jnp.where(valid, idx_MxP, 0).astype(jnp.int32)  # read as row 0, zeroed below
+  picks = _sorted_picks(idx_MxP, w_MxP, n, _padded_rows(n)) if want_values else None
+  d_values, d_w = kernels(values_NxV, in_range, picks, g_MxV.astype(jnp.float32))
+  if d_values is not None and d_values.shape[0] != n:
     d_values = d_values[:n]
   return d_values, jnp.where(valid, d_w, 0).astype(w_MxP.dtype)

@@ -1,4 +1,4 @@
-"""The weighted lookup as Pallas kernels: one for GPUs (Triton), one for TPUs (Mosaic).
+"""The weighted lookup as Pallas kernels, forward and backward: Triton for GPUs, Mosaic for TPUs.
 
 `weighted_lookup` computes exactly `product_keys.weighted_lookup` -- the sum of each token's
 picked value rows, weighted (EmbeddingBag 'sum' with per-sample weights) -- but gathers the rows
@@ -8,18 +8,19 @@ inside a kernel, so no [tokens, picks, V] block ever reaches memory, whatever th
     the picks; each step gathers one pick's row slice for all 16 tokens straight from the table
     in global memory and adds it, weighted, into a float32 accumulator held in registers.
   - TPU (`_tpu_gather_sum`): a program per 8 tokens DMAs their picked rows from HBM into VMEM
-    (one copy per row, all in flight together), then sums them with one [1, P] x [P, V] matmul
-    per token.
+    (one copy per row, all in flight together; a bf16 table is read as 32-bit words, see
+    `lookup_tiles`), then sums each token's rows weighted on the vector units.
 
-Lowering is per platform (`jax.lax.platform_dependent`): cuda/rocm -> Triton, tpu -> Mosaic; on
-CPU the Triton kernel runs in Pallas' interpret mode (correct, slow: for tests). The backward
-is the XLA one of `product_keys` (gather of d weights, scatter-add of row gradients, none when
-the table's gradient is stopped), so only the forward differs, and `product_keys` stays the
-reference every kernel is tested against (`tests/test_lookup_kernels.py`).
+Its backward (`gather_sum_grads`, in `lookup_grad_kernels`) is kernels too: the weights'
+gradient gathers the rows again, the table's gradient sorts the picks by row and sums each
+row's segment once, with no scatter-add. Lowering is per platform (`jax.lax.platform_dependent`):
+cuda/rocm -> Triton, tpu -> Mosaic; on CPU the Triton kernels run in Pallas' interpret mode
+(correct, slow: for tests). `product_keys` stays the reference every kernel is tested against
+(`tests/test_lookup_kernels.py`).
 
 Chosen with `--config.mesh.lookup_kernel=pallas` (`placement.MemoryPlacement`), for a whole
 table and inside each row block of a split one (`sharded_memory`); 'xla' is the default until an
-accelerator run (`benchmarks/accelerator.py`) shows the kernel faster there.
+accelerator run (`benchmarks/accelerator.py`) shows the kernels faster there.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pkm_jax import product_keys
 from pkm_jax import lookup_tiles as tiles
-from pkm_jax.lookup_grad_kernels import gather_sum_grads
+from pkm_jax import product_keys
+from pkm_jax.lookup_grad_kernels import gather_sum_grads  # the backward, public here too
+
 
 def _triton_kernel(idx_ref, w_ref, values_ref, out_ref, *, block_v: int, picks: int):
   # idx_ref, w_ref: this program's [P, 16] picks (pick-major: each step reads 16 contiguous
@@ -139,8 +141,8 @@ _lookup = product_keys.lookup_vjp(gather_sum, gather_sum_grads)
 
 
 def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
-  """`product_keys.weighted_lookup` with a Pallas forward: values [N, V], indices/weights
-  [..., H, K] -> [..., V] float32."""
+  """`product_keys.weighted_lookup` with a Pallas forward and backward: values [N, V],
+  indices/weights [..., H, K] -> [..., V] float32."""
   lead = indices.shape[:-2]
   picks = indices.shape[-2] * indices.shape[-1]
   w_MxP = weights.reshape(-1, picks).astype(jnp.promote_types(values_NxV.dtype, jnp.float32))
