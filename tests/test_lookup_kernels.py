@@ -4,7 +4,6 @@ Pallas' interpret mode on CPU, lowered for GPU and TPU without a device (jax.exp
 by XLA:TPU for a v5e (tests/libtpu.py), used by the memory layer and by train.py."""
 
 import functools
-import json
 import re
 
 import jax
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax import export
+from jax.sharding import PartitionSpec as P
 
 from pkm_jax import cpu_lookup, lookup_grad_kernels, lookup_kernels, product_keys, sharding
 from pkm_jax.architecture import MemoryConfig
@@ -126,6 +126,30 @@ def test_grad_kernels_equal_numpy_and_pure_jax(kernel, dtype):
                                               kernels=GRAD_KERNELS[kernel])
   assert none is None
   np.testing.assert_allclose(d_w_only, d_w, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (virtual) devices")
+def test_grads_inside_shard_map():
+  """A table split by rows over 4 devices: each device's gather_sum_grads on its block (ids of
+  other blocks out of range) gives its rows of the one-device gradient, and the d w partials
+  sum to the whole d w. check_vma=False as in sharded_memory: Pallas' interpret mode cannot type
+  its loop carries under the varying-axes check (jax 0.10)."""
+  values, idx, w, g = tricky_picks(128, 48, jnp.float32)
+  mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+  def local(values_nxV, idx, w, g):
+    n = values_nxV.shape[0]
+    local_idx = idx - jax.lax.axis_index("x") * n
+    local_idx = jnp.where((idx >= 0) & (local_idx >= 0), local_idx, n)
+    d_values, d_w = lookup_kernels.gather_sum_grads(values_nxV, local_idx, w, g)
+    return d_values, jax.lax.psum(d_w, "x")
+
+  grads = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("x"), P(), P(), P()),
+                                out_specs=(P("x"), P()), check_vma=False))
+  d_values, d_w = grads(jax.device_put(values, jax.NamedSharding(mesh, P("x"))), idx, w, g)
+  want_values, want_w = numpy_grads(values, idx, w, g)
+  np.testing.assert_allclose(d_values, want_values, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(d_w, want_w, rtol=1e-5, atol=1e-5)
 
 
 def _loss(lookup, values, idx, w):
