@@ -9,8 +9,8 @@ For out[m] = sum_p w[m, p] * values[idx[m, p]] and its output gradient g [M, V]:
     picks, `_sorted_picks`), so each row's picks are one contiguous segment, and a program
     owns a block of rows: it sums their segments in registers (Triton) or VMEM (Mosaic) and
     writes each row exactly once, rows without picks as zeros. No scatter-add: TPUs have no
-    efficient one (XLA:TPU serialises it), and on GPUs float atomics would make the sum's
-    order, hence its rounding, vary from run to run; a sorted segment sum is deterministic.
+    efficient one, and on GPUs its float atomics would make the sum's order, hence its
+    rounding, vary from run to run; a sorted segment sum is deterministic on both.
 
       * Triton (`_triton_table_grads`): a program per (16 rows, a power-of-two slice of V)
         walks each row's segment, adding w * g[token] slices into a float32 accumulator.
@@ -43,8 +43,6 @@ TPU_BLOCK_ROWS = 32  # table rows per program: one output tile even for int8 (32
 TPU_CHUNK_PICKS = 128  # sorted picks per step: one lane-width of ids, a [128, V] g buffer
 
 
-
-
 class SortedPicks(NamedTuple):
   """The M x P flat picks sorted by table row, padded to whole TPU chunks (Q picks)."""
 
@@ -54,8 +52,9 @@ class SortedPicks(NamedTuple):
 
   def starts(self, n_pad: int, block: int) -> jax.Array:
     """[n_pad / block + 1] int32: the picks of rows [block * i, block * (i + 1)) are the sorted
-    picks [starts[i], starts[i + 1]). (A binary search per block: one per row would cost XLA:TPU
-    ~1 GB of memory traffic at the paper's table, which its kernel does not need.)"""
+    picks [starts[i], starts[i + 1]). A binary search per block boundary, a while loop of
+    log2(Q) steps; one per row (which the TPU kernel does not need) would be ~1 GB of memory
+    traffic at the paper's table by XLA:TPU's count."""
     bounds = jnp.arange(0, n_pad + 1, block, dtype=jnp.int32)
     return jnp.searchsorted(self.rows, bounds).astype(jnp.int32)
 
@@ -150,6 +149,7 @@ def _triton_table_grads(values_NxV: jax.Array, picks: SortedPicks, g_MxV: jax.Ar
 
 
 def _triton_grads(values_NxV, idx_MxP, picks, g_MxV, *, interpret: bool = False):
+  """(d values [n_pad, V] or None without sorted picks, d w [M, P] f32) on a GPU."""
   d_w = _triton_weight_grads(values_NxV, idx_MxP, g_MxV, interpret=interpret)
   if picks is None:
     return None, d_w
@@ -269,6 +269,7 @@ def _tpu_table_grads(values_NxV: jax.Array, picks: SortedPicks, g_MxV: jax.Array
 
 
 def _tpu_grads(values_NxV, idx_MxP, picks, g_MxV, *, interpret: bool = False):
+  """`_triton_grads` on a TPU."""
   d_w = _tpu_weight_grads(values_NxV, idx_MxP, g_MxV, interpret=interpret)
   if picks is None:
     return None, d_w
