@@ -47,7 +47,7 @@ def test_kernel_equals_numpy(kernel, n, v):
 
 @pytest.mark.parametrize("kernel", ["triton", "tpu"])
 def test_bf16_table_sums_in_float32(kernel):
-  values, idx, w = picks(64, 128, dtype=jnp.bfloat16)
+  values, idx, w = picks(63, 128, dtype=jnp.bfloat16)  # odd: a zero row fills the last word
   fn = {"triton": lookup_kernels._triton_gather_sum, "tpu": lookup_kernels._tpu_gather_sum}[kernel]
   got = fn(values, idx.reshape(21, -1), w.reshape(21, -1), interpret=True)
   assert got.dtype == jnp.float32
@@ -69,9 +69,10 @@ def test_out_of_range_ids_add_nothing():
 def tricky_picks(n, v, dtype, m=21, p=10, seed=0):
   """[M, P] picks with out-of-range ids (padding, rows held elsewhere), a row picked twice by
   one token and rows picked by several tokens. Ids are drawn from the first 3/5 of the rows,
-  so that with N = 100 (no multiple of a row block) the TPU kernel's third block of 32 rows has
-  no picks at all and its last only row N - 1's; the second's picks (sorted picks 113-196) span
-  two chunks of 128, the first of which it shares with the first block."""
+  so that with N = 99 (no multiple of a row block; odd, so the TPU kernels' word view of a bf16
+  table gets a zero row) the TPU kernel's third block of 32 rows has no picks at all and its
+  last only row N - 1's; the second's picks span two chunks of 128 sorted picks, the first of
+  which it shares with the first block."""
   rng = np.random.default_rng(seed)
   values = jnp.asarray(rng.normal(size=(n, v)), dtype)
   idx = rng.integers(0, n * 3 // 5, size=(m, p))
@@ -105,7 +106,7 @@ GRAD_KERNELS = {"triton": functools.partial(lookup_grad_kernels._triton_grads, i
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("kernel", ["triton", "tpu"])
 def test_grad_kernels_equal_numpy_and_pure_jax(kernel, dtype):
-  values, idx, w, g = tricky_picks(100, 48, dtype)
+  values, idx, w, g = tricky_picks(99, 48, dtype)
   d_values, d_w = lookup_grad_kernels._grads(values, idx, w, g, want_values=True,
                                              kernels=GRAD_KERNELS[kernel])
   assert d_values.dtype == dtype and d_values.shape == values.shape and d_w.dtype == w.dtype
@@ -160,7 +161,7 @@ def _loss(lookup, values, idx, w):
 def test_values_and_gradients_equal_pure_jax(dtype):
   """jax.grad through the kernels' custom_vjp (forward and backward kernels) against jax.grad
   of product_keys.weighted_lookup, with padding ids and rows picked more than once."""
-  values, idx, w, _ = tricky_picks(100, 48, dtype)
+  values, idx, w, _ = tricky_picks(99, 48, dtype)
   idx, w = idx.reshape(21, 2, 5), w.reshape(21, 2, 5)
   grad = lambda lookup: jax.jit(jax.value_and_grad(  # noqa: E731
       lambda v, w: _loss(lookup, v, idx, w), argnums=(0, 1)))
