@@ -170,8 +170,9 @@ def _row_op(fwd_local: Callable, bwd_local: Callable, split: TableSplit, *,
 def _make_lookup(split: TableSplit, chunk: tuple[int, int], kernel: str = "xla"):
   """custom_vjp lookup on [B, S, P] picks; forward and backward are each one shard_map whose
   collectives (`TableSplit`) act on picks and token-sized arrays, never on table rows.
-  kernel 'pallas': each block's forward sum is `lookup_kernels.gather_sum` (ids of rows held
-  elsewhere are out of the block's range, which the kernel reads as nothing)."""
+  kernel 'pallas': each block's forward sum is `lookup_kernels.gather_sum` and its gradients
+  `lookup_kernels.gather_sum_grads` (ids of rows held elsewhere are out of the block's range,
+  which the kernels read as nothing and give nothing)."""
   lookup_fn, grads_fn = _chunked(_local_lookup, *chunk), _chunked(_local_lookup_grads, *chunk)
 
   def fwd_local(values_nxV, idx_BxSxP, w_BxSxP):
@@ -190,8 +191,12 @@ def _make_lookup(split: TableSplit, chunk: tuple[int, int], kernel: str = "xla")
     idx, w = split.gather_tokens(idx_BxSxP), split.gather_tokens(w_BxSxP)
     g = split.spread_out(g_BxSxV.astype(jnp.float32))
     b, s, p = idx.shape
-    g_values, g_w = grads_fn(values_nxV, split.local_rows(idx, values_nxV.shape[0]),
-                             w.reshape(b * s, p), g.reshape(b * s, -1))
+    lidx, w, g = split.local_rows(idx, values_nxV.shape[0]), w.reshape(b * s, p), g.reshape(
+        b * s, -1)
+    if kernel == "pallas":  # the block's picks sorted by row, one segment sum per row
+      g_values, g_w = lookup_kernels.gather_sum_grads(values_nxV, lidx, w, g)
+    else:
+      g_values, g_w = grads_fn(values_nxV, lidx, w, g)
     if split.copies:  # a data-parallel copy of the block: its gradient sums over the copies
       g_values = jax.lax.psum(g_values, split.copies)
     return g_values, split.combine_picks(g_w.reshape(b, s, p))
@@ -242,7 +247,7 @@ def sharded_weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: 
   values and weights; the gradient of each table block is that device's own scatter-add.
   `pick_chunk` picks are gathered per loop step (default: `chunks.GATHER_CHUNK_BYTES` of rows
   on CPUs, `chunks.ACCELERATOR_CHUNK_BYTES` on GPUs / TPUs), so [B, T, H, K, V] is never built.
-  `kernel='pallas'` sums each block's picks in `lookup_kernels`' forward kernel instead.
+  `kernel='pallas'` runs each block's sum and gradients as `lookup_kernels`' Pallas kernels.
   """
   n, v = values_NxV.shape
   if indices.shape != weights.shape or indices.ndim < 3:

@@ -1,7 +1,7 @@
 """The Pallas lookup kernels, forward and backward, against the pure-JAX lookup
 (`product_keys.weighted_lookup`, its gradients) and numpy sums of the picked rows: run in
 Pallas' interpret mode on CPU, lowered for GPU and TPU without a device (jax.export), compiled
-by XLA:TPU for a v5e (tests/libtpu.py), used by the memory layer and by train.py."""
+by XLA:TPU for a v5e (tests/xla_tpu.py), used by the memory layer and by train.py."""
 
 import functools
 import re
@@ -18,7 +18,7 @@ from pkm_jax import cpu_lookup, lookup_grad_kernels, lookup_kernels, product_key
 from pkm_jax.architecture import MemoryConfig
 from pkm_jax.memory import ProductKeyMemory
 from pkm_jax.placement import MemoryPlacement
-from tests import libtpu, test_trainer
+from tests import test_trainer, xla_tpu
 
 
 def picks(n, v, lead=(3, 7), heads=2, k=5, dtype=jnp.float32, seed=0):
@@ -242,13 +242,13 @@ print(json.dumps(out))
 """
 
 
-@libtpu.requires_libtpu
+@xla_tpu.requires_libtpu
 def test_compiles_for_tpu():
   """XLA:TPU (libtpu, no TPU needed) compiles the lookup's forward and both gradient kernels
   for a v5e chip at the paper's table (512^2 x 768), for float32 and bfloat16 tables: the
   Mosaic kernels build (a bf16 table used to fail: a single bf16 row cannot be DMA'd to an
   unaligned VMEM row), and the step holds them and none of the project's CPU custom calls."""
-  got = libtpu.run_json(TPU_COMPILE)
+  got = xla_tpu.run_json(TPU_COMPILE)
   for dtype in ("float32", "bfloat16"):
     targets, names = got[dtype]["targets"], set(got[dtype]["names"])
     assert targets.count("tpu_custom_call") == 3, (dtype, targets)
@@ -291,15 +291,18 @@ def test_training_with_pallas_kernel(tmp_path):
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
-@pytest.mark.parametrize("data, model, rules", [(2, 4, ()), (4, 2, (("slots", ("model", "data")),))])
+@pytest.mark.parametrize("data, model, rules", [
+    (2, 4, (("slots", "model"),)), (4, 2, (("slots", ("model", "data")),)),
+    (2, 4, sharding.TABLE_SPLITS["columns"])])
 def test_split_table_with_pallas_equals_one_device(data, model, rules):
-  """A table split over devices: each block's forward sum is the kernel (rows held elsewhere
-  read as nothing), and the result and gradients are the one-device XLA ones."""
+  """A table split over devices by rows or columns: each block's sum and gradients are the
+  kernels' (rows held elsewhere read as nothing, get nothing), and the result and gradients are
+  the one-device XLA ones."""
   values, idx, w = picks(64, 48, lead=(8, 3))
   mesh = sharding.make_mesh(data, model)
   placement = MemoryPlacement.from_mesh(mesh, tuple(rules) + sharding.DEFAULT_RULES,
                                         lookup_kernel="pallas")
-  assert placement.slot_axes
+  assert placement.split
   grad = lambda lookup: jax.value_and_grad(  # noqa: E731
       lambda v, w: _loss(lookup, v, idx, w), argnums=(0, 1))
   want_loss, (want_gv, want_gw) = grad(product_keys.weighted_lookup)(values, w)
