@@ -19,7 +19,13 @@ import os
 import shutil
 from typing import IO, Any, Iterator
 
+import fsspec
 from etils import epath
+
+# Several processes and hosts (and tensorstore, beside gcsfs) write one workdir: gcsfs's cache
+# of listings would answer from a stale listing (a checkpoint another process committed unseen).
+for _protocol in ("gs", "gcs"):
+  fsspec.config.conf.setdefault(_protocol, {}).setdefault("use_listings_cache", False)
 
 
 def is_remote(path: str | os.PathLike) -> bool:

