@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -34,7 +35,7 @@ from pkm_jax import trainer
 from pkm_jax.data import prepare as prepare_lib
 from pkm_jax.data import prepared as prepared_lib
 from tests import hf_fixtures
-from tests.test_prepare import write_corpus
+from tests.test_prepare import MAX_LEN, write_corpus
 from tests.test_trainer import TINY, assert_trees_equal, final_params, flags_for, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +77,8 @@ def gcs(tmp_path_factory):
     env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
            # gcsfs's probe of a bucket's layout needs a Google API the emulator lacks.
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+           prepared_lib.CACHE_ENV: str(root / "cache")}  # not ~/.cache
     with pytest.MonkeyPatch.context() as mp:
       for key, value in env.items():
         mp.setenv(key, value)
@@ -158,49 +160,74 @@ def test_checksums_in_the_bucket_refuse_a_changed_file(gcs, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-  """The uninterrupted 12-step run on local disk (checkpoints at 6 and 12)."""
-  workdir = str(tmp_path_factory.mktemp("ref"))
-  return workdir, trainer.train_and_evaluate(tiny_config(), workdir)
+def data(gcs, tmp_path_factory):
+  """The same prepared folder on local disk and in the bucket (several shards per split)."""
+  root = tmp_path_factory.mktemp("data")
+  kwargs = dict(inputs=write_corpus(str(root / "text"), num_docs=300), vocab_size=400,
+                max_len=MAX_LEN, eval_fraction=0.1, rows_per_shard=64, workers=1,
+                progress=False)
+  remote = f"gs://{BUCKET}/prepared"
+  prepare_lib.prepare(str(root / "prepared"), **kwargs)
+  prepare_lib.prepare(remote, **kwargs)
+  return str(root / "prepared"), remote
+
+
+def prepared(path: str) -> dict:
+  return {**TINY, "data.source": "prepared", "data.path": path}
 
 
 @pytest.fixture(scope="module")
-def bucket_run(gcs, reference_run):
-  """train.py --workdir gs://...: killed once its step-6 checkpoint is committed in the bucket,
-  then the same command again, which resumes from that checkpoint."""
+def runs(gcs, data, tmp_path_factory):
+  """(bucket workdir, local workdir): train.py --workdir gs://... on the bucket's prepared data,
+  killed once its step-6 checkpoint is committed and started again (it resumes from the
+  bucket); and the uninterrupted run on local disk and the local copy of the data, trained
+  in this process meanwhile."""
   workdir = f"gs://{BUCKET}/run"
   cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--workdir={workdir}",
-         *flags_for(TINY)]
+         *flags_for(prepared(data[1]))]
   proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-  deadline = time.time() + 240
-  while (not _object_exists(gcs, "run/checkpoints/6/commit_success.txt")
-         and proc.poll() is None and time.time() < deadline):
-    time.sleep(0.01)
-  proc.send_signal(signal.SIGKILL)
+
+  def kill_once_committed():
+    deadline = time.time() + 240
+    while (not _object_exists(gcs, "run/checkpoints/6/commit_success.txt")
+           and proc.poll() is None and time.time() < deadline):
+      time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+
+  killer = threading.Thread(target=kill_once_committed)
+  killer.start()
+  local = str(tmp_path_factory.mktemp("ref"))
+  trainer.train_and_evaluate(tiny_config(**prepared(data[0])), local)
+  killer.join()
   assert proc.wait() == -signal.SIGKILL, "the run ended before it was killed"
-  killed_at = ckpt_lib.saved_steps(workdir)
-  assert killed_at == [6], killed_at
+  assert ckpt_lib.saved_steps(workdir) == [6]
   done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"Resuming {workdir} from step 6" in done.stdout
-  return workdir
+  assert "copying" not in done.stderr  # the killed run's copy of the data is reused
+  return workdir, local
 
 
-def test_killed_run_resumes_from_the_bucket_exactly(bucket_run, reference_run):
+def test_killed_run_resumes_from_the_bucket_exactly(runs):
+  bucket_run, local_run = runs
   assert ckpt_lib.saved_steps(bucket_run) == [6, 12]
-  assert_trees_equal(final_params(bucket_run), final_params(reference_run[0]))
+  assert_trees_equal(final_params(bucket_run), final_params(local_run))
   for step in (6, 12):  # manifests written in place, completed with orbax's commit files
     folder = os.path.join(ckpt_lib.checkpoint_dir(bucket_run), str(step))
     assert checksums.verify(folder)
     assert {"commit_success.txt", "_CHECKPOINT_METADATA"} <= set(checksums.read(folder))
-  for name in ("config.json", "model_config.json", "tokenizer.json"):
+  for name in ("model_config.json", "tokenizer.json"):
     assert (storage.read_bytes(os.path.join(bucket_run, name))
-            == open(os.path.join(reference_run[0], name), "rb").read())
+            == open(os.path.join(local_run, name), "rb").read())
+  config = json.loads(storage.read_bytes(os.path.join(bucket_run, "config.json")))
+  want = json.load(open(os.path.join(local_run, "config.json")))
+  assert config["data"].pop("path").startswith("gs://") and want["data"].pop("path")
+  assert config == want
 
 
-def test_tensorboard_events_in_the_bucket(bucket_run, tmp_path):
-  logdir = os.path.join(bucket_run, "tensorboard")
+def test_tensorboard_events_in_the_bucket(runs, tmp_path):
+  logdir = os.path.join(runs[0], "tensorboard")
   for name in storage.listdir(logdir):
     storage.download(os.path.join(logdir, name), str(tmp_path / name))
   events = event_accumulator.EventAccumulator(str(tmp_path))
@@ -210,19 +237,20 @@ def test_tensorboard_events_in_the_bucket(bucket_run, tmp_path):
   assert [e.step for e in events.Scalars("eval/mlm_loss")][-1] == 12
 
 
-def test_eval_writes_its_json_to_the_bucket(bucket_run):
-  out = _run([os.path.join(REPO, "eval.py"), f"--workdir={bucket_run}", *flags_for(TINY)])
+def test_eval_writes_its_json_to_the_bucket(runs):
+  bucket_run = runs[0]
+  out = _run([os.path.join(REPO, "eval.py"), f"--workdir={bucket_run}"])
   printed = json.loads(out.stdout.strip().splitlines()[-1])
   assert printed["step"] == 12
   saved = json.loads(storage.read_bytes(os.path.join(bucket_run, "eval", "metrics.json")))
   assert saved == printed
 
 
-def test_fill_mask_reads_a_bucket_workdir(bucket_run, reference_run):
+def test_fill_mask_reads_a_bucket_workdir(runs):
   text = "the [MASK] of the [MASK] ."
-  out = _run(["-m", "pkm_jax.fill_mask", "--model", bucket_run, "--top_k", "3", text])
+  out = _run(["-m", "pkm_jax.fill_mask", "--model", runs[0], "--top_k", "3", text])
   got = [json.loads(line) for line in out.stdout.strip().splitlines()]
-  model, tokenizer = fill_mask_lib.load_model(reference_run[0])
+  model, tokenizer = fill_mask_lib.load_model(runs[1])
   want = [{"mask_index": i, **p}
           for i, preds in enumerate(fill_mask_lib.fill_mask(model, tokenizer, text, 3))
           for p in preds]
@@ -258,36 +286,33 @@ def test_convert_from_and_to_the_bucket(gcs, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_prepared_folder_in_the_bucket(gcs, tmp_path, monkeypatch):
-  pattern = write_corpus(str(tmp_path / "text"), num_docs=60)
-  kwargs = dict(inputs=pattern, vocab_size=200, max_len=32, eval_fraction=0.2,
-                rows_per_shard=32, workers=1, progress=False)
-  local = str(tmp_path / "prepared")
-  prepare_lib.prepare(local, **kwargs)
-  remote = f"gs://{BUCKET}/prepared"
-  prepare_lib.prepare(remote, **kwargs)
+def test_prepared_folder_in_the_bucket(data, tmp_path, monkeypatch):
+  local, remote = data
   monkeypatch.setenv(prepared_lib.CACHE_ENV, str(tmp_path / "cache"))
+  monkeypatch.setattr(prepared_lib, "_fetched", {})  # as in a new process
   for split in ("train", "eval"):
     want, got = prepared_lib.PreparedRows(local, split), prepared_lib.PreparedRows(remote, split)
-    assert len(got) == len(want) and len(got.shards) == len(want.shards)
+    assert len(got) == len(want) and len(got.shards) == len(want.shards) > 1
     np.testing.assert_array_equal(got.read(np.arange(len(got))), want.read(np.arange(len(want))))
-  assert len(prepared_lib.PreparedRows(local, "train").shards) > 1
   copy = prepared_lib.fetch(remote)
   assert copy.startswith(str(tmp_path / "cache")) and checksums.verify(copy)
-  # Another process on this host reuses the copy: nothing is read from the bucket again.
-  prepared_lib._fetched.clear()
+  # Another process on this host reuses the copy: nothing is copied again.
+  monkeypatch.setattr(prepared_lib, "_fetched", {})
   mtimes = {f: os.path.getmtime(f) for f in glob.glob(os.path.join(copy, "*"))}
   with monkeypatch.context() as m:
     m.setattr(prepared_lib, "_copy_checked", None)  # each file copied would call it
     assert prepared_lib.fetch(remote) == copy
   assert mtimes == {f: os.path.getmtime(f) for f in glob.glob(os.path.join(copy, "*"))}
-  # A shard changed in the bucket (its manifest kept) is refused, and nothing of it is kept.
-  prepared_lib._fetched.clear()
-  monkeypatch.setenv(prepared_lib.CACHE_ENV, str(tmp_path / "cache2"))
+
+
+def test_a_changed_file_in_the_bucket_is_not_copied(data, tmp_path, monkeypatch):
+  monkeypatch.setenv(prepared_lib.CACHE_ENV, str(tmp_path / "cache"))
+  remote = f"gs://{BUCKET}/prepared_changed"
+  storage.upload_dir(data[0], remote)
   shard = os.path.join(remote, prepared_lib.shard_name("train", 1))
-  data = bytearray(storage.read_bytes(shard))
-  data[len(data) // 2] ^= 1
-  storage.write_atomic(shard, bytes(data))
+  changed = bytearray(storage.read_bytes(shard))
+  changed[len(changed) // 2] ^= 1
+  storage.write_atomic(shard, bytes(changed))
   with pytest.raises(ValueError, match="train-00001.array_record does not match its checksum"):
     prepared_lib.fetch(remote)
-  assert not glob.glob(str(tmp_path / "cache2" / "*" / "train-00001*"))
+  assert not glob.glob(str(tmp_path / "cache" / "*" / "train-00001*"))
