@@ -71,6 +71,7 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict, tokenizer: An
   `tokenizer`: a tokenizers.Tokenizer, or a path to a tokenizer file / a folder holding one.
   """
   out = storage.absolute(out_dir)
+  storage.check_bucket(out)
   if storage.exists(out):
     if not storage.isdir(out):
       raise FileExistsError(f"--out {out} exists and is not a folder")

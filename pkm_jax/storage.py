@@ -33,6 +33,16 @@ def is_remote(path: str | os.PathLike) -> bool:
   return "://" in os.fspath(path)
 
 
+def check_bucket(path: str) -> None:
+  """For a URL, that its bucket exists: one line naming it, before a run writes anything."""
+  if is_remote(path):
+    scheme, rest = os.fspath(path).split("://", 1)
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    if not epath.Path(bucket).exists():
+      raise FileNotFoundError(f"bucket {bucket} (of {path}) does not exist or these credentials "
+                              "cannot see it")
+
+
 def absolute(path: str) -> str:
   """os.path.abspath for local paths; a URL is already absolute."""
   return path if is_remote(path) else os.path.abspath(path)

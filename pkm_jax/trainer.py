@@ -119,6 +119,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --- Checks: nothing is written before they have all passed ------------------------------
   config_lib.validate(config)
   workdir = storage.absolute(workdir)
+  storage.check_bucket(workdir)
   steps = ckpt_lib.saved_steps(workdir)
   pretrained_weights = None
   if config.init.pretrained:

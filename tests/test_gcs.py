@@ -154,6 +154,13 @@ def test_checksums_in_the_bucket_refuse_a_changed_file(gcs, tmp_path):
     checksums.verify(folder)
 
 
+def test_a_missing_bucket_is_named_before_anything_runs(gcs, tmp_path):
+  with pytest.raises(FileNotFoundError, match="bucket gs://nobucket .* does not exist"):
+    trainer.train_and_evaluate(tiny_config(), "gs://nobucket/run")
+  with pytest.raises(FileNotFoundError, match="bucket gs://nobucket .* does not exist"):
+    prepare_lib.prepare("gs://nobucket/p", inputs=write_corpus(str(tmp_path)), vocab_size=100)
+
+
 # ---------------------------------------------------------------------------------------------
 # train.py / eval.py / fill_mask on a gs:// workdir
 # ---------------------------------------------------------------------------------------------

@@ -142,6 +142,7 @@ def _inputs(spec: str, tfds_name: str, tfds_split: str, data_dir: str, text_key:
 
 
 def _check_out(out: str, overwrite: bool) -> None:
+  storage.check_bucket(out)
   if storage.exists(out):
     if not storage.isdir(out):
       raise FileExistsError(f"--out {out} exists and is not a folder")
