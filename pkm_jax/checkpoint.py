@@ -12,10 +12,10 @@ during a save leaves the previous step as the latest restorable one. The checksu
 into that temporary folder before the rename: a step appears with its manifest or not at all.
 In a bucket (gs://) orbax writes the step in place and marks it complete with
 commit_success.txt instead of a rename; the checksums are written before that marker, so the
-same holds. Before a restore, the files of the items restored are hashed and compared, so a damaged file
-is refused in one line before orbax reads any array (orbax keeps no checksums, and a read that
-fails inside it leaves its sibling reads running past the failure; it does read each step's
-small `_CHECKPOINT_METADATA` when a manager is made).
+same holds. Before a restore, the files of the items restored are hashed and compared, so a
+damaged file is refused in one line before orbax reads any array (orbax keeps no checksums,
+and a read that fails inside it leaves its sibling reads running past the failure; it does read
+each step's small `_CHECKPOINT_METADATA` when a manager is made).
 """
 
 from __future__ import annotations

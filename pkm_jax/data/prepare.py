@@ -17,8 +17,8 @@ training documents (read once more, streamed).
 Everything is written into a temporary folder beside --out and renamed when complete, so an
 interrupted run never leaves a folder that looks prepared; a non-empty --out is only replaced
 with --overwrite. A gs:// --out is written locally and uploaded, metadata.json and the checksums
-last (training copies it back to each host's disk: prepared.py). Bad input (no file matching a glob, no text, a bad tokenizer) stops with one
-line before anything is written.
+last (training copies it back to each host's disk: prepared.py). Bad input (no file matching a
+glob, no text, a bad tokenizer) stops with one line before anything is written.
 """
 
 from __future__ import annotations

@@ -125,7 +125,8 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str,
   model = os.path.basename(os.path.normpath(config.init.pretrained))
   table, avg = markdown_table(model, results)
   print(table, flush=True)
-  summary = {"model": model, "init": storage.absolute(config.init.pretrained), "tasks": results, "avg": avg}
+  summary = {"model": model, "init": storage.absolute(config.init.pretrained), "tasks": results,
+             "avg": avg}
   ckpt_lib.write_json(os.path.join(workdir, "glue_metrics.json"), summary)
   with storage.open_file(os.path.join(workdir, "glue_table.md"), "w") as f:
     f.write(table + "\n")
