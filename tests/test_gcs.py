@@ -34,9 +34,9 @@ from pkm_jax import storage
 from pkm_jax import trainer
 from pkm_jax.data import prepare as prepare_lib
 from pkm_jax.data import prepared as prepared_lib
-from tests import hf_fixtures
-from tests.test_prepare import MAX_LEN, write_corpus
-from tests.test_trainer import TINY, assert_trees_equal, final_params, flags_for, tiny_config
+import hf_fixtures
+from test_prepare import MAX_LEN, write_corpus
+from test_trainer import TINY, assert_trees_equal, final_params, flags_for, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "bucket"
