@@ -39,6 +39,9 @@ NOT_RUN = {
     "gcloud": "needs a TPU pod slice; the same train.py command runs below as one host",
     "python benchmarks/reproduce.py": "tests/test_reproduce.py runs it (with --quick)",
     "python benchmarks/accelerator.py": "tests/test_memory_layer_benchmark.py runs it (--tiny)",
+    "python train.py --config configs/bert_base_resm.py --workdir gs://": (
+        "needs a bucket: tests/test_gcs.py runs train.py with a gs:// workdir and prepared data "
+        "against fake-gcs-server"),
 }
 
 TINY_TRAIN = ("--config.train.steps=4 --config.train.log_every=2 --config.train.eval_every=4 "
