@@ -72,7 +72,6 @@ sys.path.insert(0, str(ROOT))  # run as a plain script
 
 from pkm_jax import compiled_stats  # noqa: E402
 from pkm_jax import config as config_lib  # noqa: E402
-from pkm_jax import sharding  # noqa: E402
 from pkm_jax import trainer  # noqa: E402
 from pkm_jax.bert import row_tables, state_at  # noqa: E402
 
@@ -98,6 +97,12 @@ LAYOUTS: dict[str, dict[str, Any]] = {
                   "mesh.rules": (("batch", ("data", "model")),)},
     "rows_all": {"mesh.data": -1, "mesh.model": 8,
                  "mesh.rules": (("batch", ("data", "model")), ("slots", ("model", "data")))},
+    # mesh.table_split / mesh.fsdp (pkm_jax/sharding.py): the batch over every device, the
+    # tables split over 'model' by columns or rows, and with fsdp the dense weights too.
+    "columns": {"mesh.data": -1, "mesh.model": 8, "mesh.rules": (), "mesh.table_split": "columns"},
+    "rows": {"mesh.data": -1, "mesh.model": 8, "mesh.rules": (), "mesh.table_split": "rows"},
+    "columns_fsdp": {"mesh.data": -1, "mesh.model": 8, "mesh.rules": (),
+                     "mesh.table_split": "columns", "mesh.fsdp": True},
 }
 ONE_DEVICE = {"mesh.data": 1, "mesh.model": 1, "mesh.rules": ()}
 
@@ -175,10 +180,9 @@ def compile_row(row: Row, all_devices: list) -> dict:
   """Compiles a row's programs on its first `row.devices` devices; per-device statistics."""
 
   config = row_config(row)
-  data = row.devices // config.mesh.model
-  mesh = jax.sharding.Mesh(np.array(all_devices[:row.devices]).reshape(data, config.mesh.model),
-                           sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  program = trainer.build_train_program(config, config.data.vocab_size, mesh=mesh)
+  program = trainer.build_train_program(config, config.data.vocab_size,
+                                        devices=all_devices[:row.devices])
+  mesh = program.mesh
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        program.abstract_state, program.state_sharding)
   b, t = config.data.batch_size, config.data.max_len
@@ -193,7 +197,7 @@ def compile_row(row: Row, all_devices: list) -> dict:
   table_bytes = sum(a.size * a.dtype.itemsize for a in tables)
   table_bytes_per_device = sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
                                for a, s in zip(tables, shards))
-  out = dict(row=dataclasses.asdict(row), mesh=dict(data=data, model=config.mesh.model),
+  out = dict(row=dataclasses.asdict(row), mesh=dict(mesh.shape),
              rules=[list(r) for r in config.mesh.rules], table_bytes=table_bytes,
              table_bytes_per_device=table_bytes_per_device, tokens=b * t, programs={})
   for name in row.programs:

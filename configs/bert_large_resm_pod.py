@@ -2,13 +2,15 @@
 
 The model is configs/bert_large_resm.py's (875M parameters, two 512**2 x 1024 value tables at
 layers 11 and 19); what changes is how it is laid out and run:
-- mesh: the batch over 'data' (all devices / 8), the value-table rows over 'model' (8 ways), so
-  each device holds 1/8 of each table and of its Adam moments (0.75 GiB for both layers). A lookup
-  moves token-sized partial sums, never table rows; a step all-reduces each table's [N/8, V]
-  gradient block over 'data' (its data-parallel copies) and nothing larger.
-  FSDP-style, --config.mesh.rules='(("slots", ("model", "data")),)' splits the rows over every
-  device instead (no copies, no table all-reduce), but every device then sees every token's
-  picks: better for small global batches, worse for this one.
+- mesh: every device takes 1/n of the batch (the batch is split over both mesh axes,
+  sharding.DEFAULT_RULES) and holds 1/n of the model: the value tables' columns over 'model'
+  (8 ways; mesh.table_split='columns', the default: a lookup all-gathers the 8 devices' picks,
+  each sums its V/8 columns for all of them, and an all-to-all returns [tokens, V/8] slices),
+  their data-parallel copies over 'data'; every dense weight and its Adam moments over all
+  devices (mesh.fsdp, from bert_large.py). benchmarks/pod_plan.py compiles this step for 8-64
+  devices and for TPU topologies and prints what each device computes, holds and sends.
+  --config.mesh.table_split=rows splits the rows instead (each device reduce-scatters
+  [tokens, V] partial sums: 8x the traffic of the columns' all-to-all).
 - bfloat16 compute; parameters, optimizer state and the product-key search stay float32.
 - values trained by dense Adam (XLM's): this batch makes 1024 * 128 * 4 * 32 = 16.8M picks per
   step, 64 per slot, so a step touches nearly every row and sparse updates would save nothing.
@@ -33,7 +35,7 @@ from configs import bert_large_resm
 
 def get_config():
   config = bert_large_resm.get_config()
-  config.mesh.update(data=-1, model=8)
+  config.mesh.update(data=-1, model=8, table_split="columns", fsdp=True)
   config.model.dtype = "bfloat16"
   config.optim.values_optimizer = "adam"
   config.data.update(batch_size=1024, max_len=128)

@@ -10,10 +10,12 @@ Layout of a pretraining workdir:
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
 during a save leaves the previous step as the latest restorable one. The checksums are written
 into that temporary folder before the rename: a step appears with its manifest or not at all.
-Before a restore, the files of the items restored are hashed and compared, so a damaged file
-is refused in one line before orbax reads any array (orbax keeps no checksums, and a read that
-fails inside it leaves its sibling reads running past the failure; it does read each step's
-small `_CHECKPOINT_METADATA` when a manager is made).
+In a bucket (gs://) orbax writes the step in place and marks it complete with
+commit_success.txt instead of a rename; the checksums are written before that marker, so the
+same holds. Before a restore, the files of the items restored are hashed and compared, so a
+damaged file is refused in one line before orbax reads any array (orbax keeps no checksums,
+and a read that fails inside it leaves its sibling reads running past the failure; it does read
+each step's small `_CHECKPOINT_METADATA` when a manager is made).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from flax import nnx
 
 from pkm_jax import architecture
 from pkm_jax import checksums
+from pkm_jax import storage
 from pkm_jax.bert import BertForMaskedLM
 from pkm_jax.data.tokenizer import load_tokenizer
 from pkm_jax.steps import TrainState
@@ -89,6 +92,10 @@ class _StepChecksums:
     self.step: int | None = None
 
   def __call__(self) -> None:
+    if self.step is not None and self.directory.startswith("gs://"):
+      # orbax's CommitFileTemporaryPath: written in place, committed by commit_success.txt.
+      checksums.write(storage.join(self.directory, str(self.step)), exclude=_COMMIT_FILES)
+      return
     tmps = glob.glob(os.path.join(glob.escape(self.directory), f"{self.step}{_TMP_SUFFIX}*"))
     if self.step is None or len(tmps) != 1:
       raise RuntimeError(f"cannot find the temporary folder of checkpoint step {self.step} in "
@@ -118,9 +125,9 @@ class Manager(ocp.CheckpointManager):
     manifest without orbax's commit files: add them (a manifest's text, then those files)."""
     for step in self.all_steps():
       folder = os.path.join(str(self.directory), str(step))
-      listed = checksums.read(folder) if os.path.isfile(
+      listed = checksums.read(folder) if storage.isfile(
           os.path.join(folder, checksums.MANIFEST)) else None
-      if listed is not None and any(os.path.isfile(os.path.join(folder, f)) and f not in listed
+      if listed is not None and any(storage.isfile(os.path.join(folder, f)) and f not in listed
                                     for f in _COMMIT_FILES):
         checksums.complete(folder)
 
@@ -138,14 +145,14 @@ class Manager(ocp.CheckpointManager):
   def _wait_and_complete(self) -> None:
     super().wait_until_finished()  # orbax calls it within save() too, before the step exists
     folder = os.path.join(str(self.directory), str(self._incomplete))
-    if self._incomplete is not None and os.path.isfile(os.path.join(folder, checksums.MANIFEST)):
+    if self._incomplete is not None and storage.isfile(os.path.join(folder, checksums.MANIFEST)):
       if jax.process_index() == 0:
         checksums.complete(folder)
       self._incomplete = None
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(storage.absolute(workdir), "checkpoints")
 
 
 def make_manager(workdir: str, *, max_to_keep: int | None = None,
@@ -158,7 +165,7 @@ def make_manager(workdir: str, *, max_to_keep: int | None = None,
 
 def saved_steps(workdir: str) -> list[int]:
   """Steps with a complete checkpoint in `workdir` (none if it has no checkpoints folder)."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not storage.isdir(checkpoint_dir(workdir)):
     return []
   return sorted(make_manager(workdir, read_only=True).all_steps())
 
@@ -276,18 +283,16 @@ def restore_state(manager: Manager, step: int, abstract: TrainState) -> tuple[Tr
 
 
 def write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """`path` (local or gs://) holds the JSON whole, or what it had before."""
+  storage.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def read_json(path: str, what: str) -> Any:
   """A JSON file, or one line naming it when it is missing or unreadable."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{path} not found: {what}")
   try:
-    with open(path) as f:
+    with storage.open_file(path) as f:
       return json.load(f)
   except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} could not be read ({type(e).__name__}: {e}); {what}") from e
@@ -304,7 +309,7 @@ def read_model_config(workdir: str) -> architecture.ModelConfig:
 
 def latest_step(workdir: str, step: int | None = None) -> int:
   """`step` if it exists, else the latest; a clear error when there is none."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not storage.isdir(checkpoint_dir(workdir)):
     raise FileNotFoundError(f"no checkpoints in {workdir} ({checkpoint_dir(workdir)} missing)")
   steps = saved_steps(workdir)
   if not steps:

@@ -10,7 +10,7 @@ and carry weight 0.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,14 @@ GATHER_CHUNK_BYTES = 1 << 27  # bytes of gathered rows per loop step
 # lookup ~3x, the search's backward ~2.5x and the row gradients ~1.3x faster at BERT-base
 # (1,024 tokens: one pick a step).
 CACHE_CHUNK_BYTES = 1 << 20
+# Bytes per loop step on GPUs and TPUs. There a loop step is a sequential kernel launch (or TPU
+# loop iteration) that reads and writes the whole float32 accumulator: few, large steps. One
+# pick per step at BERT-base's paper batch (8,192 tokens) made a lookup 128 steps, each moving
+# 2 x 25 MB of accumulator for 1.6 MB of bf16 rows. XLA:TPU does not fuse the gather into the
+# sum (compiled for a v5e: unchunked, the whole [8192, 128, 768] bf16 block is a 1.6 GB
+# temporary, 6.4 GB in the backward), so the chunk still bounds memory: 256 MiB -> 7 steps there.
+# The Pallas kernels (`lookup_kernels`) gather inside the kernel and need no chunks at all.
+ACCELERATOR_CHUNK_BYTES = 1 << 28
 
 
 def pick_chunk(picks: int, bytes_per_pick: int) -> int:
@@ -33,6 +41,22 @@ def cache_chunk(picks: int, bytes_per_pick: int) -> int:
   """Picks per loop step: within both GATHER_CHUNK_BYTES and CACHE_CHUNK_BYTES (at least 1)."""
   return min(pick_chunk(picks, bytes_per_pick),
              max(1, CACHE_CHUNK_BYTES // max(bytes_per_pick, 1)))
+
+
+def accelerator_chunk(picks: int, bytes_per_pick: int) -> int:
+  """Picks per loop step on GPUs and TPUs: within ACCELERATOR_CHUNK_BYTES (at least 1)."""
+  return max(1, min(picks, ACCELERATOR_CHUNK_BYTES // max(bytes_per_pick, 1)))
+
+
+def per_platform(make: Callable[[int], Callable[..., Any]], cpu_chunk: int, accelerator: int,
+                 *operands: Any) -> Any:
+  """make(chunk)(*operands) with the chunk of the platform the program is lowered for: CPU ->
+  cpu_chunk, GPU / TPU -> accelerator (`jax.lax.platform_dependent`: a program lowered for one
+  platform holds only its own loop, no conditional; one compiled for a TPU from a CPU process
+  -- benchmarks/pod_plan.py -- gets the TPU's)."""
+  if cpu_chunk == accelerator:
+    return make(cpu_chunk)(*operands)
+  return jax.lax.platform_dependent(*operands, cpu=make(cpu_chunk), default=make(accelerator))
 
 
 def to_chunks(x_XxP: jax.Array, chunk: int, pad_value: Any) -> jax.Array:

@@ -26,6 +26,7 @@ DECAYS = ("linear", "cosine", "constant")
 VALUE_OPTIMIZERS = ("adam", "sparse_adam")
 VALUE_SCHEDULES = ("constant", "network")
 LOOKUP_KERNELS = ("xla", "pallas")  # mesh.lookup_kernel: pkm_jax.lookup_kernels or not
+TABLE_SPLITS = tuple(sharding.TABLE_SPLITS)  # mesh.table_split
 DTYPES = ("float32", "bfloat16", "float16")
 VALUE_DTYPES = ("float32", "bfloat16")  # memory.value_dtype
 DATA_SOURCES = ("generated", "files", "tfds", "prepared")
@@ -61,7 +62,12 @@ def mesh_group() -> ml_collections.ConfigDict:
   # (("slots", ("model", "data")),) splits the value tables over every device (FSDP-style).
   # lookup_kernel: 'pallas' runs the memory lookup's forward as a Pallas kernel on GPU/TPU
   # (pkm_jax.lookup_kernels; interpret mode, slow, on CPU); 'xla' the pure-JAX one.
-  return ml_collections.ConfigDict(dict(data=-1, model=1, rules=(), lookup_kernel="xla"))
+  # table_split: the value tables split over 'model' by 'columns' or by 'rows'
+  # (pkm_jax.sharding.TABLE_SPLITS says what each moves; rules naming 'slots' or 'value_embed'
+  # replace it). fsdp: dense weights and their optimizer state split over every device too
+  # (FSDP / ZeRO-3), gathered where a layer uses them.
+  return ml_collections.ConfigDict(dict(data=-1, model=1, rules=(), lookup_kernel="xla",
+                                        table_split="columns", fsdp=False))
 
 
 def init_group() -> ml_collections.ConfigDict:
@@ -259,6 +265,9 @@ def validate_mesh(mesh: ml_collections.ConfigDict) -> None:
   if mesh.data == -1 and mesh.model == -1:
     raise ConfigError("mesh.data and mesh.model cannot both be -1")
   check_choice(mesh, "mesh", "lookup_kernel", LOOKUP_KERNELS)
+  check_choice(mesh, "mesh", "table_split", TABLE_SPLITS)
+  if not isinstance(mesh.fsdp, bool):
+    raise ConfigError(f"mesh.fsdp={mesh.fsdp!r} must be True or False")
   for rule in mesh.rules or ():
     if (not isinstance(rule, (tuple, list)) or len(rule) != 2
         or not isinstance(rule[0], str)):
@@ -332,8 +341,10 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
   for key in ("batches", "batch_size"):
     check_number(config.eval, "eval", key, lo=0)
   validate_mesh(config.mesh)
-  if config.mesh.data > 0 and not any(rule[0] == "batch" for rule in config.mesh.rules or ()):
-    check_batch_split(config, config.mesh.data)
+  if not any(rule[0] == "batch" for rule in config.mesh.rules or ()):
+    # The batch goes over both mesh axes (sharding.DEFAULT_RULES); a -1 size is known only
+    # once the devices are (the program checks the whole split then).
+    check_batch_split(config, max(config.mesh.data, 1) * max(config.mesh.model, 1))
 
 
 def validate_memory(mem: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> None:
@@ -377,7 +388,7 @@ def check_batch_split(config: ml_collections.ConfigDict, data_ways: int) -> None
     raise ConfigError(f"data.batch_size={config.data.batch_size} / train.grad_accum_steps="
                       f"{config.train.grad_accum_steps} = {micro_batch} sequences per "
                       f"micro-batch do not split over the {data_ways} devices of the batch "
-                      "axes (mesh.data)")
+                      "axes (mesh.data x mesh.model)")
 
 
 def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None

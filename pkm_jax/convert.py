@@ -19,7 +19,6 @@ an unsupported architecture or activation) is a one-line ValueError naming it.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -28,6 +27,7 @@ from absl import flags
 from flax import nnx
 
 from pkm_jax import cli, converted
+from pkm_jax import storage
 from pkm_jax.architecture import ModelConfig
 from pkm_jax.bert import BertForMaskedLM, MLMHead
 from pkm_jax.data import tokenizer as tok_lib
@@ -302,13 +302,14 @@ def convert_tensors(hf_cfg: dict[str, Any], tensors: dict[str, np.ndarray], *,
 
 
 def convert_hf(hf_dir: str, *, seed: int = 0) -> Converted:
-  """Reads and converts a local HF folder (weights only; the tokenizer is read by pretrained.py)."""
-  if not os.path.isdir(hf_dir):
+  """Reads and converts an HF folder, local or gs:// (weights only; the tokenizer is read by
+  pretrained.py)."""
+  if not storage.isdir(hf_dir):
     raise FileNotFoundError(f"{hf_dir} is not a folder")
   hf_cfg = read_hf_config(hf_dir)
   architecture(hf_cfg)  # fail on an unsupported model before reading hundreds of MB
   converted = convert_tensors(hf_cfg, load_hf_tensors(hf_dir), seed=seed)
-  converted.report["source"] = os.path.abspath(hf_dir)
+  converted.report["source"] = storage.absolute(hf_dir)
   return converted
 
 
@@ -338,8 +339,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("hf_dir", None, "Local Hugging Face model folder.")
-  flags.DEFINE_string("out", None, "Output folder for the converted checkpoint.")
+  flags.DEFINE_string("hf_dir", None, "Hugging Face model folder (local or gs://).")
+  flags.DEFINE_string("out", None, "Output folder for the converted checkpoint (local or gs://).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out.")
   flags.DEFINE_integer("seed", 0, "Seed for an MLM head the checkpoint lacks.")
   cli.run(main)

@@ -8,14 +8,15 @@ Layout (written by `python -m pkm_jax.convert` or `save_pretrained`):
   OUT/conversion.json     {"format", "source", "architecture", "report"}
   OUT/checksums.sha256    every file's SHA-256 (`checksums`), checked before a restore
 A folder is written under a temporary name beside OUT and renamed when complete, so OUT is
-either absent, the previous contents, or the whole new checkpoint.
+either absent, the previous contents, or the whole new checkpoint. OUT may be gs:// (any
+etils.epath URL): it is then written locally and uploaded, model_config.json and the checksums
+last (`staged_dir`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -27,6 +28,7 @@ from flax import nnx
 from pkm_jax import architecture
 from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import checksums
+from pkm_jax import storage
 from pkm_jax.architecture import ModelConfig
 from pkm_jax.bert import BertForMaskedLM
 from pkm_jax.data import tokenizer as tok_lib
@@ -37,8 +39,8 @@ _TOKENIZER_EXTRAS = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.j
 
 
 def is_converted_dir(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, "model_config.json"))
-          and os.path.isdir(os.path.join(path, "params")))
+  return (storage.isfile(os.path.join(path, "model_config.json"))
+          and storage.isdir(os.path.join(path, "params")))
 
 
 def _write_tokenizer(tmp: str, tokenizer: Any, vocab_size: int) -> None:
@@ -46,13 +48,13 @@ def _write_tokenizer(tmp: str, tokenizer: Any, vocab_size: int) -> None:
     src_file = tok_lib.resolve_tokenizer_path(os.fspath(tokenizer))
     tok = tok_lib.load_tokenizer(src_file)
     if src_file.endswith(".json"):
-      shutil.copyfile(src_file, os.path.join(tmp, "tokenizer.json"))  # byte-exact
+      storage.download(src_file, os.path.join(tmp, "tokenizer.json"))  # byte-exact
     else:
       tok.save(os.path.join(tmp, "tokenizer.json"))
     src_dir = os.path.dirname(src_file)
     for name in _TOKENIZER_EXTRAS:
-      if os.path.isfile(os.path.join(src_dir, name)):
-        shutil.copyfile(os.path.join(src_dir, name), os.path.join(tmp, name))
+      if storage.isfile(os.path.join(src_dir, name)):
+        storage.download(os.path.join(src_dir, name), os.path.join(tmp, name))
   else:
     tok = tokenizer
     tok.save(os.path.join(tmp, "tokenizer.json"))
@@ -68,14 +70,15 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict, tokenizer: An
 
   `tokenizer`: a tokenizers.Tokenizer, or a path to a tokenizer file / a folder holding one.
   """
-  out = os.path.abspath(out_dir)
-  if os.path.exists(out):
-    if not os.path.isdir(out):
+  out = storage.absolute(out_dir)
+  storage.check_bucket(out)
+  if storage.exists(out):
+    if not storage.isdir(out):
       raise FileExistsError(f"--out {out} exists and is not a folder")
-    if os.listdir(out) and not overwrite:
+    if storage.listdir(out) and not overwrite:
       raise FileExistsError(f"--out {out} exists and is not empty (pass --overwrite to "
                             f"replace it)")
-  with staged_dir(out) as tmp:
+  with staged_dir(out, last=("model_config.json", checksums.MANIFEST)) as tmp:
     _write_tokenizer(tmp, tokenizer, cfg.vocab_size)
     with open(os.path.join(tmp, "model_config.json"), "w") as f:
       json.dump(architecture.to_dict(cfg), f, indent=2, sort_keys=True)
@@ -106,7 +109,7 @@ def _abstract_params(cfg: ModelConfig) -> dict:
 def read_checkpoint(path: str) -> tuple[ModelConfig, dict, Any]:
   """(ModelConfig, params pure dict, tokenizers.Tokenizer) of a converted checkpoint."""
   what = f"{path} is not a complete converted checkpoint"
-  verified = ckpt_lib.verify_files(os.path.abspath(path), f"converted checkpoint {path}",
+  verified = ckpt_lib.verify_files(storage.absolute(path), f"converted checkpoint {path}",
                                    "convert it again")
   try:
     cfg = architecture.from_dict(ckpt_lib.read_json(os.path.join(path, "model_config.json"), what))
@@ -116,7 +119,7 @@ def read_checkpoint(path: str) -> tuple[ModelConfig, dict, Any]:
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         _abstract_params(cfg))
-  params_dir = os.path.join(os.path.abspath(path), "params")
+  params_dir = os.path.join(storage.absolute(path), "params")
   ckpt_lib.ignore_closed_event_loop()
   try:
     with ckpt_lib.sigint_deferred(), ocp.StandardCheckpointer() as ckptr:
@@ -126,9 +129,9 @@ def read_checkpoint(path: str) -> tuple[ModelConfig, dict, Any]:
                      f"{'' if verified else '; it has no checksums'}): "
                      f"{ckpt_lib.orbax_cause(e)}; convert it again") from e
   if not verified:
-    checksums.warn_unverified(os.path.abspath(path), "converted")
+    checksums.warn_unverified(storage.absolute(path), "converted")
   info_path = os.path.join(path, "conversion.json")
-  info = ckpt_lib.read_json(info_path, what) if os.path.isfile(info_path) else {}
+  info = ckpt_lib.read_json(info_path, what) if storage.isfile(info_path) else {}
   for note in info.get("report", {}).get("notes", []):
     logging.warning("%s: %s", path, note)
   return cfg, params, tok_lib.load_tokenizer(os.path.join(path, "tokenizer.json"))

@@ -23,6 +23,7 @@ from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import config as config_lib
 from pkm_jax import data as data_lib
 from pkm_jax import metrics as metrics_lib
+from pkm_jax import storage
 from pkm_jax.architecture import ModelConfig
 from pkm_jax.config import ConfigError
 
@@ -80,7 +81,7 @@ def run_config(workdir: str, overrides: dict[str, Any],
   """The run's saved config.json with command-line `overrides` ({'data.max_len': 32}) on top;
   `fallback` (the command line's config) for workdirs written without a config.json."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     config = fallback
   else:
     saved = config_lib.upgrade(ckpt_lib.read_json(path, "the run's settings"))
@@ -130,7 +131,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str,
                     make_eval_iter(config.eval.batches or None),
                     lambda b: jax.tree.map(jnp.asarray, b), model_cfg)
   result = {"step": int(step), **result}
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  storage.makedirs(os.path.join(workdir, "eval"))
   ckpt_lib.write_json(os.path.join(workdir, "eval", "metrics.json"), result)
   return result
 

@@ -10,25 +10,26 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file
+from safetensors.numpy import load, load_file
 
 from pkm_jax import cli
+from pkm_jax import storage
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def is_hf_folder(path: str) -> bool:
   """A folder with config.json and HF weights (and no pkm-jax files of its own)."""
-  return (os.path.isfile(os.path.join(path, "config.json"))
-          and any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES))
+  return (storage.isfile(os.path.join(path, "config.json"))
+          and any(storage.isfile(os.path.join(path, f)) for f in WEIGHT_FILES))
 
 
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
   path = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"{path} not found: {hf_dir} is not a Hugging Face model folder")
   try:
-    with open(path) as f:
+    with storage.open_file(path) as f:
       cfg = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from e
@@ -47,6 +48,8 @@ def _widen(x: np.ndarray) -> np.ndarray:
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
   # numpy reads bfloat16 here because importing jax registers ml_dtypes' bfloat16.
   try:
+    if storage.is_remote(path):  # safetensors maps local files; a bucket's is read whole
+      return {k: _widen(v) for k, v in load(storage.read_bytes(path)).items()}
     return {k: _widen(v) for k, v in load_file(path).items()}
   except (SafetensorError, OSError, ValueError, TypeError) as e:
     raise ValueError(f"{path} is not a readable safetensors file: {cli.one_line(e)}") from e
@@ -59,7 +62,8 @@ def _load_torch_bin(path: str) -> dict[str, np.ndarray]:
     raise ValueError(f"{path} is a torch pickle and torch is not installed: install torch or "
                      f"save the model as model.safetensors") from e
   try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with storage.open_file(path, "rb") as f:
+      state = torch.load(f, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for a corrupt pickle
     raise ValueError(f"{path} could not be loaded by torch: {cli.one_line(e)}") from e
   return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()}
@@ -69,11 +73,11 @@ def load_hf_tensors(hf_dir: str) -> dict[str, np.ndarray]:
   """All tensors of the folder's weights (safetensors preferred), by their HF names."""
   single = os.path.join(hf_dir, "model.safetensors")
   index = os.path.join(hf_dir, "model.safetensors.index.json")
-  if os.path.isfile(single):
+  if storage.isfile(single):
     return _load_safetensors(single)
-  if os.path.isfile(index):
+  if storage.isfile(index):
     try:
-      with open(index) as f:
+      with storage.open_file(index) as f:
         shards = sorted(set(json.load(f)["weight_map"].values()))
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
       raise ValueError(f"{index} has no valid 'weight_map': {cli.one_line(e)}") from e
@@ -82,6 +86,6 @@ def load_hf_tensors(hf_dir: str) -> dict[str, np.ndarray]:
       tensors.update(_load_safetensors(os.path.join(hf_dir, shard)))
     return tensors
   binary = os.path.join(hf_dir, "pytorch_model.bin")
-  if os.path.isfile(binary):
+  if storage.isfile(binary):
     return _load_torch_bin(binary)
   raise FileNotFoundError(f"no weights in {hf_dir}: expected one of {', '.join(WEIGHT_FILES)}")

@@ -1,4 +1,4 @@
-"""The weighted lookup as Pallas kernels: one for GPUs (Triton), one for TPUs (Mosaic).
+"""The weighted lookup as Pallas kernels, forward and backward: Triton for GPUs, Mosaic for TPUs.
 
 `weighted_lookup` computes exactly `product_keys.weighted_lookup` -- the sum of each token's
 picked value rows, weighted (EmbeddingBag 'sum' with per-sample weights) -- but gathers the rows
@@ -8,18 +8,19 @@ inside a kernel, so no [tokens, picks, V] block ever reaches memory, whatever th
     the picks; each step gathers one pick's row slice for all 16 tokens straight from the table
     in global memory and adds it, weighted, into a float32 accumulator held in registers.
   - TPU (`_tpu_gather_sum`): a program per 8 tokens DMAs their picked rows from HBM into VMEM
-    (one copy per row, all in flight together), then sums them with one [1, P] x [P, V] matmul
-    per token.
+    (one copy per row, all in flight together; a bf16 table is read as 32-bit words, see
+    `lookup_tiles`), then sums each token's rows weighted on the vector units.
 
-Lowering is per platform (`jax.lax.platform_dependent`): cuda/rocm -> Triton, tpu -> Mosaic; on
-CPU the Triton kernel runs in Pallas' interpret mode (correct, slow: for tests). The backward
-is the XLA one of `product_keys` (gather of d weights, scatter-add of row gradients, none when
-the table's gradient is stopped), so only the forward differs, and `product_keys` stays the
-reference every kernel is tested against (`tests/test_lookup_kernels.py`).
+Its backward (`gather_sum_grads`, in `lookup_grad_kernels`) is kernels too: the weights'
+gradient gathers the rows again, the table's gradient sorts the picks by row and sums each
+row's segment once, with no scatter-add. Lowering is per platform (`jax.lax.platform_dependent`):
+cuda/rocm -> Triton, tpu -> Mosaic; on CPU the Triton kernels run in Pallas' interpret mode
+(correct, slow: for tests). `product_keys` stays the reference every kernel is tested against
+(`tests/test_lookup_kernels.py`).
 
 Chosen with `--config.mesh.lookup_kernel=pallas` (`placement.MemoryPlacement`), for a whole
 table and inside each row block of a split one (`sharded_memory`); 'xla' is the default until an
-accelerator run (`benchmarks/accelerator.py`) shows the kernel faster there.
+accelerator run (`benchmarks/accelerator.py`) shows the kernels faster there.
 """
 
 from __future__ import annotations
@@ -32,29 +33,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from pkm_jax import lookup_tiles as tiles
 from pkm_jax import product_keys
-
-TRITON_BLOCK_TOKENS = 16  # tokens per program: the rows of one gathered [16, block_v] tile
-TRITON_MAX_BLOCK_V = 256  # value columns per program (Triton tiles are powers of two)
-TPU_BLOCK_TOKENS = 8  # tokens per program: one sublane tile of the [8, V] output block
-
-
-def _pad_tokens(x_MxP: jax.Array, multiple: int) -> jax.Array:
-  """Rows of zeros up to a multiple of the token block: id 0 with weight 0 adds nothing."""
-  return jnp.pad(x_MxP, ((0, -x_MxP.shape[0] % multiple), (0, 0)))
-
-
-def _out_shape(shape: tuple[int, ...], *like: jax.Array) -> jax.ShapeDtypeStruct:
-  """The kernels' float32 output. Inside a shard_map (a split table's row blocks) it varies
-  over every mesh axis an input varies over, which pallas_call needs to be told."""
-  varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in like))
-  return jax.ShapeDtypeStruct(shape, jnp.float32, manual_axis_type=jax.typeof(
-      like[0]).manual_axis_type.update(varying=varying))
-
-
-def _triton_block_v(v: int) -> int:
-  """The largest power of two dividing V, at most TRITON_MAX_BLOCK_V (256 for V = 768)."""
-  return min(v & -v, TRITON_MAX_BLOCK_V)
+from pkm_jax.lookup_grad_kernels import gather_sum_grads  # the backward, public here too
 
 
 def _triton_kernel(idx_ref, w_ref, values_ref, out_ref, *, block_v: int, picks: int):
@@ -74,9 +55,9 @@ def _triton_gather_sum(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Arr
   """sum_p w[m, p] * values[idx[m, p]]: values [N, V], idx/w [M, P] (ids < N) -> [M, V] f32."""
   m, picks = idx_MxP.shape
   v = values_NxV.shape[1]
-  bm, bv = TRITON_BLOCK_TOKENS, _triton_block_v(v)
-  idx_PxM = _pad_tokens(idx_MxP, bm).T
-  w_PxM = _pad_tokens(w_MxP, bm).T
+  bm, bv = tiles.TRITON_BLOCK_TOKENS, tiles.triton_block_v(v)
+  idx_PxM = tiles.pad_tokens(idx_MxP, bm).T
+  w_PxM = tiles.pad_tokens(w_MxP, bm).T
   padded = idx_PxM.shape[1]
   out = pl.pallas_call(
       functools.partial(_triton_kernel, block_v=bv, picks=picks),
@@ -85,32 +66,29 @@ def _triton_gather_sum(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Arr
                 pl.BlockSpec((picks, bm), lambda i, j: (0, i)),
                 pl.BlockSpec(memory_space=pl.ANY)],  # the table is read by row ids, unblocked
       out_specs=pl.BlockSpec((bm, bv), lambda i, j: (i, j)),
-      out_shape=_out_shape((padded, v), idx_PxM, w_PxM, values_NxV),
+      out_shape=tiles.out_shape((padded, v), idx_PxM, w_PxM, values_NxV),
       compiler_params=None if interpret else pltriton.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
       name="pkm_weighted_lookup")(idx_PxM, w_PxM, values_NxV)
   return out[:m]
 
 
-def _tpu_kernel(idx_ref, w_ref, values_hbm, out_ref, rows_buf, sem, *, block_m: int,
-                picks: int):
-  # idx_ref: [8, P] ids in SMEM (scalars address the copies); w_ref: [8, P] in VMEM;
-  # values_hbm: the [N, V] table left in HBM; rows_buf: [8, P, V] VMEM scratch.
-  def row_copy(t, p):
-    return pltpu.make_async_copy(values_hbm.at[pl.ds(idx_ref[t, p], 1)],
-                                 rows_buf.at[t, pl.ds(p, 1)], sem.at[0])
-
-  def each_row(fn):
-    def token(t, carry):
-      return jax.lax.fori_loop(0, picks, lambda p, c: (fn(row_copy(t, p)), c)[1], carry)
-    jax.lax.fori_loop(0, block_m, token, 0)
-
-  # Every copy is started before the first wait, so the DMA engines have all rows in flight.
-  each_row(lambda copy: copy.start())
-  each_row(lambda copy: copy.wait())
-  for t in range(block_m):
-    out_ref[pl.ds(t, 1), :] = jnp.dot(w_ref[pl.ds(t, 1), :], rows_buf[t].astype(jnp.float32),
-                                      preferred_element_type=jnp.float32)
+def _tpu_kernel(idx_ref, w_ref, values_hbm, out_ref, rows_buf, sem, *, picks: int, dtype):
+  # idx_ref: [8, P] word-row ids in SMEM (scalars address the copies); w_ref: [pk, P, 8], the
+  # weights by half-word, pick-major; values_hbm: the table left in HBM; rows_buf: [8, P, V]
+  # 32-bit VMEM scratch (lookup_tiles says why words).
+  bm = tiles.TPU_BLOCK_TOKENS
+  tiles.tpu_gather_rows(idx_ref, tiles.word_ref(values_hbm), rows_buf, sem,
+                        block_m=bm, picks=picks)
+  for t in range(bm):
+    # A weighted sum over the P rows on the vector units: [P, 1] weights broadcast along the
+    # lanes, then a reduction over sublanes. (As a [1, P] x [P, V] matmul the MXU would load
+    # all P x V rows as weights to stream a single LHS row: mostly idle.)
+    acc = jnp.zeros((1, out_ref.shape[1]), jnp.float32)
+    for s in range(w_ref.shape[0]):
+      rows = tiles.unpack_rows(rows_buf[t], s, dtype)
+      acc += jnp.sum(w_ref[s, :, pl.ds(t, 1)] * rows, axis=0, keepdims=True)
+    out_ref[pl.ds(t, 1), :] = acc
 
 
 def _tpu_gather_sum(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array, *,
@@ -118,22 +96,25 @@ def _tpu_gather_sum(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array,
   """`_triton_gather_sum` for TPUs: values [N, V], idx/w [M, P] (ids < N) -> [M, V] f32."""
   m, picks = idx_MxP.shape
   v = values_NxV.shape[1]
-  bm = TPU_BLOCK_TOKENS
-  idx_MxP, w_MxP = _pad_tokens(idx_MxP, bm), _pad_tokens(w_MxP, bm)
+  bm, pk = tiles.TPU_BLOCK_TOKENS, tiles.packing(values_NxV.dtype)
+  idx_MxP, w_MxP = tiles.pad_tokens(idx_MxP, bm), tiles.pad_tokens(w_MxP, bm)
   padded = idx_MxP.shape[0]
+  values = tiles.even_rows(values_NxV)
+  w_halves = tiles.tpu_weights_by_half(idx_MxP, w_MxP, pk)
+  table = tiles.table_words(values) if interpret else values
   out = pl.pallas_call(
-      functools.partial(_tpu_kernel, block_m=bm, picks=picks),
+      functools.partial(_tpu_kernel, picks=picks, dtype=values.dtype),
       grid=(padded // bm,),
       in_specs=[pl.BlockSpec((bm, picks), lambda i: (i, 0), memory_space=pltpu.SMEM),
-                pl.BlockSpec((bm, picks), lambda i: (i, 0)),
+                pl.BlockSpec((None, pk, picks, bm), lambda i: (i, 0, 0, 0)),
                 pl.BlockSpec(memory_space=pl.ANY)],
       out_specs=pl.BlockSpec((bm, v), lambda i: (i, 0)),
-      out_shape=_out_shape((padded, v), idx_MxP, w_MxP, values_NxV),
-      scratch_shapes=[pltpu.VMEM((bm, picks, v), values_NxV.dtype),
+      out_shape=tiles.out_shape((padded, v), idx_MxP, w_MxP, values_NxV),
+      scratch_shapes=[pltpu.VMEM((bm, picks, v), jnp.float32 if pk == 1 else jnp.uint32),
                       pltpu.SemaphoreType.DMA((1,))],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       interpret=pltpu.InterpretParams() if interpret else False,
-      name="pkm_weighted_lookup")(idx_MxP, w_MxP, values_NxV)
+      name="pkm_weighted_lookup")(idx_MxP // pk, w_halves, table)
   return out[:m]
 
 
@@ -154,13 +135,14 @@ def gather_sum(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array) -> j
       default=functools.partial(_triton_gather_sum, interpret=True))
 
 
-# The backward is XLA's, the same as `product_keys.weighted_lookup`'s on these picks.
-_lookup = product_keys.lookup_vjp(gather_sum, product_keys.weighted_lookup_grads)
+# The backward is Pallas kernels too (`lookup_grad_kernels`); the table's gradient is built only
+# when the table is differentiated (`product_keys.lookup_vjp`'s want_values).
+_lookup = product_keys.lookup_vjp(gather_sum, gather_sum_grads)
 
 
 def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
-  """`product_keys.weighted_lookup` with a Pallas forward: values [N, V], indices/weights
-  [..., H, K] -> [..., V] float32."""
+  """`product_keys.weighted_lookup` with a Pallas forward and backward: values [N, V],
+  indices/weights [..., H, K] -> [..., V] float32."""
   lead = indices.shape[:-2]
   picks = indices.shape[-2] * indices.shape[-1]
   w_MxP = weights.reshape(-1, picks).astype(jnp.promote_types(values_NxV.dtype, jnp.float32))

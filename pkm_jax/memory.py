@@ -38,6 +38,7 @@ class ProductKeyMemory(nnx.Module):
     # keys decide which rows are read, and the projection is a small part of the layer's cost.
     self.query_proj = nnx.Linear(
         d_in, h * kd, dtype=jnp.float32, param_dtype=param_dtype,
+        precision=jax.lax.Precision.HIGHEST,  # float32 products on GPUs / TPUs too
         kernel_init=nnx.with_metadata(nnx.initializers.lecun_normal(),
                                       logical_axes=("embed", "mem_query")),
         bias_init=nnx.with_metadata(nnx.initializers.zeros, logical_axes=("mem_query",)),

@@ -7,8 +7,9 @@ the memory computes; the placement says *where*, so it is never saved with a che
 same checkpoint restores onto any mesh.
 
 Rules of choice (each computes the same function, only the communication differs):
-  - rows split over mesh axes of size > 1 (`slot_axes`): the hand-partitioned lookup and row
-    updates of `sharded_memory` (rows stay put; picks and token-sized partials move);
+  - rows or columns split over mesh axes of size > 1 (`slot_axes`, `col_axes`): the
+    hand-partitioned lookup and row updates of `sharded_memory` (the table stays put; picks and
+    token-sized partials move);
   - tokens split over mesh axes of size > 1 (`token_axes`): each device runs the search for its
     own tokens (`sharded_memory.sharded_product_key_topk`);
   - neither (one device, or a replicated table with replicated tokens): the plain operations of
@@ -43,16 +44,24 @@ class MemoryPlacement:
   slot_axes: tuple[str, ...] = ()
   token_axes: tuple[str, ...] = ()
   lookup_kernel: str = "xla"
+  col_axes: tuple[str, ...] = ()  # mesh axes that split the value tables' columns
 
   @classmethod
   def from_mesh(cls, mesh: jax.sharding.Mesh,
                 rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES, *,
                 lookup_kernel: str = "xla") -> MemoryPlacement:
-    """The placement `rules` give on `mesh`: 'slots' -> row axes, 'batch' -> token axes."""
+    """The placement `rules` give on `mesh`: 'slots' -> row axes, 'value_embed' -> column
+    axes, 'batch' -> token axes."""
     real = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)  # noqa: E731
     return cls(slot_axes=real(sharding_lib.slot_axes(rules)),
                token_axes=real(sharding_lib.rule_axes("batch", rules)),
-               lookup_kernel=lookup_kernel)
+               lookup_kernel=lookup_kernel,
+               col_axes=real(sharding_lib.column_axes(rules)))
+
+  @property
+  def split(self) -> bool:
+    """Whether the value tables are split (by rows, columns or both)."""
+    return bool(self.slot_axes or self.col_axes)
 
   def search(self, query: jax.Array, sub_keys: jax.Array, k: int
              ) -> tuple[jax.Array, jax.Array]:
@@ -64,9 +73,10 @@ class MemoryPlacement:
 
   def lookup(self, values_NxV: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
     """`product_keys.weighted_lookup`: values [N, V], picks [B, T, H, k] -> [B, T, V]."""
-    if self.slot_axes:
+    if self.split:
       return sharded_memory.sharded_weighted_lookup(values_NxV, indices, weights,
                                                     slot_axes=self.slot_axes,
+                                                    col_axes=self.col_axes,
                                                     token_axes=self.token_axes,
                                                     kernel=self.lookup_kernel)
     if self.lookup_kernel == "pallas":
@@ -78,9 +88,9 @@ class MemoryPlacement:
   def row_dots(self, table_NxD: jax.Array, indices: jax.Array, x: jax.Array) -> jax.Array:
     """`memory_kinds.row_dots` (PEER's u_i . x): table [N, D], picks [B, T, H, k], x [B, T, D]
     -> [B, T, H, k] float32."""
-    if self.slot_axes:
+    if self.split:
       return sharded_memory.sharded_row_dots(table_NxD, indices, x, slot_axes=self.slot_axes,
-                                             token_axes=self.token_axes)
+                                             col_axes=self.col_axes, token_axes=self.token_axes)
     return memory_kinds.row_dots(table_NxD, indices, x)
 
   def row_gradients(self, indices: jax.Array, weights: jax.Array, grad_out: jax.Array, *,
@@ -88,9 +98,10 @@ class MemoryPlacement:
     """Gradients of the picked rows: picks [B, T, H, k] (ids >= num_rows: padding), d out
     [B, T, V] -> row ids [R], row grads [R, V], their squared norm [] (for joint clipping).
     Split tables build them inside each row block (`sharded_memory.sharded_row_gradients`)."""
-    if self.slot_axes:
+    if self.split:
       return sharded_memory.sharded_row_gradients(indices, weights, grad_out, num_rows=num_rows,
                                                   slot_axes=self.slot_axes,
+                                                  col_axes=self.col_axes,
                                                   token_axes=self.token_axes)
     return sparse_adam.row_gradients_and_norm(indices, weights, grad_out, num_rows=num_rows)
 
@@ -99,9 +110,10 @@ class MemoryPlacement:
                  grad_scale: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """One row-wise optimizer step on the rows `row_gradients` returned, their gradients times
     grad_scale (the clip's factor) -> (table, opt_state)."""
-    if self.slot_axes:
+    if self.split:
       return sharded_memory.sharded_row_update(tx, row_ids, row_grads, opt_state, table_NxV,
-                                               slot_axes=self.slot_axes, grad_scale=grad_scale)
+                                               slot_axes=self.slot_axes, col_axes=self.col_axes,
+                                               grad_scale=grad_scale)
     return tx.step(row_ids, row_grads, opt_state, table_NxV, grad_scale)
 
 

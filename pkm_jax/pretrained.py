@@ -14,6 +14,7 @@ from flax import nnx
 from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import convert as convert_lib
 from pkm_jax import converted, hf_files
+from pkm_jax import storage
 from pkm_jax.architecture import ModelConfig
 from pkm_jax.bert import BertForMaskedLM
 from pkm_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
@@ -25,8 +26,8 @@ is_converted_dir = converted.is_converted_dir
 
 def is_workdir(path: str) -> bool:
   """A pkm-jax training workdir (pkm_jax.checkpoint's layout)."""
-  return (os.path.isfile(os.path.join(path, "model_config.json"))
-          and os.path.isdir(os.path.join(path, "checkpoints")))
+  return (storage.isfile(os.path.join(path, "model_config.json"))
+          and storage.isdir(os.path.join(path, "checkpoints")))
 
 
 def load_pretrained(path: str) -> tuple[ModelConfig, dict, Any]:

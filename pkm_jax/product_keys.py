@@ -39,7 +39,10 @@ def subkey_topk(q_HxMxD: jax.Array, keys_HxNxD: jax.Array, k: int) -> tuple[jax.
   Head-major, so the [H, M, n] scores come out of the batched matmul in the layout top_k reads.
   The backward touches only the k picked sub-keys of each query (see `_subkey_topk_bwd`).
   """
-  scores, ids = top_k(jnp.einsum("hmd,hnd->hmn", q_HxMxD, keys_HxNxD), k)
+  # HIGHEST: float32 products on every platform. GPUs default to TF32 and TPUs to one bf16
+  # pass, where near-ties between sub-keys -- which decide the rows read -- would differ.
+  scores, ids = top_k(jnp.einsum("hmd,hnd->hmn", q_HxMxD, keys_HxNxD,
+                                 precision=jax.lax.Precision.HIGHEST), k)
   return scores, ids
 
 
@@ -52,13 +55,13 @@ def _subkey_topk_bwd(k, res, cotangents):
   """score[h, m, j] = q[h, m] . keys[h, ids[h, m, j]], so the gradients are gathered from / added
   into the picked rows only: O(H M k D) work, where autodiff of top_k would fill a dense
   [H, M, n] score gradient and run two matmuls over it -- growing with n_keys, i.e. with sqrt(N).
-  Picks go in chunks (`chunks.cache_chunk`) so that a gathered [H, M, chunk, D] block stays bounded
-  at large batches."""
+  Picks go in chunks (`chunks.cache_chunk` on CPUs, `chunks.accelerator_chunk` on GPUs / TPUs)
+  so that a gathered [H, M, chunk, D] block stays bounded at large batches."""
   q_HxMxD, keys_HxNxD, ids_HxMxk = res
   g_HxMxk = cotangents[0].astype(q_HxMxD.dtype)
   h, m, d = q_HxMxD.shape
   n = keys_HxNxD.shape[1]
-  chunk = chunks.cache_chunk(k, h * m * d * q_HxMxD.dtype.itemsize)
+  bytes_per_pick = h * m * d * q_HxMxD.dtype.itemsize
   take_rows = jax.vmap(  # over heads; padding ids (n) read zeros
       lambda keys_NxD, ids: jnp.take(keys_NxD, ids, axis=0, mode="fill", fill_value=0))
   add_rows = jax.vmap(lambda g_NxD, ids, upd: g_NxD.at[ids.reshape(-1)].add(
@@ -71,10 +74,15 @@ def _subkey_topk_bwd(k, res, cotangents):
     g_keys = add_rows(g_keys, ids_HxMxc, g_HxMxc[..., None] * q_HxMxD[:, :, None, :])
     return (g_q, g_keys), None
 
-  init = (jnp.zeros_like(q_HxMxD), jnp.zeros_like(keys_HxNxD))
-  xs = (chunks.to_chunks(ids_HxMxk, chunk, n), chunks.to_chunks(g_HxMxk, chunk, 0))
-  (g_q, g_keys), _ = jax.lax.scan(add_chunk, init, xs)
-  return g_q, g_keys
+  def make(chunk):
+    def run(ids_HxMxk, g_HxMxk):
+      init = (jnp.zeros_like(q_HxMxD), jnp.zeros_like(keys_HxNxD))
+      xs = (chunks.to_chunks(ids_HxMxk, chunk, n), chunks.to_chunks(g_HxMxk, chunk, 0))
+      return jax.lax.scan(add_chunk, init, xs)[0]
+    return run
+
+  return chunks.per_platform(make, chunks.cache_chunk(k, bytes_per_pick),
+                             chunks.accelerator_chunk(k, bytes_per_pick), ids_HxMxk, g_HxMxk)
 
 
 subkey_topk.defvjp(_subkey_topk_fwd, _subkey_topk_bwd)
@@ -142,7 +150,8 @@ def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Arra
   """sum_{h,k} weights * values[indices] (EmbeddingBag 'sum' with per-sample weights).
 
   values [N, V], indices/weights [..., H, K] -> [..., V] float32. Picks are gathered a chunk
-  at a time (`chunks.CACHE_CHUNK_BYTES`), so [tokens, picks, V] is never built, forward or backward;
+  at a time (`chunks.CACHE_CHUNK_BYTES` on CPUs, `chunks.ACCELERATOR_CHUNK_BYTES` on GPUs and
+  TPUs), so [tokens, picks, V] is never built, forward or backward;
   the sum is accumulated in float32 whatever the table's dtype (a bf16 table, 128 picks). Ids
   outside [0, N) are padding: no row, no gradient (as in the CPU and Pallas kernels).
   """
@@ -155,15 +164,7 @@ def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Arra
   # Weights stay at least float32: rounding them to a bf16 table's dtype would cost more
   # precision than the table's own rounding.
   w_MxP = weights.reshape(-1, picks).astype(jnp.promote_types(values_NxV.dtype, jnp.float32))
-  bytes_per_pick = idx_MxP.shape[0] * values_NxV.shape[1] * values_NxV.dtype.itemsize
-  chunk = chunks.cache_chunk(picks, bytes_per_pick)
-  if chunk == picks:
-    rows = jnp.take(values_NxV, idx_MxP, axis=0, mode="fill", fill_value=0)
-    out_MxV = jnp.einsum("mp,mpv->mv", w_MxP, rows, preferred_element_type=jnp.float32)
-  else:
-    # Padding picks read row N, past the end: zeros, and their gradient scatters are dropped.
-    out_MxV = _chunked_lookup(values_NxV, chunks.to_chunks(idx_MxP, chunk, values_NxV.shape[0]),
-                              chunks.to_chunks(w_MxP, chunk, 0))
+  out_MxV = _chunked_lookup(values_NxV, idx_MxP, w_MxP)
   return out_MxV.reshape(*lead, values_NxV.shape[1])
 
 
@@ -210,19 +211,37 @@ def lookup_vjp(forward: Callable[..., jax.Array], grads: Callable[..., tuple]
   return lookup
 
 
-def _chunked_lookup_primal(values_NxV: jax.Array, idx_CxMxc: jax.Array, w_CxMxc: jax.Array
+def _lookup_chunks(values_NxV: jax.Array, idx_MxP: jax.Array) -> tuple[int, int]:
+  """Picks per loop step of the lookup and its backward: (on CPUs, on GPUs / TPUs)."""
+  m, picks = idx_MxP.shape
+  bytes_per_pick = m * values_NxV.shape[1] * values_NxV.dtype.itemsize
+  return chunks.cache_chunk(picks, bytes_per_pick), chunks.accelerator_chunk(picks, bytes_per_pick)
+
+
+def _chunked_lookup_primal(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array
                            ) -> jax.Array:
-  """sum over chunks c and picks p of w[c, m, p] * values[idx[c, m, p]] -> [M, V] float32."""
-  def add_chunk(acc_MxV, xs):
-    idx, w = xs
-    rows = jnp.take(values_NxV, idx, axis=0, mode="fill", fill_value=0)
-    return acc_MxV + jnp.einsum("mc,mcv->mv", w, rows, preferred_element_type=jnp.float32), None
+  """sum over picks p of w[m, p] * values[idx[m, p]] -> [M, V] float32, a chunk of picks per
+  loop step (the chunk of the platform it is lowered for)."""
+  def make(chunk):
+    def run(values, idx, w):
+      def add_chunk(acc_MxV, xs):
+        idx, w = xs
+        rows = jnp.take(values, idx, axis=0, mode="fill", fill_value=0)
+        return acc_MxV + jnp.einsum("mc,mcv->mv", w, rows,
+                                    preferred_element_type=jnp.float32), None
 
-  init = jnp.zeros((idx_CxMxc.shape[1], values_NxV.shape[1]), jnp.float32)
-  return jax.lax.scan(add_chunk, init, (idx_CxMxc, w_CxMxc))[0]
+      init = jnp.zeros((idx.shape[0], values.shape[1]), jnp.float32)
+      if chunk >= idx.shape[1]:  # one chunk: no loop
+        return add_chunk(init, (idx, w))[0]
+      xs = (chunks.to_chunks(idx, chunk, values.shape[0]), chunks.to_chunks(w, chunk, 0))
+      return jax.lax.scan(add_chunk, init, xs)[0]
+    return run
+
+  return chunks.per_platform(make, *_lookup_chunks(values_NxV, idx_MxP), values_NxV, idx_MxP,
+                             w_MxP)
 
 
-def _chunked_lookup_grads(values_NxV: jax.Array, idx_CxMxc: jax.Array, w_CxMxc: jax.Array,
+def _chunked_lookup_grads(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array,
                           g_MxV: jax.Array, *, want_values: bool
                           ) -> tuple[jax.Array | None, jax.Array]:
   """Per chunk: d w = g . values[idx] (a gather), d values[idx] += w * g (an in-place
@@ -231,22 +250,34 @@ def _chunked_lookup_grads(values_NxV: jax.Array, idx_CxMxc: jax.Array, w_CxMxc: 
   the row gradients (argsort of the picks first), which is why neither is used."""
   v = values_NxV.shape[1]
 
-  def chunk_grads(g_values, xs):
-    idx, w = xs
-    rows = jnp.take(values_NxV, idx, axis=0, mode="fill", fill_value=0)
-    g_w = jnp.einsum("mv,mcv->mc", g_MxV, rows, preferred_element_type=jnp.float32)
-    if g_values is not None:
-      row_grads = (w[..., None].astype(jnp.float32) * g_MxV[:, None, :]).reshape(-1, v)
-      g_values = g_values.at[idx.reshape(-1)].add(row_grads, mode="drop")
-    return g_values, g_w.astype(w.dtype)
+  def make(chunk):
+    def run(values, idx_MxP, w_MxP, g_MxV):
+      def chunk_grads(g_values, xs):
+        idx, w = xs
+        rows = jnp.take(values, idx, axis=0, mode="fill", fill_value=0)
+        g_w = jnp.einsum("mv,mcv->mc", g_MxV, rows, preferred_element_type=jnp.float32)
+        if g_values is not None:
+          row_grads = (w[..., None].astype(jnp.float32) * g_MxV[:, None, :]).reshape(-1, v)
+          g_values = g_values.at[idx.reshape(-1)].add(row_grads, mode="drop")
+        return g_values, g_w.astype(w.dtype)
 
-  # Row gradients are summed in float32 and cast once: scatter-adds into a bf16 buffer were ~10x
-  # slower on CPU (and round at every duplicate pick).
-  init = jnp.zeros(values_NxV.shape, jnp.float32) if want_values else None
-  g_values, g_w = jax.lax.scan(chunk_grads, init, (idx_CxMxc, w_CxMxc))
-  if g_values is not None:
-    g_values = g_values.astype(values_NxV.dtype)
-  return g_values, g_w
+      # Row gradients are summed in float32 and cast once: scatter-adds into a bf16 buffer were
+      # ~10x slower on CPU (and round at every duplicate pick).
+      init = jnp.zeros(values.shape, jnp.float32) if want_values else None
+      if chunk >= idx_MxP.shape[1]:  # one chunk: no loop
+        g_values, g_w = chunk_grads(init, (idx_MxP, w_MxP))
+      else:
+        xs = (chunks.to_chunks(idx_MxP, chunk, values.shape[0]),
+              chunks.to_chunks(w_MxP, chunk, 0))
+        g_values, g_w = jax.lax.scan(chunk_grads, init, xs)
+        g_w = chunks.from_chunks(g_w, idx_MxP.shape[1])
+      if g_values is not None:
+        g_values = g_values.astype(values.dtype)
+      return g_values, g_w
+    return run
+
+  return chunks.per_platform(make, *_lookup_chunks(values_NxV, idx_MxP), values_NxV, idx_MxP,
+                             w_MxP, g_MxV)
 
 
 _chunked_lookup = lookup_vjp(_chunked_lookup_primal, _chunked_lookup_grads)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,16 +66,15 @@ def build_program(config: ml_collections.ConfigDict, *,
                   make_model: Callable[[MemoryPlacement], nnx.Module], loss_fn: LossFn,
                   total_steps: int, batch_size: int,
                   init_from: Callable[[nnx.Module, Any], Any] | None = None,
-                  mesh: jax.sharding.Mesh | None = None) -> TrainProgram:
+                  devices: Sequence[jax.Device] | None = None) -> TrainProgram:
   """The program for a validated config's `mesh`, `optim`, `train.grad_accum_steps` and `seed`.
 
   make_model(placement) builds the model with fresh parameters (from `config.seed`);
   init_from(model, source) replaces some of them with pretrained ones inside the jitted init.
-  `mesh` replaces the config's mesh of this process's devices, e.g. one of a TPU topology's
-  devices for ahead-of-time compilation (benchmarks/pod_plan.py); building allocates nothing.
+  `devices` (default: jax.devices()) may be another platform's, e.g. a TPU topology's for an
+  ahead-of-time compile (benchmarks/pod_plan.py): nothing is allocated until init_state runs.
   """
-  if mesh is None:
-    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model)
+  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model, devices)
   rules = sharding_lib.rules_from_config(config)
   placement = MemoryPlacement.from_mesh(mesh, rules, lookup_kernel=config.mesh.lookup_kernel)
   accum = config.train.grad_accum_steps
@@ -83,7 +82,7 @@ def build_program(config: ml_collections.ConfigDict, *,
   if (batch_size // accum) % ways:
     raise ConfigError(f"data.batch_size={batch_size} / train.grad_accum_steps={accum} = "
                       f"{batch_size // accum} sequences per micro-batch do not split over the "
-                      f"{ways} devices of the batch axes (mesh.data)")
+                      f"{ways} devices of the batch axes (mesh.data x mesh.model)")
   optimizers = optim_lib.make_optimizers(config.optim, total_steps)
   freeze = frozen_filter(config.optim.freeze_memory)
   init_reports: list = []
@@ -108,7 +107,8 @@ def build_program(config: ml_collections.ConfigDict, *,
                       frozen=frozen)
 
   abstract_state = jax.eval_shape(init_state)
-  state_sharding = sharding_lib.state_shardings(abstract_state, mesh, rules)
+  state_sharding = sharding_lib.state_shardings(abstract_state, mesh, rules,
+                                                sharding_lib.fsdp_axes_from_config(config))
   # Sparse Adam's moments are plain arrays: split their rows like the table's.
   state_sharding.sparse_opt_state = {
       key: sharding_lib.row_state_shardings(

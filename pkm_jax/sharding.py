@@ -1,6 +1,9 @@
 """Device mesh, logical-axis rules and sharded init.
 
-The mesh has two axes, 'data' (batch) and 'model' (value-table slots). Both are `AxisType.Auto`:
+The mesh has two axes, 'data' and 'model'. The batch is split over both, so every device runs the
+dense model on 1/n of the tokens whatever the mesh's shape; the value tables are split over
+'model', by rows (default) or by columns (`TABLE_SPLITS`), and with `fsdp` every other large
+weight and its optimizer state over all devices too (`state_shardings`). Both axes are `AxisType.Auto`:
 the model code carries no sharding annotations, the trainer fixes shardings at jit boundaries
 (in/out_shardings) and GSPMD propagates them through BERT. The only hand-partitioned code is the
 memory's search, lookup and optimizer step (`sharded_memory.py`, written with `jax.shard_map`).
@@ -33,9 +36,11 @@ MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
 
 # Every logical name used by bert.py / memory.py; all but the batch and the slots are replicated
-# (BERT-base's dense weights fit on any accelerator; the memory tables are what needs splitting).
+# unless `fsdp` (the memory tables are what needs splitting first). The batch goes over every
+# device: over 'data' alone, each device of a 'model' group would run the same dense model on
+# the same tokens (8x the work per device at model=8).
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
-    ("batch", DATA),
+    ("batch", (DATA, MODEL)),
     ("slots", MODEL),
     ("value_embed", None),
     ("embed", None), ("embed_out", None), ("mlp", None), ("qkv", None), ("heads", None),
@@ -45,6 +50,19 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
 )
 # Table rows split over every device: no device holds a data-parallel copy of any row.
 FSDP_SLOT_RULES = (("slots", (MODEL, DATA)),) + DEFAULT_RULES
+# How `mesh.table_split` splits the value tables over 'model' (rules tried before the defaults).
+# rows: each device holds N/m whole rows; a lookup sends every token's picks to every block and
+# reduce-scatters [tokens, V] partial sums. columns (Memory Layers at Scale): each device holds
+# V/m of every row; a lookup sends the picks to every device, each sums its column slice for
+# all of them, and an all-to-all returns [tokens, V/m] slices: 1/m of the rows' gathering work
+# per device and 1/m of the rows' traffic, where the row split gathers and reduces [tokens, V].
+TABLE_SPLITS: dict[str, tuple[tuple[str, MeshAxes], ...]] = {
+    "rows": (("slots", MODEL),),
+    "columns": (("slots", None), ("value_embed", MODEL)),
+}
+# With fsdp, a weight (or optimizer moment) with fewer elements stays replicated: a collective's
+# fixed cost outweighs the bytes it would save.
+FSDP_MIN_SIZE = 1 << 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,9 +100,22 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
 
 
 def rules_from_config(config: ml_collections.ConfigDict) -> Rules:
-  """`config.mesh.rules` (overrides, first match wins) followed by DEFAULT_RULES."""
-  rules = config.mesh.get("rules", None) or ()
-  return tuple((name, _as_axes(axes)) for name, axes in rules) + DEFAULT_RULES
+  """`config.mesh.rules` (overrides, first match wins), then `mesh.table_split`'s rules, then
+  DEFAULT_RULES. Rules that name 'slots' or 'value_embed' lay the tables out themselves:
+  mesh.table_split is then not applied."""
+  rules = tuple((name, _as_axes(axes)) for name, axes in config.mesh.get("rules", None) or ())
+  own_table_rules = any(name in ("slots", "value_embed") for name, _ in rules)
+  split = () if own_table_rules else TABLE_SPLITS[config.mesh.get("table_split", "columns")]
+  if split and config.mesh.get("fsdp", False):
+    # FSDP keeps no data-parallel copy of anything: the tables go over 'data' too, so each
+    # device holds 1/n of every table (at the cost of seeing every token's picks).
+    split = tuple((name, (MODEL, DATA) if axes == MODEL else axes) for name, axes in split)
+  return rules + split + DEFAULT_RULES
+
+
+def fsdp_axes_from_config(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The mesh axes `state_shardings` splits dense weights over: all of them with mesh.fsdp."""
+  return MESH_AXES if config.mesh.get("fsdp", False) else ()
 
 
 def rule_axes(logical: str, rules: Rules) -> tuple[str, ...]:
@@ -95,6 +126,11 @@ def rule_axes(logical: str, rules: Rules) -> tuple[str, ...]:
 def slot_axes(rules: Rules) -> tuple[str, ...]:
   """The mesh axes the value tables' rows are split over under `rules`."""
   return rule_axes("slots", rules)
+
+
+def column_axes(rules: Rules) -> tuple[str, ...]:
+  """The mesh axes the value tables' columns are split over under `rules`."""
+  return rule_axes("value_embed", rules)
 
 
 def axes_tuple(axes: MeshAxes | list) -> tuple[str, ...]:
@@ -148,7 +184,8 @@ def _variable_logical_axes(var: nnx.Variable) -> tuple | None:
   return meta.get("logical_axes") or meta.get("out_sharding")
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                    fsdp_axes: Sequence[str] = ()) -> Any:
   """NamedShardings with the structure of `abstract_state` (any tree of nnx Variables / arrays).
 
   A Variable with logical axes is sharded by `rules`; other leaves (LayerNorm params, step
@@ -156,6 +193,12 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULE
   State are Variables with the params' metadata, so they are sharded like their params. Variables
   keep their place in the tree (holding the sharding), so the result can be zipped with the
   state and passed as jit in/out_shardings.
+
+  fsdp_axes (FSDP / ZeRO-3): an annotated Variable of at least FSDP_MIN_SIZE elements that is
+  not a value table also has its largest dimension that divides split over those of these axes
+  its rules leave free. The step then all-gathers each weight where a layer uses it (XLA
+  inserts it: the model code is unchanged) and reduce-scatters its gradient, so no device holds
+  a whole dense weight or its Adam moments; the tables keep their own split (`TABLE_SPLITS`).
   """
   replicated = NamedSharding(mesh, P())
 
@@ -168,6 +211,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULE
       if logical is None:
         return x.replace(replicated)
       spec = logical_to_spec(logical, rules, value.shape, mesh, jax.tree_util.keystr(path))
+      if fsdp_axes and "slots" not in logical and value.size >= FSDP_MIN_SIZE:
+        spec = _with_fsdp(spec, value.shape, mesh, fsdp_axes)
       return x.replace(NamedSharding(mesh, spec))
     return replicated
 
@@ -175,14 +220,36 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULE
                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def _with_fsdp(spec: P, shape: Sequence[int], mesh: Mesh, fsdp_axes: Sequence[str]) -> P:
+  """`spec` with its largest unsplit dimension that divides also split over the free fsdp axes
+  (those `spec` does not use and of size > 1); unchanged if no dimension divides."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  used = {a for e in entries for a in axes_tuple(e)}
+  free = tuple(a for a in fsdp_axes if a not in used and mesh.shape[a] > 1)
+  ways = math.prod(mesh.shape[a] for a in free)
+  if not free:
+    return spec
+  dims = sorted((d for d, e in enumerate(entries) if e is None and shape[d] % ways == 0),
+                key=lambda d: -shape[d])
+  if not dims:
+    return spec
+  entries[dims[0]] = free[0] if len(free) == 1 else free
+  return P(*entries)
+
+
 def row_state_shardings(abstract_state: Any, table_sharding: NamedSharding, num_rows: int) -> Any:
   """Shardings for a row-wise optimizer state (e.g. sparse_adam's): leaves whose leading dim is
-  the table's `num_rows` are split like the table, everything else is replicated."""
+  the table's `num_rows` are split like the table (its rows, and its columns for [N, V] leaves),
+  everything else is replicated."""
   replicated = NamedSharding(table_sharding.mesh, P())
-  row_spec = P(table_sharding.spec[0] if len(table_sharding.spec) else None)
-  return jax.tree.map(
-      lambda x: NamedSharding(table_sharding.mesh, row_spec) if is_row_leaf(x, num_rows)
-      else replicated, abstract_state)
+  spec = tuple(table_sharding.spec) + (None, None)
+
+  def leaf(x):
+    if not is_row_leaf(x, num_rows):
+      return replicated
+    return NamedSharding(table_sharding.mesh, P(*spec[:min(x.ndim, 2)]))
+
+  return jax.tree.map(leaf, abstract_state)
 
 
 def is_row_leaf(x, num_rows: int) -> bool:

@@ -52,11 +52,12 @@ def mlm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes
              *, max_predictions: int | None = None):
   """The pretraining LossFn: masked-LM cross-entropy summed over the masked tokens.
 
-  With max_predictions P (data.mlm.max_masked: the most tokens the masking rule masks in a
-  row), the head's vocabulary projection runs at P positions per row, the masked ones first
-  ([B, P, V] logits instead of [B, T, V], as BERT's pretraining does; the other slots weigh 0,
-  so the sums are the same). A batch with more masked tokens in a row than P (made some other
-  way) takes the full [B, T, V] head instead: never a dropped prediction.
+  With max_predictions P (`data.max_masked`: the most tokens the masking rule masks in a row),
+  the head's vocabulary projection runs at P positions per row, the masked ones first ([B, P, V]
+  logits instead of [B, T, V], as BERT's pretraining does; the other slots weigh 0, so the sums
+  are the same). The batch must then mask at most P tokens per row: every batch of the data
+  pipeline does (`MLMMasker` checks it on the host as it masks). There is no device-side test of
+  it: a `lax.cond` on the batch would cost a device-to-host round trip per step on GPUs.
   """
   h_BxTxD, aux = model.bert(batch["input_ids"], batch["attention_mask"],
                             batch["token_type_ids"], rngs=rngs, value_probes=value_probes)
@@ -74,12 +75,7 @@ def mlm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes
     def take(x):  # [B, T, ...] -> [B, P, ...]
       return jnp.take_along_axis(x, pos_BxP.reshape(pos_BxP.shape + (1,) * (x.ndim - 2)), axis=1)
 
-    def at_positions():
-      return head_loss(take(h_BxTxD), take(labels_BxT), take(weights_BxT))
-
-    fits = jnp.max(jnp.sum(weights_BxT > 0, axis=1)) <= max_predictions
-    loss, sums = jax.lax.cond(fits, at_positions,
-                              lambda: head_loss(h_BxTxD, labels_BxT, weights_BxT))
+    loss, sums = head_loss(take(h_BxTxD), take(labels_BxT), take(weights_BxT))
   return loss * sums["count"], {"count": sums["count"], "loss": sums["nll_sum"],
                                 "mlm_accuracy": sums["correct"]}, aux
 

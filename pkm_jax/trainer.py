@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ from pkm_jax import metrics as metrics_lib
 from pkm_jax import plus_init
 from pkm_jax import pretrained as pretrained_lib
 from pkm_jax import program as program_lib
+from pkm_jax import storage
 from pkm_jax.bert import BertForMaskedLM
 from pkm_jax.loop import Periodic, train_loop
 from pkm_jax.program import TrainProgram
@@ -45,7 +46,7 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict,
   """How the model is computed (remat, compute dtype, mesh) may change on resume; what it is,
   and the layout of its optimizer state, may not."""
   config_path = os.path.join(workdir, "config.json")
-  if os.path.exists(config_path):
+  if storage.exists(config_path):
     saved = config_lib.upgrade(ckpt_lib.read_json(config_path, "the run's settings"))
     for key in ("values_optimizer", "freeze_memory"):
       was = saved.get("optim", {}).get(key, config_lib.optim_group()[key])
@@ -70,11 +71,11 @@ def save_run_files(workdir: str, config: ml_collections.ConfigDict,
   replaced: resumes and evaluations must see the ids training saw)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   ckpt_lib.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
   ckpt_lib.write_json(os.path.join(workdir, "model_config.json"), architecture.to_dict(model_cfg))
   tokenizer_path = os.path.join(workdir, data_lib.TOKENIZER_FILE)
-  if not os.path.isfile(tokenizer_path):
+  if not storage.isfile(tokenizer_path):
     data_lib.save_tokenizer(tokenizer, tokenizer_path)
 
 
@@ -91,9 +92,9 @@ def _memory_images(writer: MetricWriter, step: int, usage: dict) -> None:
 
 def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
                         pretrained_cfg: architecture.ModelConfig | None = None,
-                        mesh: jax.sharding.Mesh | None = None) -> TrainProgram:
-  """The pretraining program (MLM loss) for a validated config and tokenizer vocabulary
-  (`mesh`: see program.build_program)."""
+                        devices: Sequence[jax.Device] | None = None) -> TrainProgram:
+  """The pretraining program (MLM loss) for a validated config and tokenizer vocabulary, on
+  `devices` (default: all of jax's; `program.build_program`)."""
   model_cfg = config_lib.model_config(config, vocab_size=vocab_size)
 
   def make_model(placement):
@@ -108,7 +109,7 @@ def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
   return program_lib.build_program(config, make_model=make_model, loss_fn=loss_fn,
                                    total_steps=config.train.steps,
                                    batch_size=config.data.batch_size, init_from=init_from,
-                                   mesh=mesh)
+                                   devices=devices)
 
 
 def jit_eval_step(program: TrainProgram):
@@ -130,7 +131,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Pretrains with MLM into `workdir` (resuming if it has checkpoints); returns final metrics."""
   # --- Checks: nothing is written before they have all passed ------------------------------
   config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
+  workdir = storage.absolute(workdir)
+  storage.check_bucket(workdir)
   steps = ckpt_lib.saved_steps(workdir)
   pretrained_weights = None
   if config.init.pretrained:

@@ -1,13 +1,18 @@
-"""Metrics to stdout and TensorBoard (tensorboardX: no TensorFlow needed). Process 0 writes."""
+"""Metrics to stdout and TensorBoard (tensorboardX: no TensorFlow needed). Process 0 writes.
+
+A gs:// logdir is written by tensorboardX itself (google-cloud-storage): each flush uploads the
+event file whole, so the bucket holds everything up to the last flush (every 10 s and at close).
+"""
 
 from __future__ import annotations
 
-import os
 import sys
 
 import jax
 import numpy as np
 from tensorboardX import SummaryWriter
+
+from pkm_jax import storage
 
 
 class MetricWriter:
@@ -16,7 +21,7 @@ class MetricWriter:
     self.stdout = stdout
     self._tb = None
     if self.enabled:
-      os.makedirs(logdir, exist_ok=True)
+      storage.makedirs(logdir)
       self._tb = SummaryWriter(logdir, flush_secs=10)
 
   def scalars(self, step: int, scalars: dict[str, float], *, prefix: str = "") -> None:

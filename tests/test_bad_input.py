@@ -415,6 +415,7 @@ PRETRAINING_BAD = {
     "mesh.model": [0],
     "mesh.rules": [(("slots", ("model", "gpu")),), (("slots",),)],
     "mesh.lookup_kernel": ["triton"],
+    "mesh.table_split": ["diagonal"],
     "eval.batches": [-1],
     "eval.batch_size": [-1],
 }
@@ -427,7 +428,7 @@ PRETRAINING_COMBOS = [
 ]
 FREE = {
     "model.use_pooler": "a bool (the flag parser refuses other types)",
-    "model.remat": "a bool", "memory.value_zero_init": "a bool", "data.lowercase": "a bool",
+    "model.remat": "a bool", "mesh.fsdp": "a bool", "memory.value_zero_init": "a bool", "data.lowercase": "a bool",
     "memory.share_values": "a bool", "memory.key_norm": "a bool",
     "optim.freeze_memory": "a bool (checked with values_optimizer: PRETRAINING_COMBOS)",
     "data.files": "opened by the data loader (FileNotFoundError naming the pattern)",
@@ -460,9 +461,9 @@ FINETUNE_BAD = {
     "train.checkpoint_every": [0], "train.keep_checkpoints": [0], "train.grad_accum_steps": [0],
     "eval.batch_size": [0], "eval.n_best": [0], "eval.max_answer_len": [0],
     "mesh.data": [0], "mesh.model": [-3], "mesh.rules": [(("slots", "gpu"),)],
-    "mesh.lookup_kernel": ["cuda"],
+    "mesh.lookup_kernel": ["cuda"], "mesh.table_split": ["blocks"],
 }
-FINETUNE_FREE = {"optim.freeze_memory": "a bool"}
+FINETUNE_FREE = {"optim.freeze_memory": "a bool", "mesh.fsdp": "a bool"}
 
 
 def leaves(config, prefix=""):

@@ -124,7 +124,8 @@ def test_probes_rebuild_the_dense_table_gradients(name):
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 @pytest.mark.parametrize("name", ["pkm", "memory_plus_silu", "peer_relu"])
-@pytest.mark.parametrize("data, model, rules", [(2, 4, ()), (4, 2, (("slots", ("model", "data")),))])
+@pytest.mark.parametrize("data, model, rules", [
+    (2, 4, ()), (4, 2, (("slots", ("model", "data")),)), (2, 4, sharding.TABLE_SPLITS["columns"])])
 def test_sharded_equals_one_device(name, data, model, rules):
   cfg = mem_cfg(**KINDS[name])
   one = ProductKeyMemory(D, cfg, rngs=nnx.Rngs(0))

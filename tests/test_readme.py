@@ -34,11 +34,15 @@ NOT_RUN = {
     "python3 -m venv .venv": "builds the environment: .ci/run does exactly this before the tests",
     ".venv/bin/pip install -r requirements.txt": "as above (.ci/run installs the same file)",
     ".venv/bin/pip install -r requirements-test.txt": "as above",
+    ".venv/bin/pip install --no-deps -t .tpu": "as above (.ci/run installs libtpu the same way)",
     ".venv/bin/python -m pytest": "the test suite itself",
     "gcloud": "needs a TPU pod slice; the same train.py command runs below as one host",
     "python benchmarks/reproduce.py": "tests/test_reproduce.py runs it (with --quick)",
     "python benchmarks/accelerator.py": "tests/test_memory_layer_benchmark.py runs it (--tiny)",
     "python benchmarks/pod_plan.py": "tests/test_pod_plan.py runs it (with --quick)",
+    "python train.py --config configs/bert_base_resm.py --workdir gs://": (
+        "needs a bucket: tests/test_gcs.py runs train.py with a gs:// workdir and prepared data "
+        "against fake-gcs-server"),
 }
 
 TINY_TRAIN = ("--config.train.steps=4 --config.train.log_every=2 --config.train.eval_every=4 "

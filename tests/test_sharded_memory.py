@@ -60,6 +60,24 @@ def lookup_inputs(n=64, v=8, b=8, t=3, h=2, k=4, seed=0):
     (4, 2, ("model", "data"), 3),  # FSDP-style: rows over all 8 devices, picks gathered
 ])
 def test_sharded_lookup_matches_dense(data, model, slot_axes, chunk):
+  _check_lookup(data, model, slot_axes, (), ("data",), chunk)
+
+
+@pytest.mark.parametrize("data,model,rows,cols,tokens", [
+    (4, 2, (), ("model",), ("data", "model")),  # columns, tokens over every device
+    (4, 2, ("model",), (), ("data", "model")),  # rows, tokens over every device
+    (2, 4, ("data",), ("model",), ("data", "model")),  # rows and columns both split
+    (4, 2, (), ("model",), ("data",)),  # columns; tokens the same on each 'model' pair
+    (2, 4, ("model",), ("data",), ("model",)),  # every kind of step at once
+    (1, 8, (), ("model", "data"), ("data", "model")),  # columns over a tuple of axes
+])
+def test_split_lookup_matches_dense(data, model, rows, cols, tokens):
+  """Every TableSplit step (reduce-scatter, all-reduce, all-to-all, column all-gather) against
+  the one-device lookup: values and both gradients, the table's gradient split as the table."""
+  _check_lookup(data, model, rows, cols, tokens, 3)
+
+
+def _check_lookup(data, model, slot_axes, col_axes, token_axes, chunk):
   values, idx, weights, g_out = lookup_inputs()
 
   def loss(lookup):
@@ -68,13 +86,16 @@ def test_sharded_lookup_matches_dense(data, model, slot_axes, chunk):
   want_loss, (want_gv, want_gw) = jax.value_and_grad(loss(weighted_lookup), (0, 1))(values, weights)
   want_out = weighted_lookup(values, idx, weights)
   mesh = sharding.make_mesh(data, model)
-  lookup = lambda v, i, w: sharded_memory.sharded_weighted_lookup(v, i, w, slot_axes=slot_axes,
-                                                           pick_chunk=chunk)
-  table = NamedSharding(mesh, P(slot_axes, None))
+  lookup = lambda v, i, w: sharded_memory.sharded_weighted_lookup(  # noqa: E731
+      v, i, w, slot_axes=slot_axes, col_axes=col_axes, token_axes=token_axes, pick_chunk=chunk)
+  table = NamedSharding(mesh, P(slot_axes or None, col_axes or None))
+  tok = NamedSharding(mesh, P(token_axes))
+  idx_t, weights_t = jax.device_put(idx, tok), jax.device_put(weights, tok)
   with jax.set_mesh(mesh):
-    out = jax.jit(lookup)(jax.device_put(values, table), idx, weights)
-    got_loss, (got_gv, got_gw) = jax.jit(jax.value_and_grad(loss(lookup), (0, 1)))(
-        jax.device_put(values, table), weights)
+    out = jax.jit(lookup)(jax.device_put(values, table), idx_t, weights_t)
+    got_loss, (got_gv, got_gw) = jax.jit(jax.value_and_grad(
+        lambda v, w: jnp.sum(lookup(v, idx_t, w) * g_out), (0, 1)))(
+        jax.device_put(values, table), weights_t)
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   np.testing.assert_allclose(got_gv, want_gv, rtol=1e-5, atol=1e-5)

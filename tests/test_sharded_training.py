@@ -7,6 +7,7 @@ trainer's own jitted train step (`trainer.build_train_program`), whose collectiv
 carry a value table, with a replicated-table data-parallel step as the positive control.
 """
 
+import math
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -27,6 +28,9 @@ from test_trainer import final_params, tiny_config  # noqa: E402
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 
 FSDP = (("slots", ("model", "data")),)
+ROWS = {"mesh.table_split": "rows"}
+COLUMNS = {"mesh.table_split": "columns"}
+COLUMNS_FSDP = {"mesh.table_split": "columns", "mesh.fsdp": True}
 # Few steps, one eval and one checkpoint at the end, no usage stats: the runs are compile-bound.
 SHORT = {"train.steps": 5, "train.log_every": 5, "train.eval_every": 5,
          "train.checkpoint_every": 5, "train.memory_stats_every": 0, "train.eval_batches": 2}
@@ -77,32 +81,40 @@ GROUPS = {
 
 # The issue's meshes -- model=4 x data=2, 8x1 and 1x8 -- for PKM and ResM, plus FSDP-style rows.
 @pytest.mark.parametrize("group, data, model, rules", [
-    ("pkm_adam", 2, 4, ()),
-    ("pkm_adam", 8, 1, ()),  # pure data parallel: rows not split, dense lookup
-    ("pkm_adam", 1, 8, ()),  # rows over every device, the batch on each
-    ("resm_sparse", 2, 4, ()),  # row blocks copied over 'data'
+    ("pkm_adam", 2, 4, ROWS),
+    ("pkm_adam", 8, 1, ()),  # pure data parallel: the table not split, dense lookup
+    ("pkm_adam", 1, 8, ROWS),  # rows over every device
+    ("resm_sparse", 2, 4, ROWS),  # row blocks copied over 'data'
     ("resm_sparse", 8, 1, ()),
-    ("resm_sparse", 1, 8, ()),
+    ("resm_sparse", 1, 8, ROWS),
     ("resm_sparse", 4, 2, FSDP),  # rows over all 8 devices
+    ("pkm_adam", 2, 4, COLUMNS),  # columns over 'model', copies over 'data'
+    ("resm_sparse", 2, 4, COLUMNS_FSDP),  # columns, and every dense weight over all devices
 ])
 def test_sharded_training_matches_one_device(runs, group, data, model, rules):
   want_loss, want_params, _ = runs(**GROUPS[group], **{"mesh.data": 1, "mesh.model": 1})
+  layout = rules if isinstance(rules, dict) else {"mesh.rules": rules}
   got_loss, got_params, placement = runs(**GROUPS[group], **{
-      "mesh.data": data, "mesh.model": model, "mesh.rules": rules})
-  # The sharded run really split the table (else it is the one-device program again).
-  slot_ways = model * (data if rules else 1)
-  assert bool(placement.slot_axes) == (slot_ways > 1)
-  assert bool(placement.token_axes) == (data > 1)
+      "mesh.data": data, "mesh.model": model, **layout})
+  # The sharded run really split the table (else it is the one-device program again), and the
+  # batch over every device.
+  if layout.get("mesh.table_split") == "columns":  # with fsdp over every device: no copies
+    want = ("model", "data") if layout.get("mesh.fsdp") else ("model",)
+    assert placement.col_axes == want and not placement.slot_axes
+  else:
+    slot_ways = model * (data if "mesh.rules" in layout and rules else 1)
+    assert bool(placement.slot_axes) == (slot_ways > 1) and not placement.col_axes
+  assert math.prod({"data": data, "model": model}[a] for a in placement.token_axes) == 8
   assert got_loss == pytest.approx(want_loss, rel=1e-5)
   assert_params_close(got_params, want_params)
 
 
 def test_grad_accumulation_matches_full_batch(runs):
-  # Two micro-batches of 4, themselves split over 'data' (2x4 mesh), against one batch of 8 on
-  # one device: the summed gradients, the sparse row updates and the loss must all agree.
+  # Two micro-batches of 4, themselves split over both axes (2x2 mesh), against one batch of 8
+  # on one device: the summed gradients, the sparse row updates and the loss must all agree.
   want_loss, want_params, _ = runs(**GROUPS["resm_sparse"], **{"mesh.data": 1, "mesh.model": 1})
   got_loss, got_params, _ = runs(**GROUPS["resm_sparse"], **{
-      "train.grad_accum_steps": 2, "mesh.data": 2, "mesh.model": 4})
+      "train.grad_accum_steps": 2, "mesh.data": 2, "mesh.model": 2})
   assert got_loss == pytest.approx(want_loss, rel=1e-5)
   assert_params_close(got_params, want_params)
 
@@ -219,3 +231,31 @@ def test_trainer_init_never_holds_a_whole_table(data, model, rules, values_optim
   assert biggest == mem.n_slots * mem.v_dim // 8
   plain = jax.jit(program.init_state.__wrapped__).lower().compile().as_text()
   assert f"f32[{mem.n_slots},{mem.v_dim}]" in plain
+
+
+def test_fsdp_splits_dense_weights_and_their_moments():
+  """mesh.fsdp=True: every annotated dense weight of FSDP_MIN_SIZE or more elements, and its
+  Adam moments, is split over all 8 devices, and the value table's columns too; small ones and
+  unannotated ones (LayerNorm) stay replicated. Without it, all of them are replicated but the
+  table, whose columns are split over 'model' (copies over 'data')."""
+  def specs(**overrides):
+    config = tiny_config(**{"mesh.data": 2, "mesh.model": 4, **overrides})
+    program = trainer.build_train_program(config, VOCAB)
+    flat = jax.tree_util.tree_flatten_with_path(
+        program.state_sharding, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
+    shapes = dict(jax.tree_util.tree_flatten_with_path(program.abstract_state)[0])
+    return {jax.tree_util.keystr(p): (s.spec, shapes[p].shape) for p, s in flat if p in shapes}
+
+  on, off = specs(**{"mesh.fsdp": True}), specs()
+  split = {p: spec for p, (spec, shape) in on.items()
+           if any(set(sharding.axes_tuple(e)) == {"data", "model"} for e in spec)}
+  words = [p for p in split if "word_embeddings" in p]
+  assert any(p.startswith(".params") for p in words) and any(p.startswith(".opt_state")
+                                                             for p in words)
+  for path, (spec, shape) in on.items():
+    big = np.prod(shape) >= sharding.FSDP_MIN_SIZE
+    if "values" in path and len(shape) == 2:
+      assert (spec, off[path][0]) == (P(None, ("model", "data")), P(None, "model")), path
+    elif path not in split:
+      assert not big or "'scale'" in path or "'bias'" in path or "count" in path, path
+    assert all(not sharding.axes_tuple(e) for e in off[path][0]) or "values" in path, path

@@ -41,7 +41,10 @@ def test_logical_rules_to_specs():
   assert sharding.logical_to_spec(("embed", "mlp"), rules) == P(None, None)
   assert sharding.logical_to_spec(("slots", None), sharding.FSDP_SLOT_RULES) == P(
       ("model", "data"), None)
-  assert sharding.rule_axes("batch", rules) == ("data",)
+  assert sharding.rule_axes("batch", rules) == ("data", "model")
+  columns = sharding.TABLE_SPLITS["columns"] + rules
+  assert sharding.logical_to_spec(("slots", "value_embed"), columns) == P(None, "model")
+  assert sharding.column_axes(columns) == ("model",) and sharding.slot_axes(columns) == ()
   assert sharding.slot_axes(sharding.FSDP_SLOT_RULES) == ("model", "data")
   with pytest.raises(ValueError, match="'typo' has no rule"):
     sharding.logical_to_spec(("typo",), rules)

@@ -15,7 +15,7 @@ from flax import nnx
 from pkm_jax import trainer
 from pkm_jax.architecture import ModelConfig
 from pkm_jax.bert import BertForMaskedLM, value_table
-from pkm_jax.data import max_masked
+from pkm_jax.data import mask_tokens, max_masked
 from pkm_jax.steps import mlm_loss
 from test_trainer import tiny_config
 
@@ -71,11 +71,22 @@ def test_bf16_value_table_dense_and_sparse_steps_agree():
                              rtol=0, atol=scale / 64)
 
 
-@pytest.mark.parametrize("masked_fraction", [0.15, 0.6])
-def test_mlm_loss_at_masked_positions_equals_every_position(masked_fraction):
-  """mlm_loss with max_predictions gives the all-position head's loss, sums and gradients:
-  through the gathered [B, P, V] head when every row fits in P (15% masked), and through the
-  full head when a row does not (60%: never a dropped prediction)."""
+def test_masking_rule_stays_within_max_masked():
+  """mlm_loss trusts the batch to mask at most max_masked tokens per row (no device-side check):
+  the masking rule keeps to it at every rate and length, special tokens and padding included."""
+  rng = np.random.default_rng(0)
+  for mask_prob in (0.01, 0.15, 0.5, 0.99, 1.0):
+    for t in (1, 2, 7, 32, 129):
+      ids = rng.integers(0, 50, (64, t))
+      batch = mask_tokens(ids, rng, mask_prob=mask_prob, mask_id=1, special_ids=[0, 1, 2],
+                          vocab_size=50)
+      assert (batch["mlm_weights"] > 0).sum(1).max() <= max_masked(mask_prob, t)
+
+
+def test_mlm_loss_at_masked_positions_equals_every_position(masked_fraction=0.15):
+  """mlm_loss with max_predictions gives the all-position head's loss, sums and gradients
+  through the gathered [B, P, V] head when every row fits in P (as every batch of the pipeline
+  does: the test above)."""
   cfg = ModelConfig(vocab_size=300, hidden_size=16, num_layers=1, num_heads=2,
                     intermediate_size=32, max_position_embeddings=32)
   graphdef, params, rest = nnx.split(BertForMaskedLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)

@@ -57,6 +57,11 @@ def _apply(ids_BxT: np.ndarray, count_B: np.ndarray, order_BxT: np.ndarray,
                     np.broadcast_to(np.arange(t), ids_BxT.shape), axis=1)
   chosen_BxT = rank_BxT < n_B[:, None]
 
+  # The train step computes logits at max_masked positions per row only (steps.mlm_loss), with
+  # no device-side check: the bound must hold for every row this rule makes.
+  if n_B.size and n_B.max() > max_masked(mask_prob, t):
+    raise AssertionError(f"the masking rule masked {n_B.max()} tokens of a {t}-token row, more "
+                         f"than its bound max_masked={max_masked(mask_prob, t)}")
   to_mask = chosen_BxT & (action_BxT < mask_frac)
   to_random = chosen_BxT & (action_BxT >= mask_frac) & (action_BxT < mask_frac + random_frac)
   # Random replacements: uniform over the ids that are not special.

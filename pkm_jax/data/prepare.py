@@ -16,8 +16,9 @@ training documents (read once more, streamed).
 
 Everything is written into a temporary folder beside --out and renamed when complete, so an
 interrupted run never leaves a folder that looks prepared; a non-empty --out is only replaced
-with --overwrite. Bad input (no file matching a glob, no text, a bad tokenizer) stops with one
-line before anything is written.
+with --overwrite. A gs:// --out is written locally and uploaded, metadata.json and the checksums
+last (training copies it back to each host's disk: prepared.py). Bad input (no file matching a
+glob, no text, a bad tokenizer) stops with one line before anything is written.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from pkm_jax import checksums, cli
+from pkm_jax import storage
 from pkm_jax.data import prepared as prepared_lib
 from pkm_jax.data import text_stream
 from pkm_jax.data import tokenizer as tok_lib
@@ -140,10 +142,11 @@ def _inputs(spec: str, tfds_name: str, tfds_split: str, data_dir: str, text_key:
 
 
 def _check_out(out: str, overwrite: bool) -> None:
-  if os.path.exists(out):
-    if not os.path.isdir(out):
+  storage.check_bucket(out)
+  if storage.exists(out):
+    if not storage.isdir(out):
       raise FileExistsError(f"--out {out} exists and is not a folder")
-    if os.listdir(out) and not overwrite:
+    if storage.listdir(out) and not overwrite:
       raise FileExistsError(f"--out {out} exists and is not empty (pass --overwrite to "
                             "replace it)")
 
@@ -155,7 +158,7 @@ def prepare(out: str, *, inputs: str = "", tfds_name: str = "", tfds_split: str 
             rows_per_shard: int = 1 << 17, workers: int = 0, overwrite: bool = False,
             progress: bool = True) -> dict[str, Any]:
   """Prepares the corpus into `out` (see the module docstring); returns its metadata."""
-  out = os.path.abspath(out)
+  out = storage.absolute(out)
   if bool(inputs) == bool(tfds_name):
     raise ValueError("give exactly one of --input (text files) and --tfds_name")
   if bool(tokenizer) == bool(vocab_size):
@@ -183,7 +186,7 @@ def prepare(out: str, *, inputs: str = "", tfds_name: str = "", tfds_split: str 
         lambda: text_stream.sentences_of(train_blocks(), eval_fraction), vocab_size, lowercase)
   special_ids = tok_lib.special_token_ids(tok)
 
-  with staged_dir(out) as tmp:
+  with staged_dir(out, last=(prepared_lib.METADATA_FILE, checksums.MANIFEST)) as tmp:
     tok_lib.save_tokenizer(tok, os.path.join(tmp, prepared_lib.TOKENIZER_FILE))
     new_split = lambda name: _Split(tmp, name, tok, max_len, rows_per_shard)
     splits = {"train": new_split("train")}
@@ -242,7 +245,7 @@ def main(argv: list[str]) -> None:
                  tokenizer=f.tokenizer, vocab_size=f.vocab_size, lowercase=f.lowercase,
                  max_len=f.max_len, rows_per_shard=f.rows_per_shard, workers=f.workers,
                  overwrite=f.overwrite)
-  print(summary(meta, os.path.abspath(f.out)))
+  print(summary(meta, storage.absolute(f.out)))
 
 
 def define_flags() -> None:

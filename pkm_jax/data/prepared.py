@@ -17,6 +17,14 @@ record in memory for every open file, so records of 16 rows keep a reader's memo
 row (a 16 GB corpus: ~30 MB) while a random row still costs one small read. Files are written
 with group_size:1, so any record is read without its neighbours.
 
+A folder in a bucket (`data.path=gs://...`): ArrayRecord reads local files only, so the folder
+is copied to local disk once per host (`fetch`, a progress bar; PKM_JAX_DATA_CACHE, default
+~/.cache/pkm_jax/prepared), each file checked against the folder's checksums before it is
+renamed into the copy, which is then read as a local folder. The copy is named by the bucket
+path and the manifest's content: a folder prepared again is copied again, an unchanged one is
+reused by every later run on that host; the processes of one host take turns (a file lock), so
+only the first copies.
+
 metadata.json: format, version, max_len, vocab_size, dtype, rows_per_record, rows_per_shard,
 tokenizer (fingerprint), special_ids, source (what was read and how documents were held out)
 and, per split, rows, documents, tokens, input bytes and its shards (file, rows, bytes).
@@ -24,6 +32,7 @@ and, per split, rows, documents, tokens, input bytes and its shards (file, rows,
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -32,8 +41,10 @@ from typing import Any
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from tqdm import tqdm
 
 from pkm_jax import checksums
+from pkm_jax import storage
 
 FORMAT, VERSION = "pkm-jax-prepared", 1
 METADATA_FILE, TOKENIZER_FILE = "metadata.json", "tokenizer.json"
@@ -104,8 +115,76 @@ class ShardWriter:
     return self.shards
 
 
+CACHE_ENV = "PKM_JAX_DATA_CACHE"
+_fetched: dict[str, str] = {}  # bucket folder -> its local copy, in this process
+
+
+def cache_root() -> str:
+  return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "pkm_jax",
+                                                   "prepared")
+
+
+def fetch(folder: str, what: str = "data.path", *, progress: bool = True) -> str:
+  """The local folder to read: `folder` itself, or for a bucket folder its local copy (made on
+  the first call on this host, each file checked against the manifest; see the module doc)."""
+  if not storage.is_remote(folder):
+    return folder
+  if folder in _fetched:
+    return _fetched[folder]
+  if not storage.isfile(os.path.join(folder, METADATA_FILE)):
+    raise FileNotFoundError(f"{what}={folder} is not a prepared folder: no {METADATA_FILE} (an "
+                            "interrupted preparation or upload leaves none; run python -m "
+                            "pkm_jax.data.prepare again)")
+  manifest = os.path.join(folder, checksums.MANIFEST)
+  if not storage.isfile(manifest):
+    raise FileNotFoundError(f"{what}={folder} has no {checksums.MANIFEST}: a prepared folder in a "
+                            "bucket is copied to local disk only when its copy can be checked; "
+                            "prepare it again")
+  listed = storage.read_bytes(manifest)
+  key = hashlib.sha256(folder.encode() + b"\0" + listed).hexdigest()[:16]
+  local = os.path.join(cache_root(), key)
+  os.makedirs(local, exist_ok=True)
+  with open(os.path.join(cache_root(), f"{key}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
+    if not os.path.isfile(os.path.join(local, checksums.MANIFEST)):  # else the same (its key)
+      storage.write_atomic(os.path.join(local, checksums.MANIFEST), listed)
+    try:
+      digests = checksums.read(local)
+    except checksums.ChecksumError as e:
+      raise ValueError(f"prepared folder {folder} is corrupt: {e}; prepare it again") from e
+    # A file is renamed into the copy only once it matched: what is there is checked.
+    todo = [rel for rel in sorted(digests) if not os.path.isfile(os.path.join(local, rel))]
+    sizes = {rel: storage.getsize(os.path.join(folder, rel)) for rel in todo}
+    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, dynamic_ncols=True,
+              desc=f"copying {folder}", disable=not (progress and todo)) as bar:
+      for rel in todo:
+        _copy_checked(folder, local, rel, digests, bar)
+  _fetched[folder] = local
+  return local
+
+
+def _copy_checked(folder: str, local: str, rel: str, digests: dict[str, str], bar: tqdm) -> None:
+  src, dst = os.path.join(folder, rel), os.path.join(local, rel)
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  tmp = f"{dst}.tmp-{os.getpid()}"
+  try:
+    with storage.open_file(src, "rb") as f_in, open(tmp, "wb") as f_out:
+      while chunk := f_in.read(1 << 24):
+        f_out.write(chunk)
+        bar.update(len(chunk))
+    if checksums.file_sha256(tmp) != digests[rel]:
+      raise ValueError(f"prepared file {src} does not match its checksum (changed, truncated "
+                       "or damaged): prepare the folder again")
+    os.replace(tmp, dst)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def read_metadata(folder: str, what: str = "data.path") -> dict[str, Any]:
-  """metadata.json of a prepared folder, checked: format, version and every shard's size."""
+  """metadata.json of a prepared folder, checked: format, version and every shard's size. A
+  bucket folder is first copied to local disk (`fetch`)."""
+  folder = fetch(folder, what)
   path = os.path.join(folder, METADATA_FILE)
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{what}={folder} does not exist (make it with python -m "
@@ -154,6 +233,7 @@ class PreparedRows:
   """
 
   def __init__(self, folder: str, split: str, meta: dict[str, Any] | None = None):
+    folder = fetch(folder)  # a bucket folder: its local copy
     self.meta = meta if meta is not None else read_metadata(folder)
     if split not in self.meta["splits"]:
       raise ValueError(f"prepared folder {folder} has no {split!r} split (it has "

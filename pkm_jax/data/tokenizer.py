@@ -22,11 +22,13 @@ import hashlib
 import itertools
 import json
 import os
+import tempfile
 from typing import Callable, Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import trainers
 
+from pkm_jax import storage
 from pkm_jax.data import prepared as prepared_lib
 from pkm_jax.data.sources import expand_files, load_documents
 
@@ -184,12 +186,12 @@ def load_vocab_tokenizer(path: str, lowercase: bool | None = None) -> Tokenizer:
 def resolve_tokenizer_path(path: str) -> str:
   """A tokenizer file: `path` itself, or tokenizer.json / vocab.txt inside a folder."""
   path = os.path.expanduser(path)
-  if os.path.isdir(path):
+  if storage.isdir(path):
     for name in (TOKENIZER_FILE, VOCAB_FILE):
-      if os.path.isfile(os.path.join(path, name)):
+      if storage.isfile(os.path.join(path, name)):
         return os.path.join(path, name)
     raise FileNotFoundError(f"no {TOKENIZER_FILE} or {VOCAB_FILE} in {path}")
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"tokenizer {path} does not exist")
   return path
 
@@ -200,6 +202,12 @@ def load_tokenizer(path: str, lowercase: bool | None = None) -> Tokenizer:
   `lowercase` only matters for a vocab.txt without a tokenizer_config.json beside it.
   """
   file = resolve_tokenizer_path(path)
+  if storage.is_remote(file):  # tokenizers reads local files: a copy (+ the casing config)
+    with tempfile.TemporaryDirectory() as tmp:
+      for name in (os.path.basename(file), "tokenizer_config.json"):
+        if storage.isfile(os.path.join(os.path.dirname(file), name)):
+          storage.download(os.path.join(os.path.dirname(file), name), os.path.join(tmp, name))
+      return load_tokenizer(os.path.join(tmp, os.path.basename(file)), lowercase)
   if not file.endswith(".json"):
     return load_vocab_tokenizer(file, lowercase)
   try:
@@ -211,6 +219,9 @@ def load_tokenizer(path: str, lowercase: bool | None = None) -> Tokenizer:
 
 def save_tokenizer(tok: Tokenizer, path: str) -> None:
   """Writes tokenizer.json atomically (several hosts may write the same file)."""
+  if storage.is_remote(path):  # one upload: the object appears whole
+    storage.write_atomic(path, tok.to_str(pretty=True))
+    return
   tmp = f"{path}.tmp.{os.getpid()}"
   tok.save(tmp)
   os.replace(tmp, path)
@@ -260,7 +271,7 @@ def build_tokenizer(data_cfg, workdir: str | None, *, save: bool = True) -> Toke
   saved = os.path.join(workdir, TOKENIZER_FILE) if workdir else ""
   prepared = data_cfg.source == "prepared"
   meta = prepared_lib.read_metadata(data_cfg.path) if prepared else None
-  if saved and os.path.isfile(saved):
+  if saved and storage.isfile(saved):
     tok = load_tokenizer(saved)
   elif data_cfg.tokenizer:
     tok = load_tokenizer(data_cfg.tokenizer, lowercase=bool(data_cfg.lowercase))
@@ -271,7 +282,7 @@ def build_tokenizer(data_cfg, workdir: str | None, *, save: bool = True) -> Toke
     tok = train_tokenizer([s for doc in train_docs for s in doc], int(data_cfg.vocab_size),
                           lowercase=bool(data_cfg.lowercase))
   _check_data(tok, data_cfg, meta)
-  if saved and save and not os.path.isfile(saved):
-    os.makedirs(workdir, exist_ok=True)
+  if saved and save and not storage.isfile(saved):
+    storage.makedirs(workdir)
     save_tokenizer(tok, saved)
   return tok

@@ -19,6 +19,7 @@ from typing import Any
 import ml_collections
 
 from pkm_jax import pretrained as pretrained_lib
+from pkm_jax import storage
 from pkm_jax.tasks import finetune_glue, finetune_squad, task_config
 from pkm_jax.tasks.task_model import Pretrained, load_init, restore_task_model
 
@@ -36,7 +37,7 @@ def finetune_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None
                           ) -> dict[str, Any]:
   """One task (config.task) or a GLUE suite (config.tasks); returns the JSON-able metrics."""
   task_config.validate(config)
-  workdir = os.path.abspath(workdir or default_workdir(config.init.pretrained))
+  workdir = storage.absolute(workdir or default_workdir(config.init.pretrained))
   cache: list[Pretrained] = []
 
   def load() -> Pretrained:  # the init checkpoint is read once, and only if a task needs it

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from pkm_jax import checkpoint as ckpt_lib
+from pkm_jax import storage
 from pkm_jax.tasks import glue
 from pkm_jax.tasks.task_data import TaskData
 from pkm_jax.tasks.task_model import Pretrained
@@ -124,8 +125,9 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str,
   model = os.path.basename(os.path.normpath(config.init.pretrained))
   table, avg = markdown_table(model, results)
   print(table, flush=True)
-  summary = {"model": model, "init": os.path.abspath(config.init.pretrained), "tasks": results, "avg": avg}
+  summary = {"model": model, "init": storage.absolute(config.init.pretrained), "tasks": results,
+             "avg": avg}
   ckpt_lib.write_json(os.path.join(workdir, "glue_metrics.json"), summary)
-  with open(os.path.join(workdir, "glue_table.md"), "w") as f:
+  with storage.open_file(os.path.join(workdir, "glue_table.md"), "w") as f:
     f.write(table + "\n")
   return summary

@@ -18,11 +18,11 @@ Every key (`--config.group.key=value`):
 from __future__ import annotations
 
 import json
-import os
 
 import ml_collections
 
 from pkm_jax import config as config_lib
+from pkm_jax import storage
 from pkm_jax.config import ConfigError, check_number
 from pkm_jax.tasks.glue import TASKS
 
@@ -74,7 +74,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not config.init.pretrained:
     raise ConfigError("init.pretrained is empty: give a pretraining workdir, a converted "
                       "checkpoint or a Hugging Face folder (--config.init.pretrained=DIR)")
-  if not os.path.isdir(config.init.pretrained):
+  if not storage.isdir(config.init.pretrained):
     raise FileNotFoundError(f"init.pretrained={config.init.pretrained}: no such folder")
   check_number(config, "config", "seed", lo=0)
   d = config.data

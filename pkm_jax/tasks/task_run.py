@@ -24,8 +24,9 @@ from pkm_jax import architecture
 from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import config as config_lib
 from pkm_jax import program as program_lib
+from pkm_jax import storage
 from pkm_jax.architecture import ModelConfig
-from pkm_jax.data.tokenizer import load_tokenizer
+from pkm_jax.data.tokenizer import load_tokenizer, save_tokenizer
 from pkm_jax.loop import Periodic, train_loop
 from pkm_jax.program import TrainProgram
 from pkm_jax.steps import TrainState
@@ -42,7 +43,7 @@ def prepare_task_dir(config: ml_collections.ConfigDict, task_dir: str, task_name
   """(model config, tokenizer, Pretrained or None when resuming); writes/checks run files."""
   settings = config.copy_and_resolve_references()
   settings.task = task_name
-  settings.init.pretrained = os.path.abspath(config.init.pretrained)
+  settings.init.pretrained = storage.absolute(config.init.pretrained)
   if ckpt_lib.saved_steps(task_dir):
     saved = ckpt_lib.read_json(os.path.join(task_dir, "config.json"), "the run's settings")
     try:
@@ -63,8 +64,8 @@ def prepare_task_dir(config: ml_collections.ConfigDict, task_dir: str, task_name
   if config.data.max_len > model_cfg.max_position_embeddings:
     raise ValueError(f"data.max_len={config.data.max_len} exceeds the model's "
                      f"max_position_embeddings={model_cfg.max_position_embeddings}")
-  os.makedirs(task_dir, exist_ok=True)
-  pre.tokenizer.save(os.path.join(task_dir, "tokenizer.json"))
+  storage.makedirs(task_dir)
+  save_tokenizer(pre.tokenizer, os.path.join(task_dir, "tokenizer.json"))
   ckpt_lib.write_json(os.path.join(task_dir, "task_model.json"), {
       "model": architecture.to_dict(model_cfg), "kind": kind, "num_labels": num_labels,
       "init_source": pre.source})
@@ -102,7 +103,7 @@ def run_task(config: ml_collections.ConfigDict, task_dir: str, task: TaskData,
   data_ways = math.prod(program.mesh.shape[a] for a in program.placement.token_axes)
   if config.eval.batch_size % data_ways:
     raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
-                     f"{data_ways} data-parallel devices (set --config.mesh.data)")
+                     f"{data_ways} devices the batch is split over (mesh.data x mesh.model)")
   manager = ckpt_lib.make_manager(task_dir, max_to_keep=config.train.keep_checkpoints)
   # Copies on the host: `pre` may serve the next task of a suite, and the state is donated.
   source = jax.tree.map(np.array, (pre.params, pre.batch_stats)) if pre else None
@@ -128,7 +129,7 @@ def run_task(config: ml_collections.ConfigDict, task_dir: str, task: TaskData,
       manager.wait_until_finished()
     train_seconds = time.perf_counter() - t0
     info = ckpt_lib.read_json(os.path.join(task_dir, "task_model.json"), "not a fine-tuning run")
-    result: dict[str, Any] = {"task": task.name, "init": os.path.abspath(config.init.pretrained),
+    result: dict[str, Any] = {"task": task.name, "init": storage.absolute(config.init.pretrained),
                               "init_source": info["init_source"], "step": total,
                               "train_examples": task.num_train}
     predict = jax.jit(make_predict_step(program.graphdef),
