@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.libtpu import requires_libtpu
+from xla_tpu import requires_libtpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
