@@ -92,9 +92,11 @@ ALWAYS = {"train.memory_stats_every": 0}
 LAYOUTS: dict[str, dict[str, Any]] = {
     "shipped": {},  # the config as it is
     "data": {"mesh.data": -1, "mesh.model": 1, "mesh.rules": ()},  # tables replicated
-    "batch_data": {"mesh.data": -1, "mesh.model": 8, "mesh.rules": (("batch", "data"),)},
+    # The rules before 2026-12-07: the batch over 'data' only, rows over 'model'.
+    "batch_data": {"mesh.data": -1, "mesh.model": 8, "mesh.rules": (("batch", "data"),),
+                   "mesh.table_split": "rows"},
     "batch_all": {"mesh.data": -1, "mesh.model": 8,
-                  "mesh.rules": (("batch", ("data", "model")),)},
+                  "mesh.rules": (("batch", ("data", "model")),), "mesh.table_split": "rows"},
     "rows_all": {"mesh.data": -1, "mesh.model": 8,
                  "mesh.rules": (("batch", ("data", "model")), ("slots", ("model", "data")))},
     # mesh.table_split / mesh.fsdp (pkm_jax/sharding.py): the batch over every device, the

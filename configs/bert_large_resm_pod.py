@@ -3,14 +3,15 @@
 The model is configs/bert_large_resm.py's (875M parameters, two 512**2 x 1024 value tables at
 layers 11 and 19); what changes is how it is laid out and run:
 - mesh: every device takes 1/n of the batch (the batch is split over both mesh axes,
-  sharding.DEFAULT_RULES) and holds 1/n of the model: the value tables' columns over 'model'
-  (8 ways; mesh.table_split='columns', the default: a lookup all-gathers the 8 devices' picks,
-  each sums its V/8 columns for all of them, and an all-to-all returns [tokens, V/8] slices),
-  their data-parallel copies over 'data'; every dense weight and its Adam moments over all
-  devices (mesh.fsdp, from bert_large.py). benchmarks/pod_plan.py compiles this step for 8-64
-  devices and for TPU topologies and prints what each device computes, holds and sends.
+  sharding.DEFAULT_RULES) and holds 1/n of the model. The value tables are split by columns
+  (mesh.table_split='columns', the default): over 'model' and, with mesh.fsdp (from
+  bert_large.py), over 'data' too, so no device holds a data-parallel copy. A lookup
+  all-gathers the picks, each device sums its columns for all of them, and an all-to-all
+  returns [tokens, V/n] slices. Every dense weight and its Adam moments are split over all
+  devices as well (FSDP). benchmarks/pod_plan.py compiles this step for 8-64 devices and for
+  TPU topologies and prints what each device computes, holds and sends.
   --config.mesh.table_split=rows splits the rows instead (each device reduce-scatters
-  [tokens, V] partial sums: 8x the traffic of the columns' all-to-all).
+  [tokens, V] partial sums: n times the traffic of the columns' all-to-all).
 - bfloat16 compute; parameters, optimizer state and the product-key search stay float32.
 - values trained by dense Adam (XLM's): this batch makes 1024 * 128 * 4 * 32 = 16.8M picks per
   step, 64 per slot, so a step touches nearly every row and sparse updates would save nothing.

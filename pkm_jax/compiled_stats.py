@@ -12,8 +12,7 @@ Collective bytes are the data one device hands to the collective: the operands o
 reduce-scatter, all-to-all and collective-permute, the result of all-gather (what arrives).
 Async pairs (`*-start` / `*-done`) count once, at the start; so do XLA:TPU's async collective
 fusions, which repeat one collective in the start, continuation and done fusions under one
-`chain_id`. Only one branch of a conditional runs: its branches count as their average (e.g.
-`mlm_loss`'s two heads, nearly the same program).
+`chain_id`. Only one branch of a conditional runs: its branches count as their average.
 """
 
 from __future__ import annotations
@@ -130,11 +129,6 @@ def shape_bytes(shape: str) -> int:
   return total
 
 
-def _largest_array_bytes(shape: str) -> int:
-  sizes = [shape_bytes(f"{t}[{d}]") for t, d in _ARRAY.findall(shape)]
-  return max(sizes, default=0)
-
-
 def _trip_count(instr: Instr, comps: dict[str, list[Instr]], defs: dict[str, Instr]
                 ) -> int | None:
   known = _TRIP.search(instr.attrs)
@@ -196,7 +190,11 @@ def hlo_stats(text: str) -> dict[str, Any]:
         if chain:
           chains.add(chain.group(1))
         if kind == "all-gather":
-          size = _largest_array_bytes(instr.shape)
+          # What it gathers into: every result array (XLA's combiner joins several gathers into
+          # one op with a tuple result); an async start's shape also holds its operands.
+          size = shape_bytes(instr.shape)
+          if instr.opcode.endswith("-start"):
+            size -= sum(shape_bytes(defs[o].shape) if o in defs else 0 for o in instr.operands)
         else:
           size = sum(shape_bytes(defs[o].shape) if o in defs else 0 for o in instr.operands)
           size = size or shape_bytes(instr.shape)

@@ -7,16 +7,17 @@ Search: each device runs the product-key search for its own tokens; the sub-keys
 and only their gradient is all-reduced. (Left to the partitioner, top_k all-gathers its
 [tokens, heads, n_keys] scores and every device searches the whole global batch.)
 
-Sharded lookup: the table [N, V] is split into contiguous row blocks over `slot_axes`; the tokens
-over 'data'. Each device gathers only the picked rows inside its block (the others read as zeros),
-weights and sums them, and the blocks' partial [tokens, V] sums are reduced across `slot_axes`:
-the wire carries token-sized partials and picks, never table rows. With the FSDP-style rule
-('slots', ('model', 'data')) the table is split over every device; the picks are then all-gathered
-over 'data' and the partials reduce-scattered back, so a dense table gradient is never all-reduced.
+Sharded lookup: the table [N, V] is split into blocks, contiguous rows over `slot_axes` and/or
+columns over `col_axes`; the tokens over `token_axes`. The picks of the tokens a block may serve
+are all-gathered; each device gathers only the picked rows inside its block (the others read as
+zeros), for its own columns, weights and sums them, and the partial sums go back to the tokens'
+owners (`table_split.TableSplit`: reduce-scatter over row axes, all-to-all over column axes):
+the wire carries token-sized partials and picks, never table rows.
 
-Sparse value updates: each device builds the gradients of the picked rows of its own block from
-all-gathered picks and output gradients (`sharded_row_gradients`; one scalar psum for the global
-gradient norm), then steps those rows in place (`sharded_row_update`; no collective).
+Sparse value updates: each device builds the gradients of the picked rows of its own block (its
+columns) from all-gathered picks and output gradients (`sharded_row_gradients`; one scalar psum
+for the global gradient norm), then steps those rows in place (`sharded_row_update`; no
+collective).
 """
 
 from __future__ import annotations

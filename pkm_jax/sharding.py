@@ -1,9 +1,10 @@
 """Device mesh, logical-axis rules and sharded init.
 
-The mesh has two axes, 'data' and 'model'. The batch is split over both, so every device runs the
-dense model on 1/n of the tokens whatever the mesh's shape; the value tables are split over
-'model', by rows (default) or by columns (`TABLE_SPLITS`), and with `fsdp` every other large
-weight and its optimizer state over all devices too (`state_shardings`). Both axes are `AxisType.Auto`:
+The mesh has two axes, 'data' and 'model'. The batch is split over both, so every device runs
+the dense model on 1/n of the tokens whatever the mesh's shape; the value tables are split over
+'model', by columns (default) or by rows (`TABLE_SPLITS`), and with `fsdp` over 'data' too, as
+is every other large weight and its optimizer state (`state_shardings`). Both axes are
+`AxisType.Auto`:
 the model code carries no sharding annotations, the trainer fixes shardings at jit boundaries
 (in/out_shardings) and GSPMD propagates them through BERT. The only hand-partitioned code is the
 memory's search, lookup and optimizer step (`sharded_memory.py`, written with `jax.shard_map`).

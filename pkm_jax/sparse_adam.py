@@ -33,6 +33,7 @@ The train step clips row gradients together with the dense ones, by their joint 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -128,9 +129,13 @@ def sparse_adam(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: floa
 
     bias1, bias2 = bias_corrections(count, state.mu.dtype)
 
-    def chunked(row_ids, row_grads, table, mu, nu, scale, lr, bias1, bias2):
-      r, v = row_grads.shape
-      chunk = max(1, min(r, STEP_CHUNK_BYTES // (v * mu.dtype.itemsize)))
+    r, v = row_grads.shape
+    row_bytes = v * state.mu.dtype.itemsize
+    # Per platform: cache-sized on CPUs; on GPUs / TPUs few large steps (chunks.py).
+    cpu_chunk = max(1, min(r, STEP_CHUNK_BYTES // row_bytes))
+    accelerator = chunks.accelerator_chunk(r, row_bytes)
+
+    def chunked(row_ids, row_grads, table, mu, nu, scale, lr, bias1, bias2, chunk=cpu_chunk):
       pad = -r % chunk  # padding rows: id N (gathers read zeros, scatters drop), gradient 0
       ids_CxC = jnp.pad(row_ids, (0, pad), constant_values=table.shape[0]).reshape(-1, chunk)
       g_CxCxV = jnp.pad(row_grads, ((0, pad), (0, 0))).reshape(-1, chunk, v)
@@ -157,9 +162,12 @@ def sparse_adam(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: floa
     if use_cpu_kernel and cpu_sparse_rows.usable(row_grads, table, state.mu, state.nu):
       scalars = [jnp.asarray(x, jnp.float32) for x in
                  (1.0 if grad_scale is None else grad_scale, lr, bias1, bias2)]
-      table, mu, nu = jax.lax.platform_dependent(*args, *scalars, cpu=kernel, default=chunked)
+      table, mu, nu = jax.lax.platform_dependent(
+          *args, *scalars, cpu=kernel, default=functools.partial(chunked, chunk=accelerator))
     else:
-      table, mu, nu = chunked(*args, grad_scale, lr, bias1, bias2)
+      table, mu, nu = chunks.per_platform(
+          lambda c: lambda *a: chunked(*a, grad_scale, lr, bias1, bias2, chunk=c), cpu_chunk,
+          accelerator, *args)
     return table, SparseAdamState(count=count, mu=mu, nu=nu)
 
   return SparseGradientTransformation(init, update, step)
@@ -203,9 +211,9 @@ def row_gradients_and_norm(indices: jax.Array, weights: jax.Array, grad_out: jax
 
   On CPUs (float32) a custom call (`cpu_sparse_rows.row_gradients`) sorts the picks by row and
   writes each row's gradient once. Elsewhere (and with `pick_chunk`, or use_cpu_kernel=False): a
-  fixed-size jnp.unique
-  plus a segment sum done as a scan of in-place scatter-adds over cache-sized pick chunks
-  (`chunks.cache_chunk`), so [B, T, H, K, V] is never built.
+  fixed-size jnp.unique plus a segment sum done as a scan of in-place scatter-adds over pick
+  chunks (`chunks.cache_chunk` on CPUs, `chunks.accelerator_chunk` on GPUs / TPUs), so
+  [B, T, H, K, V] is never built.
   """
   if indices.shape != weights.shape or grad_out.shape[:-1] != indices.shape[:-2]:
     raise ValueError(f"row_gradients: indices {indices.shape}, weights {weights.shape} and "
@@ -217,11 +225,13 @@ def row_gradients_and_norm(indices: jax.Array, weights: jax.Array, grad_out: jax
   m = idx_MxP.shape[0]
   size = min(m * picks, num_rows)
 
-  def scanned(idx_MxP, w_MxP, g_MxV):
+  cpu_chunk = max(1, min(pick_chunk or chunks.cache_chunk(picks, m * v * 4), picks))
+  accelerator = max(1, min(pick_chunk or chunks.accelerator_chunk(picks, m * v * 4), picks))
+
+  def scanned(idx_MxP, w_MxP, g_MxV, chunk=cpu_chunk):
     # Ids outside [0, num_rows) are padding (as the kernel takes them): one id past the end.
     idx_MxP = jnp.where((idx_MxP >= 0) & (idx_MxP < num_rows), idx_MxP, num_rows)
     row_ids, inverse = jnp.unique(idx_MxP, size=size, fill_value=num_rows, return_inverse=True)
-    chunk = max(1, min(pick_chunk or chunks.cache_chunk(picks, m * v * 4), picks))
     # Padding picks of the last chunk point at `size`, past the end: their scatters drop.
     inv_CxMxc = chunks.to_chunks(inverse.reshape(m, picks), chunk, size)
     w_CxMxc = chunks.to_chunks(w_MxP, chunk, 0)
@@ -248,5 +258,7 @@ def row_gradients_and_norm(indices: jax.Array, weights: jax.Array, grad_out: jax
     return row_ids, row_grads, jnp.sum(row_sq)
 
   if use_cpu_kernel and pick_chunk is None and cpu_sparse_rows.usable(w_MxP, g_MxV):
-    return jax.lax.platform_dependent(idx_MxP, w_MxP, g_MxV, cpu=kernel, default=scanned)
-  return scanned(idx_MxP, w_MxP, g_MxV)
+    return jax.lax.platform_dependent(idx_MxP, w_MxP, g_MxV, cpu=kernel,
+                                      default=functools.partial(scanned, chunk=accelerator))
+  return chunks.per_platform(lambda c: functools.partial(scanned, chunk=c), cpu_chunk,
+                             accelerator, idx_MxP, w_MxP, g_MxV)

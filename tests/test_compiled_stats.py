@@ -136,6 +136,24 @@ ENTRY %main (x: f32[2], p: pred[]) -> f32[16] {
   assert stats["conditionals"] == 1
 
 
+def test_combined_all_gathers_count_every_result():
+  """XLA's all-gather combiner joins gathers (e.g. FSDP's weights) into one op with a tuple
+  result; an async start's shape holds its operands first: (4+8) floats in, (32+64) out."""
+  text = """HloModule m
+ENTRY %main (a: f32[4], b: f32[8]) -> (f32[32], f32[64]) {
+  %a = f32[4] parameter(0)
+  %b = f32[8] parameter(1)
+  %s = ((f32[4], f32[8]), (f32[32], f32[64])) all-gather-start(%a, %b), dimensions={0}
+  %d = (f32[32], f32[64]) all-gather-done(%s)
+  %g = (f32[32], f32[64]) all-gather(%a, %b), dimensions={0}
+  ROOT %t = (f32[32], f32[64]) tuple(%d)
+}
+"""
+  stats = compiled_stats.hlo_stats(text)
+  assert stats["collective_bytes"]["all-gather"] == 2 * (32 + 64) * 4
+  assert stats["collective_count"]["all-gather"] == 2
+
+
 def test_shape_bytes():
   assert compiled_stats.shape_bytes("(f32[8,4]{1,0:T(8,128)}, s32[], bf16[3])") == 128 + 4 + 6
   assert compiled_stats.shape_bytes("pred[]") == 1

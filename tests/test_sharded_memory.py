@@ -69,7 +69,8 @@ def test_sharded_lookup_matches_dense(data, model, slot_axes, chunk):
     (2, 4, ("data",), ("model",), ("data", "model")),  # rows and columns both split
     (4, 2, (), ("model",), ("data",)),  # columns; tokens the same on each 'model' pair
     (2, 4, ("model",), ("data",), ("model",)),  # every kind of step at once
-    (1, 8, (), ("model", "data"), ("data", "model")),  # columns over a tuple of axes
+    (2, 4, (), ("model", "data"), ("data", "model")),  # columns over a tuple of axes (FSDP)
+    (4, 2, (), ("model", "data"), ("data", "model")),
 ])
 def test_split_lookup_matches_dense(data, model, rows, cols, tokens):
   """Every TableSplit step (reduce-scatter, all-reduce, all-to-all, column all-gather) against

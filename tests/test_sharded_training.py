@@ -153,14 +153,16 @@ SPARSE_SIZES = {"memory.n_keys": 72, "memory.k": 8, "data.batch_size": 16, "data
 
 @pytest.mark.parametrize("data, model, rules, values_optimizer, sizes", [
     (1, 8, (), "adam", {"memory.n_keys": 64, "data.max_len": 16}),
-    (4, 2, (), "sparse_adam", SPARSE_SIZES),  # row blocks copied over 'data'
+    (4, 2, (), "sparse_adam", SPARSE_SIZES),  # column blocks copied over 'data'
+    (4, 2, ROWS, "sparse_adam", SPARSE_SIZES),  # row blocks copied over 'data'
     (4, 2, FSDP, "sparse_adam", SPARSE_SIZES),  # rows over all devices
 ])
 def test_train_step_moves_no_table_block(data, model, rules, values_optimizer, sizes):
+  layout = rules if isinstance(rules, dict) else {"mesh.rules": rules}
   hlo, table = compiled_train_step_hlo(**{"mesh.data": data, "mesh.model": model,
-                                          "mesh.rules": rules, **sizes,
+                                          **layout, **sizes,
                                           "optim.values_optimizer": values_optimizer})
-  block = table // (model * (data if rules else 1))
+  block = table // (model * (data if "mesh.rules" in layout and rules else 1))
   sizes = collective_sizes(hlo)
   assert sizes, "expected the lookup's partial sums to cross devices"
   assert max(sizes) < block, (max(sizes), block)
