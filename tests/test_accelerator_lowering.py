@@ -13,6 +13,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pkm_jax import cpu_kernels, product_keys, trainer
@@ -98,3 +99,22 @@ def test_train_step_compiles_for_tpu_without_conditionals():
   assert got["platform"] == "tpu"
   assert got["conditionals"] == 0 and got["cpu_calls"] == []
   assert got["highest_dots"] > 0  # the sub-key scores and the query projection
+
+
+def test_candidate_picks_by_sort_equal_top_k():
+  """The GPU / TPU pick of the candidates (a stable key-value sort) against the CPU one (top_k,
+  slots gathered): the same scores, slots and score gradients, ties included."""
+  rng = np.random.default_rng(0)
+  k, n = 8, 50
+  v1 = -np.sort(-rng.integers(0, 4, (3, 16, k)).astype(np.float32), axis=-1)  # many ties
+  v2 = -np.sort(-rng.integers(0, 4, (3, 16, k)).astype(np.float32), axis=-1)
+  i1, i2 = (jnp.asarray(rng.integers(0, n, (3, 16, k)), jnp.int32) for _ in range(2))
+  cand = jnp.concatenate([v1[..., i:i + 1] + v2[..., :k // (i + 1)] for i in range(k)], -1)
+  want = product_keys._pick_by_top_k(cand, i1, i2, k=k, n=n)
+  got = product_keys._pick_by_sort(cand, i1, i2, k=k, n=n)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  cot = jnp.asarray(rng.normal(size=(3, 16, k)), jnp.float32)
+  grad = lambda pick: jax.grad(lambda c: jnp.sum(pick(c, i1, i2, k=k, n=n)[0] * cot))(cand)  # noqa
+  np.testing.assert_array_equal(grad(product_keys._pick_by_sort),
+                                grad(product_keys._pick_by_top_k))
