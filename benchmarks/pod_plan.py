@@ -73,7 +73,7 @@ sys.path.insert(0, str(ROOT))  # run as a plain script
 from pkm_jax import compiled_stats  # noqa: E402
 from pkm_jax import config as config_lib  # noqa: E402
 from pkm_jax import trainer  # noqa: E402
-from pkm_jax.bert import row_tables, state_at  # noqa: E402
+from pkm_jax.models.tables import row_tables, state_at  # noqa: E402
 
 # Which configs a row's model comes from: (size, kind) -> module under configs/.
 MODELS = {

@@ -114,7 +114,7 @@ def count_params(config: ml_collections.ConfigDict) -> int:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from pkm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from pkm_jax.bert import BertForMaskedLM  # pylint: disable=g-import-not-at-top
+  from pkm_jax.models.bert import BertForMaskedLM  # pylint: disable=g-import-not-at-top
   cfg = config_lib.model_config(config, vocab_size=config.data.vocab_size)
   model = nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0)))
   return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))

@@ -48,7 +48,7 @@ from pkm_jax import config as config_lib  # noqa: E402
 from pkm_jax import host_memory  # noqa: E402
 from pkm_jax import trainer  # noqa: E402
 from pkm_jax.architecture import MemoryConfig, ModelConfig  # noqa: E402
-from pkm_jax.bert import BertForMaskedLM  # noqa: E402
+from pkm_jax.models.bert import BertForMaskedLM  # noqa: E402
 from pkm_jax.data.mlm import mask_tokens  # noqa: E402
 from pkm_jax.placement import MemoryPlacement  # noqa: E402
 

@@ -43,8 +43,15 @@ class MemoryConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """BERT sizes plus where and how memory enters it (Kim & Jung 2020, §3: PKM / ResM)."""
+  """A model's sizes plus where and how memory enters it (Kim & Jung 2020, §3: PKM / ResM).
 
+  `family` picks the backbone (`pkm_jax.models`): 'bert' (post-LN encoder, masked LM), or a
+  causal LM: 'gpt2' (learned positions, pre-LN, tanh GELU, tied embeddings) or 'llama'
+  (RMSNorm, RoPE, SwiGLU, grouped-query attention; Qwen2 and Mistral are Llama-family
+  checkpoints with the switches below). BERT ignores the decoder-only fields.
+  """
+
+  family: str = "bert"
   vocab_size: int = 30522
   hidden_size: int = 768
   num_layers: int = 12
@@ -62,6 +69,21 @@ class ModelConfig:
   remat: bool = False  # recompute each encoder layer in the backward pass (less activation memory)
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
+  # Causal LMs only.
+  num_kv_heads: int = 0  # grouped-query attention: key/value heads (0: num_heads)
+  head_dim: int = 0  # 0: hidden_size // num_heads
+  attention_bias: bool = False  # llama: bias on q/k/v/o (Llama's attention_bias)
+  qkv_bias: bool = False  # Qwen2: bias on q/k/v only
+  mlp_bias: bool = False
+  tie_embeddings: bool = True  # output projection = the word embeddings
+  rope_theta: float = 10000.0
+  # ('rope_type', 'llama3'), ('factor', 8.0), ... as (key, value) pairs ('default' when empty).
+  rope_scaling: tuple[tuple[str, Any], ...] = ()
+  sliding_window: int = 0  # Mistral: each token attends to the last N positions (0: all)
+
+  @property
+  def causal(self) -> bool:
+    return self.family != "bert"
 
   def has_memory(self, layer: int) -> bool:
     return self.memory_mode != "none" and layer in self.memory_layers
@@ -86,4 +108,6 @@ def from_dict(d: dict) -> ModelConfig:
   d["memory"] = {k: v for k, v in d["memory"].items() if k not in _PLACEMENT_KEYS}
   d["memory"] = MemoryConfig(**d["memory"])
   d["memory_layers"] = tuple(d["memory_layers"])
+  d["rope_scaling"] = tuple((k, tuple(v) if isinstance(v, list) else v)
+                            for k, v in d.get("rope_scaling", ()))
   return ModelConfig(**d)

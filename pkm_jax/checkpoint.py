@@ -37,7 +37,7 @@ from flax import nnx
 from pkm_jax import architecture
 from pkm_jax import checksums
 from pkm_jax import storage
-from pkm_jax.bert import BertForMaskedLM
+from pkm_jax.models.bert import BertForMaskedLM
 from pkm_jax.data.tokenizer import load_tokenizer
 from pkm_jax.steps import TrainState
 

@@ -17,6 +17,7 @@ import ml_collections
 from pkm_jax import sharding
 from pkm_jax.architecture import MemoryConfig, ModelConfig
 
+FAMILIES = ("bert", "gpt2", "llama")  # model.family: pkm_jax.models
 MEMORY_MODES = ("none", "replace", "residual")
 QUERY_NORMS = ("batchnorm", "layernorm", "none")
 MEMORY_KINDS = ("pkm", "memory_plus", "peer")  # pkm_jax.memory_kinds says what each computes
@@ -87,7 +88,13 @@ def base_config() -> ml_collections.ConfigDict:
       hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
       max_position_embeddings=512, type_vocab_size=2,
       hidden_dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12,
-      use_pooler=False, remat=False, dtype="float32", param_dtype="float32"))
+      use_pooler=False, remat=False, dtype="float32", param_dtype="float32",
+      # The backbone: 'bert' (masked LM) or a causal LM, 'gpt2' | 'llama' (see
+      # pkm_jax.architecture.ModelConfig); the keys below are the causal LMs' only.
+      family="bert", num_kv_heads=0, head_dim=0, attention_bias=False, qkv_bias=False,
+      mlp_bias=False, tie_embeddings=True, rope_theta=10000.0,
+      rope_scaling=(),  # e.g. (("rope_type", "llama3"), ("factor", 8.0), ...)
+      sliding_window=0))
 
   c.memory = ml_collections.ConfigDict(dict(
       mode="none", layers=(3, 7),  # "4L/8L" of the paper's tables, 0-based
@@ -297,7 +304,13 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
   check_number(m, "model", "layer_norm_eps", lo=0, lo_open=True)
   check_choice(m, "model", "dtype", DTYPES)
   check_choice(m, "model", "param_dtype", DTYPES)
-  if m.hidden_size % m.num_heads:
+  check_choice(m, "model", "family", FAMILIES)
+  for key in ("num_kv_heads", "head_dim", "sliding_window"):
+    check_number(m, "model", key, lo=0)
+  if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide "
+                      f"model.num_heads={m.num_heads}")
+  if m.hidden_size % m.num_heads and not (m.family != "bert" and m.head_dim):
     raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
                       f"model.num_heads={m.num_heads}")
   validate_memory(mem, m)
@@ -413,4 +426,9 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
       layer_norm_eps=m.layer_norm_eps, memory_mode=mem.mode,
       memory_layers=tuple(mem.layers) if mem.mode != "none" else (),
       memory=memory, use_pooler=m.use_pooler, remat=m.remat, dtype=m.dtype,
-      param_dtype=m.param_dtype)
+      param_dtype=m.param_dtype, family=m.family, num_kv_heads=m.num_kv_heads,
+      head_dim=m.head_dim, attention_bias=bool(m.attention_bias), qkv_bias=bool(m.qkv_bias),
+      mlp_bias=bool(m.mlp_bias), tie_embeddings=bool(m.tie_embeddings),
+      rope_theta=float(m.rope_theta),
+      rope_scaling=tuple((str(k), v) for k, v in (m.rope_scaling or ())),
+      sliding_window=m.sliding_window)

@@ -29,7 +29,7 @@ from flax import nnx
 from pkm_jax import cli, converted
 from pkm_jax import storage
 from pkm_jax.architecture import ModelConfig
-from pkm_jax.bert import BertForMaskedLM, MLMHead
+from pkm_jax.models.bert import BertForMaskedLM, MLMHead
 from pkm_jax.data import tokenizer as tok_lib
 from pkm_jax.hf_files import load_hf_tensors, read_hf_config
 
@@ -132,7 +132,7 @@ def model_config_from_hf(hf_cfg: dict[str, Any], *, use_pooler: bool = False) ->
       if hf_cfg.get(flag):
         raise ValueError(f"config.json: {flag}=true is not supported (encoder-only BERT)")
   act = hf_cfg.get(act_key, "gelu")
-  if act != "gelu":  # HF's 'gelu' is the exact erf GELU that pkm_jax.bert uses
+  if act != "gelu":  # HF's 'gelu' is the exact erf GELU that pkm_jax.models.bert uses
     raise ValueError(f"config.json: {act_key}={act!r} is not supported (only 'gelu')")
   for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
               "max_position_embeddings", "type_vocab_size"):

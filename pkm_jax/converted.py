@@ -30,7 +30,7 @@ from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import checksums
 from pkm_jax import storage
 from pkm_jax.architecture import ModelConfig
-from pkm_jax.bert import BertForMaskedLM
+from pkm_jax.models.bert import BertForMaskedLM
 from pkm_jax.data import tokenizer as tok_lib
 from pkm_jax.staged_dir import staged_dir
 

@@ -23,7 +23,7 @@ from absl import flags
 from flax import nnx
 
 from pkm_jax import checkpoint, cli, pretrained
-from pkm_jax.bert import BertForMaskedLM
+from pkm_jax.models.bert import BertForMaskedLM
 from pkm_jax.data.tokenizer import special_token_ids
 
 

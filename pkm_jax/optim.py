@@ -16,7 +16,7 @@ import ml_collections
 import optax
 
 from pkm_jax import sparse_adam
-from pkm_jax.bert import is_value_table
+from pkm_jax.models.tables import is_value_table
 
 VALUES = "values"
 DEFAULT = "default"

@@ -16,7 +16,7 @@ from pkm_jax import convert as convert_lib
 from pkm_jax import converted, hf_files
 from pkm_jax import storage
 from pkm_jax.architecture import ModelConfig
-from pkm_jax.bert import BertForMaskedLM
+from pkm_jax.models.bert import BertForMaskedLM
 from pkm_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from pkm_jax.plus_init import init_from_pretrained
 

@@ -22,7 +22,7 @@ from pkm_jax import optim as optim_lib
 from pkm_jax import sharding as sharding_lib
 from pkm_jax.config import ConfigError
 from pkm_jax.placement import MemoryPlacement
-from pkm_jax.bert import row_tables, state_at
+from pkm_jax.models.tables import row_tables, state_at
 from pkm_jax.steps import LossFn, TrainState, make_train_step
 
 

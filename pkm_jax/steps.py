@@ -22,7 +22,7 @@ from flax import nnx
 from pkm_jax import cpu_random
 from pkm_jax import metrics as metrics_lib
 from pkm_jax.architecture import MemoryConfig
-from pkm_jax.bert import state_at
+from pkm_jax.models.tables import state_at
 from pkm_jax.memory_kinds import DOWN
 from pkm_jax.optim import Optimizers
 from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
@@ -88,7 +88,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimiz
   """(TrainState, batch) -> (TrainState, metrics, {layer: MemoryAux}); pure, jit it once.
 
   `optimizers.tx` updates the params from their dense gradients, `optimizers.sparse` (with
-  `sparse_tables`: `bert.row_tables(cfg)`, and `memory`: the memory config) the row tables from
+  `sparse_tables`: `tables.row_tables(cfg)`, and `memory`: the memory config) the row tables from
   the gradients of their picked rows; with grad_clip > 0 both are first clipped by their joint
   global norm. `model_state_filter` selects the statistics the step updates (frozen ones stay).
   """

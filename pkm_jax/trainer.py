@@ -29,7 +29,7 @@ from pkm_jax import plus_init
 from pkm_jax import pretrained as pretrained_lib
 from pkm_jax import program as program_lib
 from pkm_jax import storage
-from pkm_jax.bert import BertForMaskedLM
+from pkm_jax.models.bert import BertForMaskedLM
 from pkm_jax.loop import Periodic, train_loop
 from pkm_jax.program import TrainProgram
 from pkm_jax.steps import make_usage_accumulator, mlm_loss

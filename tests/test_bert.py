@@ -1,4 +1,4 @@
-"""pkm_jax.bert: memory wiring (PKM / ResM) against a numpy encoder layer, padding, tied decoder,
+"""pkm_jax.models.bert: memory wiring (PKM / ResM) against a numpy encoder layer, padding, tied decoder,
 dropout modes, bf16, and the paper's parameter counts (abstract shapes only)."""
 
 import dataclasses
@@ -13,7 +13,7 @@ from flax import nnx
 from scipy.special import erf
 
 from pkm_jax.architecture import MemoryConfig, ModelConfig
-from pkm_jax.bert import BertForMaskedLM, BertModel, EncoderLayer
+from pkm_jax.models.bert import BertForMaskedLM, BertModel, EncoderLayer
 from pkm_jax.config import model_config
 
 TINY = ModelConfig(

@@ -153,7 +153,7 @@ def test_encoder_starts_as_the_pretrained_model(pretrained, glue_dir):
 
 def test_converted_checkpoint_pooler_is_loaded(pretrained, tmp_path):
   from pkm_jax import converted
-  from pkm_jax.bert import BertForMaskedLM
+  from pkm_jax.models.bert import BertForMaskedLM
   workdir, _ = pretrained
   src_cfg = ckpt_lib.read_model_config(workdir)
   src_cfg = dataclasses.replace(src_cfg, use_pooler=True, memory_mode="none", memory_layers=())

@@ -15,7 +15,8 @@ from flax import nnx, traverse_util  # noqa: E402
 from pkm_jax import architecture  # noqa: E402
 from pkm_jax import sharding  # noqa: E402
 from pkm_jax.architecture import MemoryConfig, ModelConfig  # noqa: E402
-from pkm_jax.bert import BertForMaskedLM, is_value_table  # noqa: E402
+from pkm_jax.models.bert import BertForMaskedLM
+from pkm_jax.models.tables import is_value_table  # noqa: E402
 from pkm_jax.memory import ProductKeyMemory  # noqa: E402
 from pkm_jax.placement import MemoryPlacement  # noqa: E402
 from pkm_jax.plus_init import init_from_pretrained  # noqa: E402

@@ -16,7 +16,7 @@ from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import config as config_lib
 from pkm_jax import converted, plus_init, pretrained
 from pkm_jax.architecture import MemoryConfig, ModelConfig
-from pkm_jax.bert import BertForMaskedLM
+from pkm_jax.models.bert import BertForMaskedLM
 from pkm_jax.config import ConfigError
 from pkm_jax.data.tokenizer import load_tokenizer
 from pkm_jax.steps import TrainState

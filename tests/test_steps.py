@@ -14,7 +14,8 @@ from flax import nnx
 
 from pkm_jax import trainer
 from pkm_jax.architecture import ModelConfig
-from pkm_jax.bert import BertForMaskedLM, value_table
+from pkm_jax.models.bert import BertForMaskedLM
+from pkm_jax.models.tables import value_table
 from pkm_jax.data import mask_tokens, max_masked
 from pkm_jax.steps import mlm_loss
 from test_trainer import tiny_config

@@ -1,4 +1,4 @@
-"""Fine-tuning heads on `pkm_jax.bert.BertModel`: sequence classification / regression and SQuAD
+"""Fine-tuning heads on `pkm_jax.models.bert.BertModel`: sequence classification / regression and SQuAD
 span extraction. Memory layers live inside the encoder, so PKM / ResM models fine-tune unchanged.
 
 Param tree: `bert.*` exactly as in `BertForMaskedLM` (so pretrained weights copy by path, the
@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 
 from pkm_jax.architecture import ModelConfig
-from pkm_jax.bert import BertModel
+from pkm_jax.models.bert import BertModel
 from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
 from pkm_jax.product_keys import MemoryAux
 

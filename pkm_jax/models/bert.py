@@ -9,8 +9,6 @@ Linear kernels are [in, out] (torch's weight transposed).
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -207,48 +205,6 @@ class MLMHead(nnx.Module):
     x = self.transform_norm(gelu(self.transform(h_BxTxD)))
     logits_BxTxV = word_embeddings.attend(x.astype(word_embeddings.dtype))
     return logits_BxTxV.astype(jnp.float32) + self.bias[...]
-
-
-_TABLES = (memory_kinds.VALUES, memory_kinds.DOWN)
-
-
-def is_value_table(names: Sequence[str]) -> bool:
-  """Whether a parameter path (e.g. ('bert', 'layers', '3', 'memory', 'values'), or a shared
-  ('bert', 'memory_values')) names a memory row table -- values, or PEER's down vectors: what the
-  value optimizer trains and sparse updates touch row by row."""
-  names = [str(n) for n in names]
-  return ((len(names) >= 2 and names[-2] == "memory" and names[-1] in _TABLES)
-          or (bool(names) and names[-1] in [memory_kinds.SHARED_PREFIX + t for t in _TABLES]))
-
-
-def row_tables(cfg: ModelConfig) -> dict[str, tuple[tuple[str | int, ...], str, tuple[int, ...]]]:
-  """Every memory row table: key (a layer's value table keeps the key str(layer) it always had)
-  -> (path in a param State under its root module, table name, the layers that read it)."""
-  out = {}
-  for name in memory_kinds.table_names(cfg.memory):
-    if cfg.memory.share_values and cfg.memory_layers:
-      out[memory_kinds.SHARED_PREFIX + name] = (
-          ("bert", memory_kinds.SHARED_PREFIX + name), name, tuple(cfg.memory_layers))
-      continue
-    for layer in cfg.memory_layers:
-      key = str(layer) if name == memory_kinds.VALUES else f"{layer}.{name}"
-      out[key] = (("bert", "layers", layer, "memory", name), name, (layer,))
-  return out
-
-
-def state_at(params: nnx.State, path: tuple[str | int, ...]) -> nnx.Variable:
-  """params[path[0]][path[1]]..."""
-  for p in path:
-    params = params[p]
-  return params
-
-
-def value_table(params: nnx.State, layer: int) -> nnx.Variable:
-  """The value table encoder layer `layer` reads (its own or the shared one) in a param State of
-  BertForMaskedLM or of a task head (both keep the encoder under 'bert')."""
-  bert = params["bert"]
-  shared = memory_kinds.SHARED_PREFIX + memory_kinds.VALUES
-  return bert[shared] if shared in bert else bert["layers"][layer]["memory"]["values"]
 
 
 class BertForMaskedLM(nnx.Module):
