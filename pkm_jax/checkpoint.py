@@ -37,7 +37,7 @@ from flax import nnx
 from pkm_jax import architecture
 from pkm_jax import checksums
 from pkm_jax import storage
-from pkm_jax.models.bert import BertForMaskedLM
+from pkm_jax.models.registry import build_lm
 from pkm_jax.data.tokenizer import load_tokenizer
 from pkm_jax.steps import TrainState
 
@@ -322,14 +322,14 @@ def latest_step(workdir: str, step: int | None = None) -> int:
   return step
 
 
-def restore_model(workdir: str, step: int | None = None) -> tuple[BertForMaskedLM, Any, int]:
+def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, Any, int]:
   """A training workdir's model at `step` (default latest), its tokenizer and that step.
 
   The model is on one device (whatever mesh the run used), ready for eval mode.
   """
   model_cfg = read_model_config(workdir)
   step = latest_step(workdir, step)
-  model = nnx.eval_shape(lambda: BertForMaskedLM(model_cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: build_lm(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731

@@ -30,7 +30,7 @@ from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import checksums
 from pkm_jax import storage
 from pkm_jax.architecture import ModelConfig
-from pkm_jax.models.bert import BertForMaskedLM
+from pkm_jax.models.registry import build_lm
 from pkm_jax.data import tokenizer as tok_lib
 from pkm_jax.staged_dir import staged_dir
 
@@ -91,7 +91,7 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict, tokenizer: An
   return out
 
 
-def save_pretrained(out_dir: str, model: BertForMaskedLM, tokenizer: Any, *,
+def save_pretrained(out_dir: str, model: nnx.Module, tokenizer: Any, *,
                     info: dict[str, Any] | None = None, overwrite: bool = False) -> str:
   """Saves a model's parameters in the converted-checkpoint layout (see module docstring)."""
   if jax.tree.leaves(nnx.state(model, nnx.BatchStat)):
@@ -102,7 +102,7 @@ def save_pretrained(out_dir: str, model: BertForMaskedLM, tokenizer: Any, *,
 
 
 def _abstract_params(cfg: ModelConfig) -> dict:
-  model = nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: build_lm(cfg, rngs=nnx.Rngs(0)))
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 

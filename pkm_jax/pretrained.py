@@ -16,7 +16,7 @@ from pkm_jax import convert as convert_lib
 from pkm_jax import converted, hf_files
 from pkm_jax import storage
 from pkm_jax.architecture import ModelConfig
-from pkm_jax.models.bert import BertForMaskedLM
+from pkm_jax.models.registry import build_lm
 from pkm_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from pkm_jax.plus_init import init_from_pretrained
 
@@ -55,9 +55,9 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict, Any]:
       f"{' | '.join(hf_files.WEIGHT_FILES)})")
 
 
-def build_model(cfg: ModelConfig, params: dict, *, rngs: nnx.Rngs) -> BertForMaskedLM:
-  """A BertForMaskedLM holding exactly `params` (every parameter must be given)."""
-  model = BertForMaskedLM(cfg, rngs=rngs)
+def build_model(cfg: ModelConfig, params: dict, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The family's language model (`registry.build_lm`) holding exactly `params` (every parameter must be given)."""
+  model = build_lm(cfg, rngs=rngs)
   report = init_from_pretrained(model, params, cfg)
   if report.new or report.dropped:
     missing = report.new[0] if report.new else None

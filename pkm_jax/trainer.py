@@ -29,7 +29,7 @@ from pkm_jax import plus_init
 from pkm_jax import pretrained as pretrained_lib
 from pkm_jax import program as program_lib
 from pkm_jax import storage
-from pkm_jax.models.bert import BertForMaskedLM
+from pkm_jax.models.registry import build_lm
 from pkm_jax.loop import Periodic, train_loop
 from pkm_jax.program import TrainProgram
 from pkm_jax.steps import make_usage_accumulator, mlm_loss
@@ -98,7 +98,7 @@ def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
   model_cfg = config_lib.model_config(config, vocab_size=vocab_size)
 
   def make_model(placement):
-    return BertForMaskedLM(model_cfg, rngs=nnx.Rngs(params=config.seed), placement=placement)
+    return build_lm(model_cfg, rngs=nnx.Rngs(params=config.seed), placement=placement)
 
   def init_from(model, src_params):
     return plus_init.init_from_pretrained(model, src_params, pretrained_cfg)

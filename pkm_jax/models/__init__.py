@@ -1,2 +1,2 @@
-"""The model families that carry memory layers: BERT (`bert`), and the layout of their
-parameter trees shared by the run library (`tables`)."""
+"""The model families that carry memory layers (BERT: `bert.py`), the class each ModelConfig
+builds (`registry.py`), and where every family keeps its memory tables (`tables.py`)."""
