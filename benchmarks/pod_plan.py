@@ -1,29 +1,17 @@
 """Pod plan: what the real train step and inference forward do on each device of a pod, compiled
 ahead of time from abstract shapes (nothing allocated), without an accelerator.
 
-Each row is (model config, layout, target): `trainer.build_train_program` builds the program of
-`train.py` (its state from `jax.eval_shape`, the batch as sharded `jax.ShapeDtypeStruct`s) and
-`jit(...).lower(...).compile()` compiles its train step and its eval forward (`trainer.
-jit_eval_step`: the BERT encoder + MLM head that eval runs). Per device, from XLA itself
-(`pkm_jax/compiled_stats.py`): FLOPs and bytes accessed (`cost_analysis()`), collective bytes by
-kind (from the optimized HLO, times loop trip counts), peak memory (`memory_analysis()`:
-arguments + temporaries + outputs - aliased), while-loop iterations, sorts and conditionals; and
-the value-table bytes each device holds. The ideal is the one-device program's figure / n
-(compiled for one device of the same target; a one-device program too big for a TPU chip's
-memory does not compile there, and the host CPU's one-device program stands in, marked `cpu`).
-
-Targets, each compiled in a child process (this process is never reconfigured):
-  - TPU topologies ('v5e:2x4', 'v4:2x2x2', 'v5p:4x4x4', ...) by XLA:TPU itself: libtpu from
-    `.tpu/` (requirements-tpu.txt) or $TPU_LIBRARY_PATH, deviceless ahead-of-time compilation
-    (`jax.experimental.topologies`). libtpu's v4 topologies list TensorCores (2 per chip, no
-    megacore): there a 'device' is half a chip.
-  - 'h100:N': N H100s by XLA:GPU, without a GPU: jax's CUDA plugin (`.venv/bin/pip install
-    --no-deps --target .cuda jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2`, no CUDA
-    libraries) given an H100 target description (H100_TARGET_CONFIG) compiles, and cannot run.
-    XLA:GPU gives no cost analysis then: FLOPs, bytes and roofline are '-'; collectives, peak
-    memory, loops, sorts and conditionals are XLA:GPU's.
-  - 'cpu:N': N host CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=N`), XLA:CPU's
-    partitioning of the same program (the test suite's target: no plugin needed).
+Each row is (model config, layout, target). `pkm_jax/deviceless.py` compiles train.py's train
+step and eval forward for the row's config on the target's devices ('v5e:2x4', 'v4:2x2x2', ...:
+XLA:TPU deviceless; 'h100:8': XLA:GPU through jax's CUDA plugin without a GPU; 'cpu:8': host CPU
+devices), one child process per target (this process is never reconfigured). Per device, from
+XLA itself (`pkm_jax/compiled_stats.py`): FLOPs and bytes accessed (`cost_analysis()`),
+collective bytes by kind (from the optimized HLO, times loop trip counts), peak memory
+(`memory_analysis()`: arguments + temporaries + outputs - aliased), while-loop iterations, sorts
+and conditionals; and the value-table bytes each device holds. The ideal is the one-device
+program's figure / n (compiled for one device of the same target; a one-device program too big
+for a TPU chip's memory does not compile there, and the host CPU's one-device program stands in,
+marked `cpu`).
 
 Roofline time per device = max(FLOPs / peak, bytes accessed / HBM bandwidth, collective bytes /
 interconnect bandwidth), for each chip below (bf16 dense peaks, per chip; interconnect one way);
@@ -56,24 +44,18 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.experimental import topologies
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a plain script
 
-from pkm_jax import compiled_stats  # noqa: E402
 from pkm_jax import config as config_lib  # noqa: E402
-from pkm_jax import trainer  # noqa: E402
-from pkm_jax.models.tables import row_tables, state_at  # noqa: E402
+from pkm_jax import deviceless  # noqa: E402
+from pkm_jax.deviceless import family  # noqa: E402
 
 # Which configs a row's model comes from: (size, kind) -> module under configs/.
 MODELS = {
@@ -115,25 +97,6 @@ TINY = {"model.hidden_size": 64, "model.num_layers": 2, "model.num_heads": 4,
         "memory.layers": (1,), "memory.n_keys": 32, "memory.heads": 2, "memory.k": 4,
         "memory.k_dim": 32, "memory.v_dim": 64}
 
-# XLA:GPU's description of an H100 SXM (NVIDIA's figures: 132 SMs at 1.98 GHz, 80 GB HBM3 at
-# 3.35 TB/s, 50 MB L2, 228 KiB shared memory per SM), the fields jaxlib 0.10.2 reads: with it,
-# jax's CUDA plugin compiles for N H100s on a machine without a GPU or CUDA libraries.
-H100_TARGET_CONFIG = """gpu_device_info {
-  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
-  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
-  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
-  clock_rate_ghz: 1.98 device_memory_size: 84942979072 shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}
-platform_name: "CUDA" dnn_version_info { major: 9 minor: 1 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
-
-CUDA_MISSING = ("jax's CUDA plugin not installed: .venv/bin/pip install --no-deps --target "
-                ".cuda jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2")
-
 CHIPS = {  # peak bf16 FLOP/s, HBM bytes/s, interconnect bytes/s one way (sources: docstring)
     "H100": (989e12, 3.35e12, 450e9),
     "v4": (275e12, 1.2e12, 268e9),
@@ -157,11 +120,6 @@ class Row:
     return f"{self.size}{'+' + self.kind if self.kind != 'dense' else ''}{self.label}"
 
 
-# ---------------------------------------------------------------------------------------------
-# The child: compiles the rows of one target
-# ---------------------------------------------------------------------------------------------
-
-
 def row_config(row: Row):
   """The validated config of a row: the model's config file, its kind, the layout, overrides."""
   config = importlib.import_module(f"configs.{MODELS[row.size, row.kind]}").get_config()
@@ -178,70 +136,19 @@ def row_config(row: Row):
   return config
 
 
-def compile_row(row: Row, all_devices: list) -> dict:
-  """Compiles a row's programs on its first `row.devices` devices; per-device statistics."""
-
-  config = row_config(row)
-  program = trainer.build_train_program(config, config.data.vocab_size,
-                                        devices=all_devices[:row.devices])
-  mesh = program.mesh
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       program.abstract_state, program.state_sharding)
-  b, t = config.data.batch_size, config.data.max_len
-  batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "mlm_weights" else jnp.int32,
-                                   sharding=program.batch_sharding)
-           for k in ("input_ids", "attention_mask", "token_type_ids", "mlm_labels",
-                     "mlm_weights")}
-  tables = [state_at(program.abstract_state.params, path).get_value()
-            for path, _, _ in row_tables(program.model_cfg).values()]
-  shards = [state_at(program.state_sharding.params, path).get_value()
-            for path, _, _ in row_tables(program.model_cfg).values()]
-  table_bytes = sum(a.size * a.dtype.itemsize for a in tables)
-  table_bytes_per_device = sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
-                               for a, s in zip(tables, shards))
-  out = dict(row=dataclasses.asdict(row), mesh=dict(mesh.shape),
-             rules=[list(r) for r in config.mesh.rules], table_bytes=table_bytes,
-             table_bytes_per_device=table_bytes_per_device, tokens=b * t, programs={})
-  for name in row.programs:
-    start = time.perf_counter()
-    with jax.set_mesh(mesh):
-      if name == "train":
-        lowered = program.train_step.lower(state, batch)
-      else:
-        lowered = trainer.jit_eval_step(program).lower(state.params, state.model_state,
-                                                       state.frozen, batch)
-      try:
-        compiled = lowered.compile()
-      except Exception as e:  # pylint: disable=broad-except
-        # e.g. a one-device program larger than a TPU chip's memory: say so, go on.
-        out["programs"][name] = dict(error=f"{type(e).__name__}: {str(e)[:500]}")
-        continue
-    stats = compiled_stats.program_stats(compiled)
-    stats["compile_s"] = time.perf_counter() - start
-    out["programs"][name] = stats
-  return out
-
-
 def child_main(spec_path: str) -> None:
-  """Runs in a child process: compiles spec['rows'] for spec['target'], writes spec['out']."""
+  """The child process (deviceless.run_children): compiles spec['rows'] for spec['target'],
+  writes spec['out']."""
   spec = json.loads(pathlib.Path(spec_path).read_text())
-  if spec["target"] == "cpu":
-    devices = jax.devices("cpu")
-  elif family(spec["target"]) == "h100":
-    devices = topologies.get_topology_desc(
-        platform="cuda", topology_name="", topology=f"1x1x{spec['target'].split(':')[1]}",
-        target_config=H100_TARGET_CONFIG).devices
-  else:
-    devices = topologies.get_topology_desc(platform="tpu",
-                                           topology_name=spec["target"]).devices
+  devices = deviceless.target_devices(spec["target"])
   results = []
   for fields in spec["rows"]:
-    row = Row(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
-                 if isinstance(v, list) else v for k, v in fields.items()})
+    row = Row(**_tuples(fields))
     try:
-      results.append(compile_row(row, devices))
+      results.append(dict(row=fields, **deviceless.compile_programs(
+          row_config(row), devices[:row.devices], row.programs)))
     except Exception as e:  # pylint: disable=broad-except
-      results.append(dict(row=dataclasses.asdict(row), error=f"{type(e).__name__}: {e}"[:2000]))
+      results.append(dict(row=fields, error=f"{type(e).__name__}: {e}"[:2000]))
     seconds = sum(p.get("compile_s", 0) for p in results[-1].get("programs", {}).values())
     print(f"  {spec['target']} n={row.devices} {row.name} {row.layout}: "
           f"{results[-1].get('error', f'compiled in {seconds:.0f} s')[:300]}", flush=True)
@@ -249,14 +156,7 @@ def child_main(spec_path: str) -> None:
   jax.clear_caches()
 
 
-# ---------------------------------------------------------------------------------------------
-# The parent: plans rows, runs one child per target, joins the ideals, prints the tables
-# ---------------------------------------------------------------------------------------------
-
-
-def family(target: str) -> str:
-  """'v5e:2x4' -> 'v5e'; 'cpu' -> 'cpu'."""
-  return target.split(":")[0]
+# The parent: plans rows, runs one child per target, joins the ideals, prints the tables.
 
 
 def ideal_rows(rows: list[Row], one_device_target: dict[str, str], cpu_too: bool) -> list[Row]:
@@ -307,102 +207,12 @@ def plan(args: argparse.Namespace) -> list[Row]:
   return rows
 
 
-def libtpu_env() -> dict[str, str] | None:
-  """A child's environment with XLA:TPU (libtpu beside .venv or $TPU_LIBRARY_PATH), or None."""
-  for path in (ROOT / ".tpu" / "libtpu" / "libtpu.so", os.environ.get("TPU_LIBRARY_PATH")):
-    if path and pathlib.Path(path).is_file():
-      env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-      env.update(TPU_LIBRARY_PATH=str(path), TPU_SKIP_MDS_QUERY="1",
-                 ALLOW_MULTIPLE_LIBTPU_LOAD="1", JAX_PLATFORMS="", PYTHONPATH=str(ROOT))
-      return env
-  return None
-
-
-def cuda_env() -> dict[str, str] | None:
-  """A child's environment with jax's CUDA plugin (installed beside .venv into .cuda/, or in
-  $PKM_JAX_CUDA_PLUGINS) and no CUDA libraries: it compiles, it cannot run; or None."""
-  for path in (ROOT / ".cuda", os.environ.get("PKM_JAX_CUDA_PLUGINS")):
-    if path and (pathlib.Path(path) / "jax_plugins" / "xla_cuda12").is_dir():
-      env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-      env.update(JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1", JAX_PLATFORMS="",
-                 PYTHONPATH=f"{ROOT}{os.pathsep}{path}")
-      return env
-  return None
-
-
-def start_child(target: str, rows: list[Row], tmp: str, index: int
-                ) -> tuple[subprocess.Popen, str] | None:
-  spec = dict(target=target, rows=[dataclasses.asdict(r) for r in rows],
-              out=f"{tmp}/{index}.json")
-  path = f"{tmp}/{index}.spec.json"
-  pathlib.Path(path).write_text(json.dumps(spec))
-  if target == "cpu":
-    # Other XLA flags (e.g. the test suite's) pass on; the device count is this child's.
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    flags.append(f"--xla_force_host_platform_device_count={max(r.devices for r in rows)}")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-           "XLA_FLAGS": " ".join(flags)}
-  else:
-    env = cuda_env() if family(target) == "h100" else libtpu_env()
-    if env is None:
-      return None
-  # libtpu's start-up complaints (no metadata server, no worker names) go to a log, not here.
-  with open(f"{tmp}/{index}.log", "w") as log:
-    proc = subprocess.Popen([sys.executable, __file__, "--child", path], env=env, cwd=ROOT,
-                            stderr=log)
-  return proc, spec["out"]
-
-
 def run_rows(rows: list[Row], jobs: int, timeout_s: float) -> list[dict]:
   """Compiles `rows`, one child per (target, device count), `jobs` at a time."""
-  by_target: dict[tuple[str, int], list[Row]] = {}
+  by_target: dict[tuple[str, int], list[dict]] = {}
   for r in rows:
-    by_target.setdefault((r.target, r.devices), []).append(r)
-  # A target's rows split over up to `jobs` children, so a single target uses every job too.
-  groups: dict[tuple[str, int, int], list[Row]] = {}
-  for (target, n), some in by_target.items():
-    for i, r in enumerate(some):
-      groups.setdefault((target, n, i % jobs), []).append(r)
-  # TPU children first: XLA:TPU compiles slowest, the CPU children run beside them.
-  keys = sorted(groups, key=lambda k: k[0] == "cpu")
-  results, running = [], []
-  with tempfile.TemporaryDirectory() as tmp:
-    for i, key in enumerate(keys):
-      while len(running) >= jobs:
-        running = _reap(running, results, timeout_s)
-      started = start_child(key[0], groups[key], tmp, i)
-      if started is None:
-        missing = (CUDA_MISSING if family(key[0]) == "h100" else
-                   "libtpu not installed: .venv/bin/pip install --no-deps --target .tpu "
-                   "-r requirements-tpu.txt")
-        results += [dict(row=dataclasses.asdict(r), error=missing) for r in groups[key]]
-        continue
-      running.append((*started, groups[key], time.perf_counter()))
-    while running:
-      running = _reap(running, results, timeout_s)
-  return results
-
-
-def _reap(running: list, results: list, timeout_s: float) -> list:
-  time.sleep(0.5)
-  still = []
-  for proc, out, rows, start in running:
-    late = time.perf_counter() - start > timeout_s
-    if proc.poll() is None and not late:
-      still.append((proc, out, rows, start))
-      continue
-    if late:
-      proc.kill()
-      proc.wait()
-    done = json.loads(pathlib.Path(out).read_text()) if os.path.exists(out) else []
-    results += done
-    log = pathlib.Path(out[:-len(".json")] + ".log")
-    tail = log.read_text()[-1500:] if log.exists() else ""
-    why = (f"child exited {proc.returncode}" + (f" (past {timeout_s:.0f} s)" if late else "")
-           + (f": {tail}" if proc.returncode else ""))
-    results += [dict(row=dataclasses.asdict(r), error=why) for r in rows[len(done):]]
-  return still
+    by_target.setdefault((r.target, r.devices), []).append(dataclasses.asdict(r))
+  return deviceless.run_children(__file__, by_target, jobs, timeout_s)
 
 
 def _key(row: dict) -> tuple:
@@ -524,20 +334,6 @@ def _tuples(row: dict) -> dict:
           else v for k, v in row.items()}
 
 
-def parse_targets(text: str) -> list[tuple[str, int]]:
-  """'cpu:8,v5e:2x4' -> [('cpu', 8), ('v5e:2x4', 8)] (a topology's size: its device count)."""
-  out = []
-  for item in text.split(","):
-    name, _, shape = item.partition(":")
-    if name in ("cpu", "h100"):
-      out.append((name if name == "cpu" else item, int(shape or 8)))
-    else:
-      dims = [int(d) for d in shape.split("x")]
-      # libtpu lists v4 TensorCores, two per chip; v5e and v5p one device per chip.
-      out.append((item, int(np.prod(dims)) * (2 if name == "v4" else 1)))
-  return out
-
-
 def main(argv: list[str] | None = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="tiny config, 8 host devices + v5e:2x4")
@@ -560,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     child_main(args.child)
     return {}
   try:
-    args.targets = parse_targets(args.targets)
+    args.targets = [deviceless.parse_target(t) for t in args.targets.split(",")]
   except ValueError:
     sys.exit(f"pod_plan: --targets={args.targets!r}: expected e.g. cpu:8,v5e:2x4,v4:2x2x2")
   args.sizes, args.kinds = args.sizes.split(","), args.kinds.split(",")

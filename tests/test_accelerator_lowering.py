@@ -8,7 +8,6 @@ compile of the real train step (tests/xla_tpu.py: libtpu in a child process, no 
   platform's program), and its sub-key scores run at float32 precision.
 """
 
-import json
 import re
 
 import jax
