@@ -156,6 +156,7 @@ class BertModel(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
                placement: MemoryPlacement = SINGLE_DEVICE):
     self.cfg = cfg
+    self.placement = placement  # also pins the hidden states to the batch's split
     self.embeddings = Embeddings(cfg, rngs=rngs)
     self.layers = nnx.List([EncoderLayer(cfg, i, rngs=rngs, placement=placement)
                             for i in range(cfg.num_layers)])
@@ -173,7 +174,8 @@ class BertModel(nnx.Module):
     """ids/mask/types [B, T] -> hidden [B, T, D], {layer: MemoryAux}."""
     if token_type_ids_BxT is None:
       token_type_ids_BxT = jnp.zeros_like(input_ids_BxT)
-    h_BxTxD = self.embeddings(input_ids_BxT, token_type_ids_BxT, rngs=rngs)
+    h_BxTxD = self.placement.constrain_tokens(
+        self.embeddings(input_ids_BxT, token_type_ids_BxT, rngs=rngs))
     aux = {}
     call = _call_layer
     if self.cfg.remat:  # activations of each layer are recomputed in the backward pass
@@ -187,6 +189,7 @@ class BertModel(nnx.Module):
     for i, layer in enumerate(self.layers):
       probe = value_probes.get(i) if value_probes else None
       h_BxTxD, layer_aux = call(layer, h_BxTxD, attention_mask_BxT, rngs, probe, tables)
+      h_BxTxD = self.placement.constrain_tokens(h_BxTxD)
       if layer_aux is not None:
         aux[i] = layer_aux
     return h_BxTxD, aux

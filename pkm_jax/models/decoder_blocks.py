@@ -96,6 +96,7 @@ class Decoder(nnx.Module):
                learned_positions: bool, qkv_bias: bool, o_bias: bool, rngs: nnx.Rngs,
                placement: MemoryPlacement = SINGLE_DEVICE):
     self.cfg = cfg
+    self.placement = placement  # also pins the hidden states to the batch's split
     embed = lambda n, axis: nnx.Embed(  # noqa: E731
         n, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
         embedding_init=nnx.with_metadata(INIT, logical_axes=(axis, "embed")), rngs=rngs)
@@ -133,7 +134,7 @@ class Decoder(nnx.Module):
                rngs=None, value_probes: dict[int, jax.Array] | None = None
                ) -> tuple[jax.Array, dict[int, MemoryAux]]:
     """ids / mask / positions / segments [B, T] -> hidden after the final norm [B, T, D], aux."""
-    h_BxTxD = self.embed(input_ids_BxT, positions_BxT, rngs=rngs)
+    h_BxTxD = self.placement.constrain_tokens(self.embed(input_ids_BxT, positions_BxT, rngs=rngs))
     call = nnx.remat(_call_layer) if self.cfg.remat else _call_layer
     tables = self.shared_tables(bool(value_probes))
     aux = {}
@@ -141,6 +142,7 @@ class Decoder(nnx.Module):
       probe = value_probes.get(i) if value_probes else None
       h_BxTxD, layer_aux = call(layer, h_BxTxD, mask_BxT, positions_BxT, segment_ids_BxT, rngs,
                                 probe, tables)
+      h_BxTxD = self.placement.constrain_tokens(h_BxTxD)
       if layer_aux is not None:
         aux[i] = layer_aux
     return self.norm(h_BxTxD).astype(h_BxTxD.dtype), aux
