@@ -1,4 +1,5 @@
-"""Hugging Face BERT / DistilBERT checkpoints -> pkm-jax parameters (torch only for .bin files).
+"""Hugging Face checkpoints -> pkm-jax parameters (torch only for .bin files): BERT / DistilBERT
+here, the causal LMs (GPT-2, Llama, Qwen2, Mistral) in `pkm_jax.convert_causal`.
 
   python -m pkm_jax.convert --hf_dir DIR --out OUT [--overwrite]
 
@@ -8,7 +9,8 @@ model.safetensors.index.json, or pytorch_model.bin when torch is installed) and 
 `pkm_jax.converted` (model_config.json, tokenizer files, params/, conversion.json); the folder is
 read by `pkm_jax.hf_files`.
 
-Supported layouts: BertForMaskedLM, BertForPreTraining (its NSP head is ignored), BertModel (keys
+Supported layouts: GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM
+(dispatched by config.json's architectures to convert_causal), BertForMaskedLM, BertForPreTraining (its NSP head is ignored), BertModel (keys
 with or without 'bert.'), DistilBertForMaskedLM, DistilBertModel. A checkpoint without an MLM head
 gets a freshly initialised one (reported). DistilBERT has no token types: its token-type table
 becomes zeros [2, D], so any token_type_ids contribute nothing, as in DistilBERT. Anything the
@@ -26,7 +28,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from pkm_jax import cli, converted
+from pkm_jax import cli, convert_causal, converted
 from pkm_jax import storage
 from pkm_jax.architecture import ModelConfig
 from pkm_jax.models.bert import BertForMaskedLM, MLMHead
@@ -65,7 +67,8 @@ _DISTILBERT_LAYER = (
 @dataclasses.dataclass
 class Converted:
   """A converted model: our config, params (the `nnx.to_pure_dict(nnx.state(model, nnx.Param))`
-  layout of BertForMaskedLM) and what the conversion did (JSON-able)."""
+  layout of the family's model: BertForMaskedLM or a causal LM) and what the conversion did
+  (JSON-able)."""
 
   cfg: ModelConfig
   params: dict
@@ -79,10 +82,13 @@ class Converted:
 
 def architecture(hf_cfg: dict[str, Any]) -> str:
   """The checked architecture name ('BertModel' when config.json names none)."""
+  if convert_causal.is_causal(hf_cfg):
+    return convert_causal.architecture(hf_cfg)
   model_type = hf_cfg.get("model_type")
   if model_type not in ("bert", "distilbert"):
+    causal = ", ".join(repr(t) for t in convert_causal.ARCHITECTURES.values())
     raise ValueError(f"config.json: unsupported model_type {model_type!r} "
-                     f"(supported: 'bert', 'distilbert')")
+                     f"(supported: 'bert', 'distilbert', {causal})")
   archs = hf_cfg.get("architectures") or [
       "BertModel" if model_type == "bert" else "DistilBertModel"]
   arch = archs[0]
@@ -200,6 +206,8 @@ class _Reader:
 def convert_tensors(hf_cfg: dict[str, Any], tensors: dict[str, np.ndarray], *,
                     seed: int = 0) -> Converted:
   """HF config.json + state dict -> our params; a fresh MLM head (rngs seed) if it has none."""
+  if convert_causal.is_causal(hf_cfg):
+    return Converted(*convert_causal.convert_tensors(hf_cfg, tensors))
   arch = architecture(hf_cfg)
   distil = ARCHITECTURES[arch] == "distilbert"
   prefix = _prefix(tensors, "distilbert" if distil else "bert")
@@ -324,8 +332,10 @@ def convert_to_dir(hf_dir: str, out_dir: str, *, overwrite: bool = False, seed: 
   for note in hf.report["notes"]:
     print(f"note: {note}")
   r = hf.report
+  head = (f"MLM head {r['mlm_head']}" if "mlm_head" in r else
+          f"{'tied' if r['tied_embeddings'] else 'untied'} embeddings")
   print(f"Converted {r['architecture']} ({r['num_params']:,} parameters, "
-        f"{r['num_tensors']} tensors, MLM head {r['mlm_head']}) -> {out}")
+        f"{r['num_tensors']} tensors, {head}) -> {out}")
   return out
 
 

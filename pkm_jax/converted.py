@@ -2,8 +2,9 @@
 
 Layout (written by `python -m pkm_jax.convert` or `save_pretrained`):
   OUT/model_config.json   our ModelConfig (`pkm_jax.config.to_dict`)
-  OUT/tokenizer.json      the tokenizer (+ vocab.txt, tokenizer_config.json,
-                          special_tokens_map.json copied when the source had them)
+  OUT/tokenizer.json      the tokenizer, byte for byte (+ vocab.txt, tokenizer_config.json,
+                          special_tokens_map.json, generation_config.json copied when the
+                          source had them)
   OUT/params/             orbax StandardCheckpointer of nnx.to_pure_dict(nnx.state(model, nnx.Param))
   OUT/conversion.json     {"format", "source", "architecture", "report"}
   OUT/checksums.sha256    every file's SHA-256 (`checksums`), checked before a restore
@@ -35,7 +36,9 @@ from pkm_jax.data import tokenizer as tok_lib
 from pkm_jax.staged_dir import staged_dir
 
 FORMAT = "pkm-jax-pretrained/1"
-_TOKENIZER_EXTRAS = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+# generation_config.json: a causal LM's bos / eos / pad ids (data.tokenizer.causal_special_ids).
+_TOKENIZER_EXTRAS = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+                     "generation_config.json")
 
 
 def is_converted_dir(path: str) -> bool:

@@ -1,4 +1,5 @@
-"""BERT WordPiece tokenizers (Hugging Face `tokenizers`): train on the corpus, or load one.
+"""BERT WordPiece tokenizers (Hugging Face `tokenizers`): train on the corpus, or load one; and
+the causal LMs' own tokenizer.json (byte-level BPE for GPT-2, BPE for Llama / Qwen2 / Mistral).
 
 - `train_tokenizer(texts, vocab_size, lowercase)`: a WordPiece vocabulary learnt from the text,
   special tokens first ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4). The text is streamed
@@ -11,8 +12,9 @@
   saves WORKDIR/tokenizer.json; every later run (resume, eval) loads that file, so a workdir's
   token ids never change. With data.source='prepared' it is the prepared folder's tokenizer
   (or must equal it: `tokenizer_fingerprint`).
-Every tokenizer is BERT-style: BERT normaliser and pre-tokeniser, "##" continuation pieces,
-"[CLS] $A [SEP]" post-processing. Special tokens are found by their strings (`special_token_ids`),
+Every WordPiece tokenizer is made BERT-style: BERT normaliser and pre-tokeniser, "##"
+continuation pieces, "[CLS] $A [SEP]" post-processing. Any other tokenizer.json (a causal LM's
+BPE) loads unchanged; `causal_special_ids` finds its bos / eos / pad. Special tokens are found by their strings (`special_token_ids`),
 so Hugging Face vocabularies ([PAD]=0, [UNK]=100, [CLS]=101, ...) work unchanged.
 """
 
@@ -47,6 +49,66 @@ def special_token_ids(tok: Tokenizer) -> dict[str, int]:
   missing = [t for t, i in zip(SPECIAL_TOKENS, ids.values()) if i is None]
   if missing:
     raise ValueError(f"tokenizer lacks the BERT special token(s) {', '.join(missing)}")
+  return ids
+
+
+def is_wordpiece(tok: Tokenizer) -> bool:
+  """A WordPiece (BERT) tokenizer, which pkm-jax makes BERT-style; anything else is causal."""
+  return json.loads(tok.to_str()).get("model", {}).get("type") == "WordPiece"
+
+
+_CAUSAL_NAMES = {"bos": ("<|endoftext|>", "<s>", "<|begin_of_text|>"),
+                 "eos": ("<|endoftext|>", "</s>", "<|end_of_text|>", "<|im_end|>"),
+                 "pad": ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>")}
+
+
+def _read_json(path: str) -> dict:
+  if not storage.isfile(path):
+    return {}
+  try:
+    with storage.open_file(path) as f:
+      data = json.load(f)
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"cannot parse {path}: {e}") from e
+  return data if isinstance(data, dict) else {}
+
+
+def causal_special_ids(tok: Tokenizer, folder: str | None = None) -> dict[str, int | None]:
+  """{'bos', 'eos', 'pad'} -> id of a causal LM's tokenizer (bos None when it has none).
+
+  Looked up in order: tokenizer_config.json's bos_token / eos_token / pad_token strings,
+  generation_config.json's then config.json's *_token_id (files in `folder`, the tokenizer's
+  folder), then well-known token strings (<|endoftext|>, <s>, </s>, ...). eos is required;
+  pad falls back to eos (the loss masks padding by target weights, so its id only fills).
+  """
+  tok_cfg = _read_json(os.path.join(folder, "tokenizer_config.json")) if folder else {}
+  id_cfgs = ([_read_json(os.path.join(folder, n))
+              for n in ("generation_config.json", "config.json")] if folder else [])
+  vocab_size = tok.get_vocab_size(with_added_tokens=True)
+  ids: dict[str, int | None] = {}
+  for name in ("bos", "eos", "pad"):
+    found = None
+    token = tok_cfg.get(f"{name}_token")
+    if isinstance(token, dict):  # AddedToken serialised as {"content": ..., ...}
+      token = token.get("content")
+    if isinstance(token, str):
+      found = tok.token_to_id(token)
+    for cfg in id_cfgs:
+      value = cfg.get(f"{name}_token_id")
+      if isinstance(value, list) and value:  # several eos ids: the first ends generation too
+        value = value[0]
+      if found is None and isinstance(value, int) and 0 <= value < vocab_size:
+        found = value
+    for token in _CAUSAL_NAMES[name]:
+      if found is None:
+        found = tok.token_to_id(token)
+    ids[name] = found
+  if ids["eos"] is None:
+    raise ValueError("the tokenizer has no end-of-sequence token (no eos_token in "
+                     "tokenizer_config.json, no eos_token_id in config.json, no </s> or "
+                     "<|endoftext|>)")
+  if ids["pad"] is None:
+    ids["pad"] = ids["eos"]
   return ids
 
 
@@ -198,7 +260,8 @@ def resolve_tokenizer_path(path: str) -> str:
 
 
 def load_tokenizer(path: str, lowercase: bool | None = None) -> Tokenizer:
-  """tokenizer.json, vocab.txt or a folder holding either -> a BERT tokenizer.
+  """tokenizer.json, vocab.txt or a folder holding either -> a BERT tokenizer, or a causal LM's
+  (non-WordPiece) tokenizer.json unchanged.
 
   `lowercase` only matters for a vocab.txt without a tokenizer_config.json beside it.
   """
@@ -215,7 +278,7 @@ def load_tokenizer(path: str, lowercase: bool | None = None) -> Tokenizer:
     tok = Tokenizer.from_file(file)
   except Exception as e:  # the Rust side raises a bare Exception for malformed files
     raise ValueError(f"cannot parse tokenizer file {file}: {str(e).splitlines()[0]}") from e
-  return _finish(tok)
+  return _finish(tok) if is_wordpiece(tok) else tok
 
 
 def save_tokenizer(tok: Tokenizer, path: str) -> None:

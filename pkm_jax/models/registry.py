@@ -7,9 +7,12 @@ from flax import nnx
 
 from pkm_jax.architecture import ModelConfig
 from pkm_jax.models.bert import BertForMaskedLM
+from pkm_jax.models.gpt2 import GPT2LMHeadModel
+from pkm_jax.models.llama import LlamaForCausalLM
 from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
 
-LM_CLASSES: dict[str, type[nnx.Module]] = {"bert": BertForMaskedLM}
+LM_CLASSES: dict[str, type[nnx.Module]] = {
+    "bert": BertForMaskedLM, "gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM}
 
 
 def lm_class(cfg: ModelConfig) -> type[nnx.Module]:
