@@ -143,3 +143,156 @@ def test_stream_packing_equals_in_memory_packing(tmp_path):
                                   24, causal=True)
   np.testing.assert_array_equal(
       streamed, pipeline._pack_documents(corpus.train, tok, 24, causal=True))
+
+
+# --------------------------------------------------------------------- training and evaluation
+TINY = {
+    "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2,
+    "model.intermediate_size": 64, "model.max_position_embeddings": 32,
+    "memory.layers": (1,), "memory.n_keys": 16, "memory.heads": 2, "memory.k": 4,
+    "memory.k_dim": 16,
+    "data.vocab_size": 400, "data.max_len": 32, "data.batch_size": 8,
+    "data.generated.num_entities": 40, "data.generated.num_docs": 300,
+    "optim.warmup_steps": 2,
+    "train.steps": 12, "train.log_every": 4, "train.eval_every": 6,
+    "train.checkpoint_every": 6, "train.keep_checkpoints": 3, "train.eval_batches": 2,
+    "train.memory_stats_every": 6,
+}
+LLAMA = {"model.num_kv_heads": 1}  # grouped-query attention: 2 query heads share 1 KV head
+
+
+def tiny_config(family="gpt2", **overrides):
+  from configs import gpt2_resm, llama_resm
+  config = (gpt2_resm if family == "gpt2" else llama_resm).get_config()
+  extra = LLAMA if family == "llama" else {}
+  for key, value in {**TINY, **extra, **overrides}.items():
+    *groups, last = key.split(".")
+    node = config
+    for part in groups:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+def flags_for(overrides: dict) -> list[str]:
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory):
+  """One uninterrupted 12-step GPT-2 + ResM run (checkpoints at 6 and 12)."""
+  from pkm_jax import trainer
+  workdir = str(tmp_path_factory.mktemp("gpt2"))
+  return workdir, trainer.train_and_evaluate(tiny_config(), workdir)
+
+
+def test_run_writes_checkpoints_tokenizer_and_lm_metrics(gpt2_run):
+  from pkm_jax import checkpoint as ckpt_lib
+  workdir, result = gpt2_run
+  assert sorted(ckpt_lib.make_manager(workdir, read_only=True).all_steps()) == [6, 12]
+  _, tok, _ = ckpt_lib.restore_model(workdir)
+  assert tok.get_vocab_size() == 400 and tok.token_to_id(bpe.EOS) == 0
+  assert result["step"] == 12 and result["lm_perplexity"] == pytest.approx(
+      np.exp(result["lm_loss"]), rel=1e-9)
+  assert result["eval_tokens"] > 0 and "mlm_loss" not in result
+  stats = result["memory"]["1"]
+  assert 0 < stats["usage"] <= 100 and 0 <= stats["kl_uniform"] <= np.log(16**2)
+
+
+def test_resume_from_checkpoint_is_exact(gpt2_run, tmp_path):
+  from pkm_jax import trainer
+  from test_trainer import assert_trees_equal, final_params
+  ref_dir, _ = gpt2_run
+  workdir = str(tmp_path / "resumed")
+  shutil.copytree(ref_dir, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
+  trainer.train_and_evaluate(tiny_config(), workdir)
+  assert_trees_equal(final_params(workdir), final_params(ref_dir))
+
+
+def test_llama_training_lowers_loss(tmp_path):
+  from pkm_jax import trainer
+  workdir = str(tmp_path / "learn")
+  short = {"train.eval_batches": 4, "optim.lr": 3e-3}
+  first = trainer.train_and_evaluate(tiny_config("llama", **short, **{"train.steps": 1}),
+                                     workdir)
+  later = trainer.train_and_evaluate(tiny_config("llama", **short, **{
+      "train.steps": 40, "train.eval_every": 40, "train.checkpoint_every": 40}), workdir)
+  # The held-out loss starts near log(vocab = 400) ~ 6.0; 40 steps learn the token statistics.
+  assert later["lm_loss"] < first["lm_loss"] - 0.5, (first["lm_loss"], later["lm_loss"])
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (virtual) devices")
+def test_two_by_two_mesh_equals_one_device(tmp_path):
+  from pkm_jax import trainer
+  from test_trainer import final_params
+  short = {"train.steps": 4, "train.log_every": 4, "train.eval_every": 4,
+           "train.checkpoint_every": 4, "train.memory_stats_every": 0}
+  results, params = {}, {}
+  for mesh in ((1, 1), (2, 2)):
+    workdir = str(tmp_path / f"mesh{mesh[0]}x{mesh[1]}")
+    results[mesh] = trainer.train_and_evaluate(
+        tiny_config("llama", **short, **{"mesh.data": mesh[0], "mesh.model": mesh[1]}), workdir)
+    params[mesh] = final_params(workdir)
+  assert results[(2, 2)]["lm_loss"] == pytest.approx(results[(1, 1)]["lm_loss"], rel=1e-5)
+  for a, b in zip(jax.tree.leaves(params[(2, 2)]), jax.tree.leaves(params[(1, 1)])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def independent_nll(model, rows, eos_id, pad_id):
+  """(NLL sum, tokens): every document piece of every row run alone through the model (no
+  packing, no segment ids, default positions; a piece is followed by filler tokens, which a
+  causal model cannot see from earlier positions), numpy log-softmax of its logits."""
+  real = causal.real_tokens(rows, eos_id=eos_id, pad_id=pad_id)
+  pieces = []
+  for row, mask in zip(rows, real):
+    ids = row[mask].tolist()
+    cuts = [i + 1 for i, t in enumerate(ids) if t == eos_id]
+    pieces += [ids[a:b] for a, b in zip([0] + cuts, cuts + [len(ids)]) if b - a >= 2]
+  batch = np.full((len(pieces), rows.shape[1]), 7, np.int32)
+  for i, piece in enumerate(pieces):
+    batch[i, :len(piece)] = piece
+  logits = np.asarray(jax.jit(lambda x: model(x)[0])(batch), np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  total = -sum(logp[i, j, piece[j + 1]] for i, piece in enumerate(pieces)
+               for j in range(len(piece) - 1))
+  return total, sum(len(piece) - 1 for piece in pieces)
+
+
+def _eval_cli(workdir, *flags):
+  out = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), f"--workdir={workdir}",
+                        *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_eval_cli_perplexity_matches_numpy_on_held_out_and_test_files(gpt2_run, tmp_path):
+  from pkm_jax import checkpoint as ckpt_lib
+  workdir, _ = gpt2_run
+  model, tok, _ = ckpt_lib.restore_model(workdir)
+  ids = pipeline.clm_token_ids(tok)
+  config = tiny_config()
+  # The held-out split (every batch), then whole test files.
+  held = _eval_cli(workdir)
+  assert {"lm_loss", "lm_perplexity", "eval_tokens", "memory"} <= set(held)
+  rows = pipeline.eval_rows(config.data, tok, causal=True).rows_NxT
+  nll, count = independent_nll(model, rows, ids["eos"], ids["pad"])
+  assert held["eval_tokens"] == count
+  assert held["lm_loss"] == pytest.approx(nll / count, rel=1e-4)
+  assert held["lm_perplexity"] == pytest.approx(np.exp(nll / count), rel=1e-4)
+  assert set(held["memory"]["1"]) == {"usage", "top1_usage", "kl_uniform", "kl_weighted"}
+
+  corpus = generate_corpus(20, 30, 5, num_eval_docs=0)
+  test_file = tmp_path / "test.txt"
+  test_file.write_text("\n\n".join("\n".join(doc) for doc in corpus.train) + "\n")
+  files = _eval_cli(workdir, f"--config.data.eval_files={test_file}")
+  rows = pipeline.pack_stream(text_stream.file_blocks([str(test_file)]), tok, 32, causal=True)
+  nll, count = independent_nll(model, rows, ids["eos"], ids["pad"])
+  # Every token of every document (its EOS included) is predicted but a document's first one
+  # and the first one of each row that cuts a document.
+  doc_lens = [len(tok.encode("\n".join(doc)).ids) + 1 for doc in corpus.train]
+  starts = set(np.cumsum([0] + doc_lens[:-1]).tolist())
+  cuts = [k * 32 for k in range(1, len(rows)) if k * 32 not in starts]
+  assert count == files["eval_tokens"] == sum(doc_lens) - len(doc_lens) - len(cuts)
+  assert files["lm_loss"] == pytest.approx(nll / count, rel=1e-4)

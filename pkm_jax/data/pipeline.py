@@ -32,7 +32,7 @@ from pkm_jax.data.loader import ArrayRows, MLMEvalData, MLMTrainIterator, RowSou
 from pkm_jax.data.mlm import MLMMasker
 from pkm_jax.data.packing import RowPacker, pack_sequences
 from pkm_jax.data.sources import expand_files, load_documents
-from pkm_jax.data.tokenizer import check_prepared, special_token_ids
+from pkm_jax.data.tokenizer import causal_special_ids, check_prepared, special_token_ids
 
 
 def tokenize_documents(docs: Sequence[Document], tokenizer: Tokenizer) -> list[list[list[int]]]:
@@ -46,20 +46,13 @@ def tokenize_documents(docs: Sequence[Document], tokenizer: Tokenizer) -> list[l
   return out
 
 
-def causal_special_ids(tokenizer: Tokenizer) -> dict:  # TODO(h2): H1's function replaces this
-  from pkm_jax.data import bpe
-  vocab = tokenizer.get_vocab()
-  eos = next((vocab[t] for t in (bpe.EOS, "</s>", "<|end_of_text|>") if t in vocab), None)
-  if eos is None:
-    raise ValueError("tokenizer has no EOS token")
-  pad = vocab.get(bpe.PAD, vocab.get("<pad>", eos))
-  bos = next((vocab[t] for t in ("<s>", "<|begin_of_text|>") if t in vocab), None)
-  return {"eos": eos, "pad": pad, "bos": bos}
-
-
 def clm_token_ids(tokenizer: Tokenizer) -> dict:
   """{'eos', 'pad', 'bos' (None without one)} and 'newline' (the ids of "\n", put between a
-  document's lines) of a causal model's tokenizer."""
+  document's lines) of a causal model's tokenizer.
+
+  From the tokenizer alone (its well-known token strings, not a model folder's configs), so
+  `prepare`, training and evaluation, which all see the same tokenizer.json, pack alike.
+  """
   ids = dict(causal_special_ids(tokenizer))
   ids["newline"] = tokenizer.encode("\n", add_special_tokens=False).ids
   return ids
@@ -101,14 +94,21 @@ def pack_stream(blocks: Iterable[text_stream.Block], tokenizer: Tokenizer,
   return np.concatenate(rows + [packer.finish()])
 
 
-def check_layout(meta: dict, folder: str, causal: bool, what: str) -> None:
-  """Prepared rows must be of the run's kind: causal rows for a causal model, MLM rows else."""
+def check_layout(meta: dict, folder: str, causal: bool, what: str,
+                 tokenizer: Tokenizer | None = None) -> None:
+  """Prepared rows must be of the run's kind: causal rows for a causal model, MLM rows else
+  (and causal rows ended by the EOS this run's `tokenizer` uses)."""
   layout = meta.get("layout", prepared_lib.MLM)  # folders from before causal rows are MLM's
   want = prepared_lib.CAUSAL if causal else prepared_lib.MLM
   if layout != want:
     raise ValueError(f"{what}={folder} holds {layout} rows but this run's model needs {want} "
                      "rows: prepare it again" + (" with --causal" if causal else
                                                  " without --causal"))
+  if causal and tokenizer is not None:
+    ids = {k: v for k, v in clm_token_ids(tokenizer).items() if k != "newline"}
+    if meta.get("special_ids") != ids:
+      raise ValueError(f"{what}={folder} was packed with special tokens {meta.get('special_ids')}"
+                       f" but this run's tokenizer has {ids}: prepare it again")
 
 
 def _prepared_rows(folder: str, split: str | None, tokenizer: Tokenizer, max_len: int,
@@ -117,7 +117,7 @@ def _prepared_rows(folder: str, split: str | None, tokenizer: Tokenizer, max_len
   one-line error)."""
   meta = prepared_lib.read_metadata(folder, what)
   check_prepared(tokenizer, meta, folder, max_len, what)
-  check_layout(meta, folder, causal, what)
+  check_layout(meta, folder, causal, what, tokenizer)
   if split is None:  # an evaluation folder: its eval split, or the only one it has
     split = "eval" if "eval" in meta["splits"] else next(iter(meta["splits"]))
   elif split not in meta["splits"]:
