@@ -296,3 +296,54 @@ def test_eval_cli_perplexity_matches_numpy_on_held_out_and_test_files(gpt2_run, 
   cuts = [k * 32 for k in range(1, len(rows)) if k * 32 not in starts]
   assert count == files["eval_tokens"] == sum(doc_lens) - len(doc_lens) - len(cuts)
   assert files["lm_loss"] == pytest.approx(nll / count, rel=1e-4)
+
+
+def _write_docs(path, docs):
+  path.write_text("\n\n".join("\n".join(doc) for doc in docs) + "\n")
+  return str(path)
+
+
+def test_prepared_causal_rows_train_and_equal_in_memory_rows(tmp_path):
+  from pkm_jax import trainer
+  from pkm_jax.data import prepare as prepare_lib
+  from pkm_jax.data import prepared as prepared_lib
+  from pkm_jax.data import tokenizer as tok_lib
+  corpus = generate_corpus(40, 120, 3, num_eval_docs=10)
+  train_file = _write_docs(tmp_path / "train.txt", corpus.train)
+  eval_file = _write_docs(tmp_path / "eval.txt", corpus.eval)
+  out = str(tmp_path / "prepared")
+  meta = prepare_lib.prepare(out, inputs=train_file, eval_inputs=eval_file, vocab_size=400,
+                             max_len=32, causal=True, workers=2, rows_per_shard=32,
+                             progress=False)
+  assert meta["layout"] == "causal" and len(meta["splits"]["train"]["shards"]) > 1
+  tok = tok_lib.load_tokenizer(out)
+  # The rows the worker processes wrote are the rows the in-memory files source packs.
+  rows = prepared_lib.PreparedRows(out, "train")
+  in_memory = pipeline._pack_documents(corpus.train, tok, 32, causal=True)
+  np.testing.assert_array_equal(rows.read(np.arange(len(rows))), in_memory)
+  prepared = {"data.source": "prepared", "data.path": out, "train.steps": 2,
+              "train.eval_batches": 0, "train.log_every": 1, "train.eval_every": 2,
+              "train.checkpoint_every": 2}
+  result = trainer.train_and_evaluate(tiny_config(**prepared), str(tmp_path / "run"))
+  eval_rows = prepared_lib.PreparedRows(out, "eval")
+  batch = causal.clm_batch(eval_rows.read(np.arange(len(eval_rows))), eos_id=0, pad_id=1)
+  assert result["eval_tokens"] == batch["target_weights"].sum() and np.isfinite(
+      result["lm_loss"])
+  # A causal model refuses MLM rows (and the other way round), with one line.
+  with pytest.raises(ValueError, match="holds causal rows but this run's model needs mlm"):
+    pipeline.make_eval_data(tiny_config(**prepared).data, tok, causal=False)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.memory.query_norm=batchnorm", "memory.query_norm='batchnorm' lets a causal LM"),
+    ("--config.data.vocab_size=200", "data.vocab_size=200 must be a number >= 258"),
+])
+def test_cli_config_errors_are_one_line(tmp_path, flag, message):
+  out = subprocess.run([sys.executable, os.path.join(REPO, "train.py"),
+                        "--config=configs/gpt2_resm.py", f"--workdir={tmp_path / 'bad'}",
+                        "--config.train.steps=1", flag], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode != 0
+  last = out.stderr.strip().splitlines()[-1]
+  assert message in last and last.startswith("error:"), out.stderr[-1000:]
+  assert not (tmp_path / "bad").exists()
