@@ -30,8 +30,6 @@ from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
 from pkm_jax.product_keys import MemoryAux
 
 MLM_BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", "mlm_weights")
-CLM_BATCH_KEYS = ("input_ids", "attention_mask", "segment_ids", "positions", "targets",
-                  "target_weights")
 
 # (model, batch, rngs, value_probes) -> (loss summed over the batch, sums, {layer: MemoryAux}).
 # `sums` holds "count" (what the loss is averaged over) and other totals that the step reports

@@ -199,14 +199,27 @@ def test_run_writes_checkpoints_tokenizer_and_lm_metrics(gpt2_run):
   assert 0 < stats["usage"] <= 100 and 0 <= stats["kl_uniform"] <= np.log(16**2)
 
 
-def test_resume_from_checkpoint_is_exact(gpt2_run, tmp_path):
+SPARSE = {"optim.values_optimizer": "sparse_adam"}
+
+
+@pytest.fixture(scope="module")
+def sparse_llama_run(tmp_path_factory):
+  """The 12-step run for Llama with sparse value updates (value probes through the decoder)."""
+  from pkm_jax import trainer
+  workdir = str(tmp_path_factory.mktemp("llama_sparse"))
+  return workdir, trainer.train_and_evaluate(tiny_config("llama", **SPARSE), workdir)
+
+
+@pytest.mark.parametrize("run, family, overrides", [("gpt2_run", "gpt2", {}),
+                                                    ("sparse_llama_run", "llama", SPARSE)])
+def test_resume_from_checkpoint_is_exact(request, run, family, overrides, tmp_path):
   from pkm_jax import trainer
   from test_trainer import assert_trees_equal, final_params
-  ref_dir, _ = gpt2_run
+  ref_dir, _ = request.getfixturevalue(run)
   workdir = str(tmp_path / "resumed")
   shutil.copytree(ref_dir, workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "12"))
-  trainer.train_and_evaluate(tiny_config(), workdir)
+  trainer.train_and_evaluate(tiny_config(family, **overrides), workdir)
   assert_trees_equal(final_params(workdir), final_params(ref_dir))
 
 

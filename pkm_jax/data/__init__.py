@@ -14,7 +14,10 @@ A run uses two calls:
 
 Batches are numpy dicts, all [B_host, max_len]: input_ids, attention_mask, token_type_ids
 (int32), mlm_labels (int32, original id where a token is predicted, else 0), mlm_weights
-(float32, 1 where predicted). Modules:
+(float32, 1 where predicted). With `causal=True` (a causal LM's run: make_mlm_data,
+make_eval_data, build_tokenizer) the rows are EOS-separated documents and the batches hold
+input_ids, attention_mask, segment_ids, positions, targets (int32) and target_weights (float32)
+(causal.py). Modules:
   corpus.py       the embedded generated world corpus (default; no download)
   sources.py      documents from data.source: 'generated' | 'files' | 'tfds'
   tokenizer.py    WordPiece: train (streamed), load (tokenizer.json / vocab.txt / folder), save
