@@ -145,6 +145,35 @@ def test_stream_packing_equals_in_memory_packing(tmp_path):
       streamed, pipeline._pack_documents(corpus.train, tok, 24, causal=True))
 
 
+def test_causal_batches_do_not_depend_on_workers_hosts_or_resume():
+  from configs import gpt2_resm
+  cfg = gpt2_resm.get_config().data
+  cfg.update(vocab_size=300, max_len=32, batch_size=8, prefetch=0)
+  cfg.generated.update(num_entities=30, num_docs=60)
+  corpus = generate_corpus(30, 60, 0, num_eval_docs=3)
+  tok = bpe.train_bpe_tokenizer([s for doc in corpus.train for s in doc], 300)
+  train, _ = pipeline.make_mlm_data(cfg, tok, seed=5, causal=True)
+  want = [next(train) for _ in range(4)]
+  assert set(want[0]) == set(causal.CLM_BATCH_KEYS)
+  # Two worker processes (the batch stage pickled), and two hosts' halves, from step 2.
+  cfg.workers = 2
+  workers, _ = pipeline.make_mlm_data(cfg, tok, seed=5, causal=True)
+  workers.set_state(json.loads(json.dumps({**train.get_state(), "step": 2})))
+  hosts = [pipeline.make_mlm_data(cfg, tok, seed=5, causal=True, shard_index=i,
+                                  shard_count=2)[0] for i in range(2)]
+  for h in hosts:
+    h.set_state({**train.get_state(), "step": 2})
+  for step in (2, 3):
+    got = next(workers)
+    halves = [next(h) for h in hosts]
+    for key in causal.CLM_BATCH_KEYS:
+      np.testing.assert_array_equal(got[key], want[step][key])
+      np.testing.assert_array_equal(np.concatenate([x[key] for x in halves]), want[step][key])
+  workers.close()
+  for h in hosts:
+    h.close()
+
+
 # --------------------------------------------------------------------- training and evaluation
 TINY = {
     "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2,
