@@ -174,6 +174,25 @@ def test_causal_batches_do_not_depend_on_workers_hosts_or_resume():
     h.close()
 
 
+def test_tfds_source_packs_whole_documents(tmp_path):
+  from pkm_jax.data import sources
+  from pkm_jax.data.tokenizer import build_tokenizer
+  from test_data import _TinyText, small_data_cfg
+  _TinyText.prepare(str(tmp_path))
+  cfg = small_data_cfg(source="tfds", tfds_name="pkm_tiny_text", tfds_split="train",
+                       tfds_eval_split="validation", data_dir=str(tmp_path), vocab_size=300)
+  tok = build_tokenizer(cfg, str(tmp_path / "run"), causal=True)
+  assert tok.token_to_id(bpe.EOS) == 0
+  train, evals = pipeline.make_mlm_data(cfg, tok, seed=0, causal=True)
+  # Reference: each document's text (its sentences on lines) encoded whole, EOS after it, in
+  # the order the split is stored in; the evaluation split is streamed (pack_stream).
+  train_docs, eval_docs = sources.load_documents(cfg)
+  assert sorted(eval_docs) == sorted(sources.split_sentences(t) for t in _TinyText.VALID)
+  for rows, docs in ((train.sequences_NxT, train_docs), (evals.sequences_NxT, eval_docs)):
+    ids = [[tok.encode("\n".join(doc)).ids] for doc in docs]
+    np.testing.assert_array_equal(rows, reference_rows(ids, cfg.max_len, eos=0, pad=1))
+
+
 # --------------------------------------------------------------------- training and evaluation
 TINY = {
     "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2,
