@@ -328,8 +328,9 @@ def build_tokenizer(data_cfg, workdir: str | None, *, save: bool = True,
   there (unless `save` is False: the trainer writes run files only once every check passed).
 
   data.tokenizer = '' trains WordPiece (data.vocab_size, data.lowercase) on the training split of
-  data.source (`causal`: a byte-level BPE of data.vocab_size, bpe.py), or with data.source='prepared' takes the prepared folder's tokenizer; otherwise
-  it names a tokenizer.json / vocab.txt / folder. An existing WORKDIR/tokenizer.json always wins
+  data.source (`causal`: a byte-level BPE of data.vocab_size, bpe.py), or with
+  data.source='prepared' takes the prepared folder's tokenizer; otherwise it names a
+  tokenizer.json / vocab.txt / folder. An existing WORKDIR/tokenizer.json always wins
   (resume and eval must see the ids training saw) and is never overwritten. Prepared data made
   with another tokenizer or max_len is refused here, before anything is saved.
   """
