@@ -3,8 +3,9 @@
   python eval.py --workdir workdirs/default [--step N] [--config.data.files=...]
 
 evaluates the run's checkpoint (latest by default) on its held-out split: MLM loss, perplexity,
-accuracy and, per memory layer, MU, top-1 MU, KL_u and KL_w (Kim & Jung 2020, §4.1), as one
-JSON object on the last line and in DIR/eval/metrics.json. It starts from the run's saved
+accuracy (a causal LM's run: next-token lm_loss, lm_perplexity, lm_accuracy over eval_tokens
+predicted tokens) and, per memory layer, MU, top-1 MU, KL_u and KL_w (Kim & Jung 2020, §4.1),
+as one JSON object on the last line and in DIR/eval/metrics.json. It starts from the run's saved
 config.json; --config.x.y overrides apply on top (those that would change the model are refused).
 
 A fine-tuning config (one with a `task` key: configs/glue.py, configs/squad.py) instead

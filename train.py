@@ -1,4 +1,5 @@
-"""Pretrain BERT with product-key memory by masked language modelling.
+"""Pretrain BERT with product-key memory by masked language modelling, or a causal LM
+(configs/gpt2_resm.py, configs/llama_resm.py) by next-token prediction.
 
   python train.py                                    # configs/default.py -> workdirs/default
   python train.py --config configs/bert_base_resm.py --workdir /ckpt/resm --config.train.steps=500000
@@ -38,8 +39,10 @@ def main(argv):
                          auto=_MULTIHOST.value)
   workdir = _WORKDIR.value or os.path.join("workdirs", cli.config_name())
   result = trainer.train_and_evaluate(_CONFIG.value, workdir)
-  print(f"Finished: {workdir} step {result['step']} eval mlm_loss={result['mlm_loss']:.4f} "
-        f"perplexity={result['mlm_perplexity']:.3f} accuracy={result['mlm_accuracy']:.4f}")
+  name = "lm" if "lm_loss" in result else "mlm"
+  print(f"Finished: {workdir} step {result['step']} eval {name}_loss={result[f'{name}_loss']:.4f} "
+        f"perplexity={result[f'{name}_perplexity']:.3f} "
+        f"accuracy={result[f'{name}_accuracy']:.4f}")
 
 
 if __name__ == "__main__":

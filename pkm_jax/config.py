@@ -32,6 +32,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 VALUE_DTYPES = ("float32", "bfloat16")  # memory.value_dtype
 DATA_SOURCES = ("generated", "files", "tfds", "prepared")
 MIN_VOCAB = 16  # a trained WordPiece needs room for its special tokens and some characters
+MIN_BPE_VOCAB = 258  # a causal run's byte-level BPE: 256 bytes, EOS, pad (data.bpe.MIN_VOCAB)
 
 
 class ConfigError(ValueError):
@@ -327,8 +328,14 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
   check_number(data, "data", "batch_size", lo=1)
   check_number(data, "data", "mask_prob", lo=0, hi=1, lo_open=True)
   check_number(data, "data", "eval_fraction", lo=0, hi=1, hi_open=True)
+  causal = m.family != "bert"
   if not data.tokenizer:
-    check_number(data, "data", "vocab_size", lo=MIN_VOCAB)
+    check_number(data, "data", "vocab_size", lo=MIN_BPE_VOCAB if causal else MIN_VOCAB)
+  if causal and mem.mode != "none" and mem.query_norm == "batchnorm":
+    # Training-mode BatchNorm normalises each query by statistics over the whole batch, later
+    # tokens included: every position would see the future through them.
+    raise ConfigError(f"memory.query_norm='batchnorm' lets a causal LM ({m.family}) see future "
+                      "tokens through the batch statistics; use 'layernorm' or 'none'")
   check_number(data.generated, "data.generated", "num_entities", lo=1)
   check_number(data.generated, "data.generated", "num_docs", lo=2)
   check_number(data.generated, "data.generated", "seed", lo=0)

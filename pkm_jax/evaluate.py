@@ -1,4 +1,5 @@
-"""Held-out MLM evaluation: loss, perplexity, accuracy and per-layer memory usage.
+"""Held-out evaluation: loss, perplexity, accuracy and per-layer memory usage -- masked-LM
+(`mlm_*`) for BERT, next-token (`lm_*`, per predicted token) for the causal families.
 
 `evaluate_workdir` is what `eval.py` runs on a pretraining workdir: it starts from the run's
 saved config.json (command-line overrides on top), so a run is evaluated on the data it was
@@ -34,8 +35,14 @@ def make_eval_step(graphdef: nnx.GraphDef, model_cfg: ModelConfig) -> Callable:
 
   def eval_step(params, model_state, frozen, batch):
     model = nnx.merge(graphdef, params, frozen, model_state)
-    logits, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    _, sums = metrics_lib.mlm_loss_and_metrics(logits, batch["mlm_labels"], batch["mlm_weights"])
+    if model_cfg.causal:
+      logits, aux = model(batch["input_ids"], batch["attention_mask"],
+                          positions_BxT=batch["positions"], segment_ids_BxT=batch["segment_ids"])
+      labels, weights = batch["targets"], batch["target_weights"]
+    else:
+      logits, aux = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+      labels, weights = batch["mlm_labels"], batch["mlm_weights"]
+    _, sums = metrics_lib.mlm_loss_and_metrics(logits, labels, weights)
     # Packed rows evaluated; the all-padding rows that fill the last batch do not count.
     sums["sequences"] = jnp.sum(jnp.any(batch["attention_mask"] > 0, axis=-1))
     usage = {layer: metrics_lib.slot_totals(a, batch["attention_mask"], n_slots)
@@ -59,12 +66,13 @@ def run_eval(eval_step: Callable, states: tuple, batches: Iterable[dict],
     for layer, (c, w, t) in batch_usage.items():
       usage[layer].add(c, w, t)
   if totals["count"] == 0:
-    raise ValueError("evaluation saw no masked tokens: the held-out split is empty")
+    raise ValueError("evaluation saw no predicted tokens: the held-out split is empty")
   loss = totals["nll_sum"] / totals["count"]
+  name = "lm" if model_cfg.causal else "mlm"  # token perplexity of a causal LM: exp(mean NLL)
   return {
-      "mlm_loss": loss,
-      "mlm_perplexity": math.exp(min(loss, 700.0)),
-      "mlm_accuracy": totals["correct"] / totals["count"],
+      f"{name}_loss": loss,
+      f"{name}_perplexity": math.exp(min(loss, 700.0)),
+      f"{name}_accuracy": totals["correct"] / totals["count"],
       "eval_tokens": int(totals["count"]),
       "eval_sequences": int(totals["sequences"]),
       "memory": {str(layer): u.stats() for layer, u in usage.items()},
@@ -125,7 +133,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str,
   if config.eval.batch_size:
     data_cfg = ml_collections.ConfigDict(data_cfg.to_dict())
     data_cfg.batch_size = config.eval.batch_size
-  make_eval_iter = data_lib.make_eval_data(data_cfg, tokenizer)
+  make_eval_iter = data_lib.make_eval_data(data_cfg, tokenizer, causal=model_cfg.causal)
   eval_step = jax.jit(make_eval_step(graphdef, model_cfg))
   result = run_eval(eval_step, (params, model_state, {}),
                     make_eval_iter(config.eval.batches or None),

@@ -12,6 +12,7 @@ applies to those rows only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -78,6 +79,29 @@ def mlm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes
     loss, sums = head_loss(take(h_BxTxD), take(labels_BxT), take(weights_BxT))
   return loss * sums["count"], {"count": sums["count"], "loss": sums["nll_sum"],
                                 "mlm_accuracy": sums["correct"]}, aux
+
+
+def clm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes: dict | None):
+  """The causal-LM LossFn: next-token cross-entropy summed over `target_weights` (the count is
+  the tokens predicted); reports the loss and the next-token accuracy.
+
+  The batch is pkm_jax.data.causal's: packed documents, attention within each (segment_ids),
+  positions restarting per document piece. Logits [B, T, V] in float32 at every position.
+  """
+  logits_BxTxV, aux = model(batch["input_ids"], batch["attention_mask"],
+                            positions_BxT=batch["positions"], segment_ids_BxT=batch["segment_ids"],
+                            rngs=rngs, value_probes=value_probes)
+  _, sums = metrics_lib.mlm_loss_and_metrics(logits_BxTxV, batch["targets"],
+                                             batch["target_weights"])
+  return sums["nll_sum"], {"count": sums["count"], "loss": sums["nll_sum"],
+                           "accuracy": sums["correct"]}, aux
+
+
+def loss_for(model_cfg, *, max_predictions: int | None = None) -> LossFn:
+  """The pretraining loss of a model: clm_loss for a causal family, else mlm_loss."""
+  if model_cfg.causal:
+    return clm_loss
+  return functools.partial(mlm_loss, max_predictions=max_predictions)
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimizers, *,

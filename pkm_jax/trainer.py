@@ -1,4 +1,5 @@
-"""MLM pretraining: `train_and_evaluate(config, workdir)`.
+"""Pretraining: `train_and_evaluate(config, workdir)` -- masked LM for BERT, next-token LM for
+the causal families (model.family 'gpt2' / 'llama': steps.clm_loss on data.causal's batches).
 
 Sections: checks (config, resume, +Init, tokenizer, data) -> program (mesh, placement, sharded
 init and step) -> restore or init -> run files -> loop. Nothing is written to the workdir until
@@ -8,7 +9,6 @@ every check has passed and the state is in memory.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any, Sequence
@@ -32,7 +32,7 @@ from pkm_jax import storage
 from pkm_jax.models.registry import build_lm
 from pkm_jax.loop import Periodic, train_loop
 from pkm_jax.program import TrainProgram
-from pkm_jax.steps import make_usage_accumulator, mlm_loss
+from pkm_jax.steps import loss_for, make_usage_accumulator
 from pkm_jax.writer import MetricWriter
 
 
@@ -93,8 +93,9 @@ def _memory_images(writer: MetricWriter, step: int, usage: dict) -> None:
 def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
                         pretrained_cfg: architecture.ModelConfig | None = None,
                         devices: Sequence[jax.Device] | None = None) -> TrainProgram:
-  """The pretraining program (MLM loss) for a validated config and tokenizer vocabulary, on
-  `devices` (default: all of jax's; `program.build_program`)."""
+  """The pretraining program (MLM loss, or next-token loss for a causal family) for a validated
+  config and tokenizer vocabulary, on `devices` (default: all of jax's;
+  `program.build_program`)."""
   model_cfg = config_lib.model_config(config, vocab_size=vocab_size)
 
   def make_model(placement):
@@ -103,9 +104,9 @@ def build_train_program(config: ml_collections.ConfigDict, vocab_size: int,
   def init_from(model, src_params):
     return plus_init.init_from_pretrained(model, src_params, pretrained_cfg)
 
-  # Logits only where tokens can be masked: at most max_masked positions per row.
-  loss_fn = functools.partial(mlm_loss, max_predictions=data_lib.max_masked(
-      config.data.mask_prob, config.data.max_len))
+  # MLM: logits only where tokens can be masked, at most max_masked positions per row.
+  loss_fn = loss_for(model_cfg, max_predictions=data_lib.max_masked(config.data.mask_prob,
+                                                                    config.data.max_len))
   return program_lib.build_program(config, make_model=make_model, loss_fn=loss_fn,
                                    total_steps=config.train.steps,
                                    batch_size=config.data.batch_size, init_from=init_from,
@@ -128,7 +129,8 @@ def jit_eval_step(program: TrainProgram):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Pretrains with MLM into `workdir` (resuming if it has checkpoints); returns final metrics."""
+  """Pretrains (MLM, or next-token for a causal family) into `workdir`, resuming if it has
+  checkpoints; returns the final evaluation's metrics."""
   # --- Checks: nothing is written before they have all passed ------------------------------
   config_lib.validate(config)
   workdir = storage.absolute(workdir)
@@ -143,7 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       src_cfg, src_params, _ = pretrained_lib.load_pretrained(config.init.pretrained)
       config = plus_init.resolve_model_config(config, src_cfg)
       pretrained_weights = (src_cfg, src_params)
-  tokenizer = data_lib.build_tokenizer(config.data, workdir, save=False)
+  causal = config.model.family != "bert"
+  tokenizer = data_lib.build_tokenizer(config.data, workdir, save=False, causal=causal)
   vocab_size = tokenizer.get_vocab_size()
   config_lib.validate(config, vocab_size=vocab_size)
   program = build_train_program(config, vocab_size,
@@ -153,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     check_resumable(workdir, config, model_cfg)
   train_iter, make_eval_iter = data_lib.make_mlm_data(
       config.data, tokenizer, seed=config.seed, shard_index=jax.process_index(),
-      shard_count=jax.process_count())
+      shard_count=jax.process_count(), causal=causal)
   if not make_eval_iter.num_batches:
     raise ValueError("the held-out split is empty: nothing to evaluate (raise "
                      "data.eval_fraction or give more documents)")
@@ -182,7 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           eval_step, (state.params, state.model_state, state.frozen),
           make_eval_iter(config.train.eval_batches or None), program.to_device, model_cfg)
     if writer is not None:
-      scalars = {k: result[k] for k in ("mlm_loss", "mlm_perplexity", "mlm_accuracy")}
+      name = "lm" if causal else "mlm"
+      scalars = {k: result[f"{name}_{k}"] for k in ("loss", "perplexity", "accuracy")}
+      scalars = {f"{name}_{k}": v for k, v in scalars.items()}
       for layer, stats in result["memory"].items():
         scalars.update({f"memory/layer{layer}/{k}": v for k, v in stats.items()})
       writer.scalars(step, scalars, prefix="eval/")

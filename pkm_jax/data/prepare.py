@@ -14,6 +14,11 @@ stays bounded whatever the corpus size. Evaluation rows come from `--eval_input`
 With `--vocab_size` instead of `--tokenizer`, a WordPiece vocabulary is first learnt from the
 training documents (read once more, streamed).
 
+`--causal` writes a causal LM's rows instead (documents with EOS between them, no [CLS]/[SEP]:
+pkm_jax/data/causal.py), with the model's tokenizer (`--tokenizer`, e.g. a GPT-2 or Llama
+folder) or a byte-level BPE learnt from the input (`--vocab_size`, as a causal run without a
+tokenizer trains one); train a causal config on it (model.family 'gpt2' / 'llama').
+
 Everything is written into a temporary folder beside --out and renamed when complete, so an
 interrupted run never leaves a folder that looks prepared; a non-empty --out is only replaced
 with --overwrite. A gs:// --out is written locally and uploaded, metadata.json and the checksums
@@ -37,11 +42,12 @@ from tqdm import tqdm
 
 from pkm_jax import checksums, cli
 from pkm_jax import storage
+from pkm_jax.data import bpe
+from pkm_jax.data import pipeline
 from pkm_jax.data import prepared as prepared_lib
 from pkm_jax.data import text_stream
 from pkm_jax.data import tokenizer as tok_lib
 from pkm_jax.data.encoder import SentenceEncoder
-from pkm_jax.data.packing import RowPacker
 from pkm_jax.data.sources import expand_files
 from pkm_jax.staged_dir import staged_dir
 
@@ -89,10 +95,9 @@ class _Split:
   """One split being written: its packer, shard writer and counts."""
 
   def __init__(self, folder: str, name: str, tokenizer: Tokenizer, max_len: int,
-               rows_per_shard: int):
-    ids = tok_lib.special_token_ids(tokenizer)
+               rows_per_shard: int, causal: bool = False):
     self.name = name
-    self.packer = RowPacker(max_len, cls_id=ids["cls"], sep_id=ids["sep"], pad_id=ids["pad"])
+    self.packer = pipeline.row_packer(tokenizer, max_len, causal)
     self.writer = prepared_lib.ShardWriter(
         folder, name, max_len=max_len, rows_per_shard=rows_per_shard,
         dtype=prepared_lib.token_dtype(tokenizer.get_vocab_size()))
@@ -156,19 +161,20 @@ def prepare(out: str, *, inputs: str = "", tfds_name: str = "", tfds_split: str 
             tfds_eval_split: str = "", eval_fraction: float = 0.0, tokenizer: str = "",
             vocab_size: int = 0, lowercase: bool = True, max_len: int = 128,
             rows_per_shard: int = 1 << 17, workers: int = 0, overwrite: bool = False,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, causal: bool = False) -> dict[str, Any]:
   """Prepares the corpus into `out` (see the module docstring); returns its metadata."""
   out = storage.absolute(out)
   if bool(inputs) == bool(tfds_name):
     raise ValueError("give exactly one of --input (text files) and --tfds_name")
   if bool(tokenizer) == bool(vocab_size):
     raise ValueError("give exactly one of --tokenizer (a tokenizer.json, vocab.txt or folder) "
-                     "and --vocab_size (learn a WordPiece vocabulary from the input)")
+                     "and --vocab_size (learn a vocabulary from the input)")
   if (eval_inputs or tfds_eval_split) and eval_fraction:
     raise ValueError("give either a separate evaluation input (--eval_input / "
                      "--tfds_eval_split) or --eval_fraction, not both")
-  if max_len < 3:
-    raise ValueError(f"--max_len={max_len} must be at least 3 ([CLS] token [SEP])")
+  if max_len < (2 if causal else 3):
+    raise ValueError(f"--max_len={max_len} must be at least "
+                     + ("2 (a token and the next)" if causal else "3 ([CLS] token [SEP])"))
   _check_out(out, overwrite)
   train_blocks, train_bytes, source = _inputs(inputs, tfds_name, tfds_split, data_dir,
                                               text_key, "--input")
@@ -178,17 +184,23 @@ def prepare(out: str, *, inputs: str = "", tfds_name: str = "", tfds_split: str 
                                                    data_dir, text_key, "--eval_input")
   workers = workers or os.cpu_count() or 1
 
+  train_text = lambda: text_stream.sentences_of(train_blocks(), eval_fraction)  # noqa: E731
   if tokenizer:
     tok = tok_lib.load_tokenizer(tokenizer, lowercase=lowercase)
+  elif causal:
+    print(f"Learning a byte-level BPE vocabulary of {vocab_size} from the input ...", flush=True)
+    tok = bpe.train_bpe_tokenizer(train_text, vocab_size)
   else:
     print(f"Learning a WordPiece vocabulary of {vocab_size} from the input ...", flush=True)
-    tok = tok_lib.train_tokenizer(
-        lambda: text_stream.sentences_of(train_blocks(), eval_fraction), vocab_size, lowercase)
-  special_ids = tok_lib.special_token_ids(tok)
+    tok = tok_lib.train_tokenizer(train_text, vocab_size, lowercase)
+  if causal:
+    special_ids = {k: v for k, v in pipeline.clm_token_ids(tok).items() if k != "newline"}
+  else:
+    special_ids = tok_lib.special_token_ids(tok)
 
   with staged_dir(out, last=(prepared_lib.METADATA_FILE, checksums.MANIFEST)) as tmp:
     tok_lib.save_tokenizer(tok, os.path.join(tmp, prepared_lib.TOKENIZER_FILE))
-    new_split = lambda name: _Split(tmp, name, tok, max_len, rows_per_shard)
+    new_split = lambda name: _Split(tmp, name, tok, max_len, rows_per_shard, causal)
     splits = {"train": new_split("train")}
     if eval_fraction:
       splits["eval"] = new_split("eval")
@@ -213,11 +225,12 @@ def prepare(out: str, *, inputs: str = "", tfds_name: str = "", tfds_split: str 
         "vocab_size": tok.get_vocab_size(), "dtype": prepared_lib.token_dtype(
             tok.get_vocab_size()),
         "rows_per_record": prepared_lib.ROWS_PER_RECORD, "rows_per_shard": rows_per_shard,
+        "layout": prepared_lib.CAUSAL if causal else prepared_lib.MLM,
         "tokenizer": {"fingerprint": tok_lib.tokenizer_fingerprint(tok),
                       "source": tokenizer or f"learnt (vocab_size={vocab_size})"},
         "special_ids": special_ids,
         "source": {"input": source, "eval_input": eval_source, "eval_fraction": eval_fraction,
-                   "lowercase": lowercase if not tokenizer else None},
+                   "lowercase": lowercase if not (tokenizer or causal) else None},
         "splits": info, "created": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     with open(os.path.join(tmp, prepared_lib.METADATA_FILE), "w", encoding="utf-8") as f:
@@ -244,7 +257,7 @@ def main(argv: list[str]) -> None:
                  tfds_eval_split=f.tfds_eval_split, eval_fraction=f.eval_fraction,
                  tokenizer=f.tokenizer, vocab_size=f.vocab_size, lowercase=f.lowercase,
                  max_len=f.max_len, rows_per_shard=f.rows_per_shard, workers=f.workers,
-                 overwrite=f.overwrite)
+                 overwrite=f.overwrite, causal=f.causal)
   print(summary(meta, storage.absolute(f.out)))
 
 
@@ -261,14 +274,16 @@ def define_flags() -> None:
   flags.DEFINE_float("eval_fraction", 0.0, "Hold out this fraction of the input's documents "
                      "(evenly spread) as the evaluation split.")
   flags.DEFINE_string("tokenizer", "", "tokenizer.json, BERT vocab.txt or a folder holding one.")
-  flags.DEFINE_integer("vocab_size", 0, "Instead of --tokenizer: learn a WordPiece vocabulary "
-                       "of this size from the input.")
+  flags.DEFINE_integer("vocab_size", 0, "Instead of --tokenizer: learn a vocabulary (WordPiece; "
+                       "--causal: byte-level BPE) of this size from the input.")
   flags.DEFINE_bool("lowercase", True, "Lower-case (a learnt vocabulary, or a vocab.txt "
                     "without tokenizer_config.json).")
   flags.DEFINE_integer("max_len", 128, "Tokens per packed row ([CLS] ... [SEP]).")
   flags.DEFINE_integer("rows_per_shard", 1 << 17, "Rows per ArrayRecord file.")
   flags.DEFINE_integer("workers", 0, "Tokenising processes (0: one per core).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty --out.")
+  flags.DEFINE_bool("causal", False, "A causal LM's rows (EOS-separated documents); with "
+                    "--vocab_size a byte-level BPE is learnt instead of WordPiece.")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ reused by every later run on that host; the processes of one host take turns (a 
 only the first copies.
 
 metadata.json: format, version, max_len, vocab_size, dtype, rows_per_record, rows_per_shard,
-tokenizer (fingerprint), special_ids, source (what was read and how documents were held out)
-and, per split, rows, documents, tokens, input bytes and its shards (file, rows, bytes).
+layout ('mlm' or 'causal': the kind of rows), tokenizer (fingerprint), special_ids, source
+(what was read and how documents were held out) and, per split, rows, documents, tokens, input
+bytes and its shards (file, rows, bytes).
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ FORMAT, VERSION = "pkm-jax-prepared", 1
 METADATA_FILE, TOKENIZER_FILE = "metadata.json", "tokenizer.json"
 ROWS_PER_RECORD = 16
 SPLITS = ("train", "eval")
+# metadata "layout": what the rows are. MLM: `[CLS] ... [SEP]` rows (packing.py; also a folder
+# without the key, from before causal rows); CAUSAL: EOS-separated documents (causal.py).
+MLM, CAUSAL = "mlm", "causal"
 _WRITER_OPTIONS = "group_size:1,uncompressed"  # token ids barely compress; random access needs 1
 _READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # random reads: no read-ahead
 

@@ -31,6 +31,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tokenizers import trainers
 
 from pkm_jax import storage
+from pkm_jax.data import bpe
 from pkm_jax.data import prepared as prepared_lib
 from pkm_jax.data.sources import expand_files, load_documents
 
@@ -321,13 +322,15 @@ def _check_data(tok: Tokenizer, data_cfg, meta: dict | None) -> None:
     expand_files(data_cfg.eval_files, what="data.eval_files")
 
 
-def build_tokenizer(data_cfg, workdir: str | None, *, save: bool = True) -> Tokenizer:
+def build_tokenizer(data_cfg, workdir: str | None, *, save: bool = True,
+                    causal: bool = False) -> Tokenizer:
   """The run's tokenizer: WORKDIR/tokenizer.json if present, else loaded or trained, then saved
   there (unless `save` is False: the trainer writes run files only once every check passed).
 
   data.tokenizer = '' trains WordPiece (data.vocab_size, data.lowercase) on the training split of
-  data.source, or with data.source='prepared' takes the prepared folder's tokenizer; otherwise
-  it names a tokenizer.json / vocab.txt / folder. An existing WORKDIR/tokenizer.json always wins
+  data.source (`causal`: a byte-level BPE of data.vocab_size, bpe.py), or with
+  data.source='prepared' takes the prepared folder's tokenizer; otherwise it names a
+  tokenizer.json / vocab.txt / folder. An existing WORKDIR/tokenizer.json always wins
   (resume and eval must see the ids training saw) and is never overwritten. Prepared data made
   with another tokenizer or max_len is refused here, before anything is saved.
   """
@@ -342,8 +345,9 @@ def build_tokenizer(data_cfg, workdir: str | None, *, save: bool = True) -> Toke
     tok = load_tokenizer(os.path.join(data_cfg.path, prepared_lib.TOKENIZER_FILE))
   else:
     train_docs, _ = load_documents(data_cfg)
-    tok = train_tokenizer([s for doc in train_docs for s in doc], int(data_cfg.vocab_size),
-                          lowercase=bool(data_cfg.lowercase))
+    sentences = [s for doc in train_docs for s in doc]
+    tok = (bpe.train_bpe_tokenizer(sentences, int(data_cfg.vocab_size)) if causal else
+           train_tokenizer(sentences, int(data_cfg.vocab_size), lowercase=bool(data_cfg.lowercase)))
   _check_data(tok, data_cfg, meta)
   if saved and save and not storage.isfile(saved):
     storage.makedirs(workdir)

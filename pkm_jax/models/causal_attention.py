@@ -82,7 +82,8 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, inv_freq: np.ndarray
                ) -> jax.Array:
   """Rotate-half RoPE: x * cos + rotate_half(x) * sin, angles in float32, applied in x's dtype."""
-  freqs_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  freqs_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(
+      np.asarray(inv_freq, np.float32))
   emb = jnp.concatenate([freqs_BxTxF, freqs_BxTxF], axis=-1)[:, :, None, :]
   cos, sin = jnp.cos(emb).astype(x_BxTxHxK.dtype), jnp.sin(emb).astype(x_BxTxHxK.dtype)
   half = x_BxTxHxK.shape[-1] // 2
@@ -123,7 +124,9 @@ class CausalSelfAttention(nnx.Module):
       raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
                        f"{self.num_kv_heads}")
     self.sliding_window = cfg.sliding_window
-    self.inv_freq = rope_inv_freq(cfg) if rope else None
+    # A tuple of floats, not an array: NNX would take an array attribute for state, which the
+    # trainer's split (params, statistics, frozen) does not cover.
+    self.inv_freq = tuple(rope_inv_freq(cfg).tolist()) if rope else None
     self.q_proj = dense(d, self.num_heads * k, ("embed", "qkv"), cfg, rngs, bias=qkv_bias)
     self.k_proj = dense(d, self.num_kv_heads * k, ("embed", "qkv"), cfg, rngs, bias=qkv_bias)
     self.v_proj = dense(d, self.num_kv_heads * k, ("embed", "qkv"), cfg, rngs, bias=qkv_bias)
