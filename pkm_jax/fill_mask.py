@@ -31,9 +31,13 @@ def load_model(path: str) -> tuple[BertForMaskedLM, Any]:
   """(model, tokenizer) from a training workdir, a converted checkpoint or an HF folder."""
   if pretrained.is_workdir(path):
     model, tokenizer, _ = checkpoint.restore_model(path)
-    return model, tokenizer
-  cfg, params, tokenizer = pretrained.load_pretrained(path)
-  return pretrained.build_model(cfg, params, rngs=nnx.Rngs(0)), tokenizer
+  else:
+    cfg, params, tokenizer = pretrained.load_pretrained(path)
+    model = pretrained.build_model(cfg, params, rngs=nnx.Rngs(0))
+  if model.cfg.causal:
+    raise ValueError(f"{path} holds a causal LM ({model.cfg.family}), which has no [MASK]: use "
+                     "python -m pkm_jax.generate")
+  return model, tokenizer
 
 
 def fill_mask(model: BertForMaskedLM, tokenizer: Any, text: str, top_k: int = 5

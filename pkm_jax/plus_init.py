@@ -1,4 +1,5 @@
-"""+Init (Kim & Jung 2020): a memory model starts from a dense pretrained BERT.
+"""+Init (Kim & Jung 2020): a memory model starts from a dense pretrained model (BERT, or a
+causal LM: GPT-2, Llama, Qwen2, Mistral).
 
 `init_from_pretrained` copies every pretrained tensor whose path exists in the target model;
 memory parameters stay as initialised; with memory mode 'replace' (PKM) the FFN weights of
@@ -21,7 +22,16 @@ from pkm_jax.config import ConfigError
 
 # Fields that fix parameter shapes or the function computed: source and target must agree.
 SIZE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-               "max_position_embeddings", "type_vocab_size", "layer_norm_eps")
+               "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "family",
+               "num_kv_heads", "head_dim", "attention_bias", "qkv_bias", "mlp_bias",
+               "tie_embeddings", "rope_theta", "rope_scaling", "sliding_window")
+
+
+def _same(a, b) -> bool:
+  """Numbers within float rounding (a JSON round trip), anything else equal."""
+  if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+    return bool(np.isclose(a, b, rtol=1e-6, atol=0))
+  return config_lib.as_tuples(a) == config_lib.as_tuples(b)
 
 
 def _name(path: tuple) -> str:
@@ -64,9 +74,7 @@ def init_from_pretrained(model: nnx.Module, pretrained_params: dict,
   """
   target_cfg = model.cfg
   diffs = [f"{f} {getattr(target_cfg, f)} vs pretrained {getattr(pretrained_cfg, f)}"
-           for f in SIZE_FIELDS
-           if not np.isclose(getattr(target_cfg, f), getattr(pretrained_cfg, f), rtol=1e-6,
-                             atol=0)]
+           for f in SIZE_FIELDS if not _same(getattr(target_cfg, f), getattr(pretrained_cfg, f))]
   if diffs:
     raise ValueError(f"the model to initialise disagrees with the pretrained config: "
                      f"{'; '.join(diffs)}")
@@ -107,9 +115,9 @@ def resolve_model_config(config: ml_collections.ConfigDict,
   conflicts = []
   for field in SIZE_FIELDS:
     user, pre = config.model[field], getattr(pretrained_cfg, field)
-    if user != defaults[field] and not np.isclose(user, pre, rtol=1e-6, atol=0):
+    if not _same(user, defaults[field]) and not _same(user, pre):
       conflicts.append(f"model.{field}={user} (pretrained: {pre})")
-    out.model[field] = type(defaults[field])(pre)
+    out.model[field] = type(defaults[field])(config_lib.as_tuples(pre))
   if conflicts:
     raise ConfigError(f"config conflicts with the pretrained model {config.init.pretrained!r}: "
                       f"{', '.join(conflicts)}; leave these at base_config() defaults to take "

