@@ -4,6 +4,8 @@
   python benchmarks/reproduce.py --quick --out /tmp/repro # tiny sizes: a couple of minutes
   python benchmarks/reproduce.py --steps 3000 --config.data.source=files \
       --config.data.files='/data/text/*.txt' --glue_data_dir=/data/glue --glue_task=sst2
+  python benchmarks/reproduce.py --causal                 # a causal LM instead: see
+                                                          # benchmarks/reproduce_causal.py
 
 Protocol (Kim & Jung 2020, Tables 2-3), with S = --steps, E = --extra_steps (S/2,
 the paper's 1M : 500k):
@@ -54,6 +56,7 @@ if str(_REPO) not in sys.path:  # run as a plain script from anywhere
   sys.path.insert(0, str(_REPO))
 
 DEFAULT_OUT = os.path.join("benchmarks", "results", "reproduce")
+DEFAULT_CAUSAL_OUT = os.path.join("benchmarks", "results", "reproduce_causal")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,13 +503,20 @@ def main(argv: list[str]) -> None:
   steps = f.steps or int(_CONFIG.value.train.steps)
   extra = f.extra_steps or max(1, steps // 2)
   t0, cpu0 = time.perf_counter(), time.process_time()
-  report = run(_CONFIG.value, f.out, steps=steps, extra_steps=extra, quick=f.quick,
-               glue_data_dir=f.glue_data_dir, glue_task=f.glue_task)
+  if f.causal:
+    import reproduce_causal  # pylint: disable=g-import-not-at-top
+    out = DEFAULT_CAUSAL_OUT if f.out == DEFAULT_OUT else f.out
+    report = reproduce_causal.run(_CONFIG.value, out, steps=steps, extra_steps=extra,
+                                  quick=f.quick)
+  else:
+    out = f.out
+    report = run(_CONFIG.value, f.out, steps=steps, extra_steps=extra, quick=f.quick,
+                 glue_data_dir=f.glue_data_dir, glue_task=f.glue_task)
   wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
   report["seconds"].update(total_wall=round(wall, 1), total_cpu=round(cpu, 1))
-  with open(os.path.join(f.out, "results.json"), "w") as fp:
+  with open(os.path.join(out, "results.json"), "w") as fp:
     json.dump(report, fp, indent=2, sort_keys=True)
-  print(f"Done in {wall:.0f} s ({cpu:.0f} CPU-seconds): {os.path.abspath(f.out)}")
+  print(f"Done in {wall:.0f} s ({cpu:.0f} CPU-seconds): {os.path.abspath(out)}")
 
 
 if __name__ == "__main__":
@@ -514,11 +524,16 @@ if __name__ == "__main__":
   from pkm_jax import cli  # pylint: disable=g-import-not-at-top
   # --quick picks the tiny get_config('quick') as the base; --config.x.y overrides still apply.
   _quick = any(a in ("--quick", "--quick=true", "--quick=True") for a in sys.argv[1:])
-  _CONFIG = cli.define_config(f"{os.path.abspath(__file__)}" + (":quick" if _quick else ""))
+  _causal = any(a in ("--causal", "--causal=true", "--causal=True") for a in sys.argv[1:])
+  _base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reproduce_causal.py")
+  _CONFIG = cli.define_config((_base if _causal else os.path.abspath(__file__))
+                              + (":quick" if _quick else ""))
   flags.DEFINE_string("out", DEFAULT_OUT, "Output folder.")
   flags.DEFINE_integer("steps", 0, "S: pretraining steps of (a), (c), (d) (0: config.train.steps).")
   flags.DEFINE_integer("extra_steps", 0, "E: steps of (b), (e), (f) (0: S // 2).")
   flags.DEFINE_bool("quick", False, "Tiny sizes (get_config('quick')): a couple of minutes.")
+  flags.DEFINE_bool("causal", False, "The +Init protocol on a causal LM (GPT-2 family) instead: "
+                    "benchmarks/reproduce_causal.py.")
   flags.DEFINE_string("glue_data_dir", "", "Fine-tune on a local GLUE task instead of the "
                       "generated fact-verification task.")
   flags.DEFINE_string("glue_task", "sst2", "The GLUE task with --glue_data_dir.")
