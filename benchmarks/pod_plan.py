@@ -182,7 +182,7 @@ def plan(args: argparse.Namespace) -> list[Row]:
     # XLA:TPU compiles even tiny programs slowly (~30 s): two rows, their ideal the CPU's.
     rows += [Row("tiny", "resm", layout, "v5e:2x4", 8, tiny, ("train",))
              for layout in ("batch_data", "batch_all")]
-    return rows + [Row("pod", "resm", "shipped", "cpu", 8, tiny)]
+    return rows + [Row("pod", kind, "shipped", "cpu", 8, tiny) for kind in ("resm", "dense")]
   if args.single_chip:
     bf16 = (("model.dtype", "bfloat16"), ("memory.value_dtype", "bfloat16"),
             ("data.batch_size", 64), ("data.max_len", 128))
