@@ -14,8 +14,9 @@ not depend on them):
               new_tokens / wall time of the call (prefill included), after a warm-up call
               (compilation excluded).
 Each measurement runs --rounds rounds; in a round the two models alternate step by step
-(round-robin, so a shared machine's swings slow both alike) for --steps timed steps after
---warmup untimed ones, and the round's figure is each model's median step. The ratio is taken
+(round-robin, so a shared machine's swings slow both alike; which goes first swaps from round
+to round) for --steps timed steps after --warmup untimed ones, and the round's figure is each
+model's median step. The ratio is taken
 per round (dense time / ResM time); the table shows the median over rounds and their range.
 
   python benchmarks/decoder_speed.py                 # GPT-2 small, ~10 min on a 2-core CPU
@@ -118,18 +119,21 @@ def model_config(args: argparse.Namespace, mode: str) -> ModelConfig:
 def timed_rounds(steps: list[Callable[[], object]], args: argparse.Namespace
                  ) -> list[list[float]]:
   """Seconds per round of each step [model][round]: its median over --steps calls, the models
-  called alternately (after --warmup untimed calls each)."""
+  called alternately (after --warmup untimed calls each), which one goes first swapped from
+  round to round (so neither always runs just after the other's frees)."""
   for step in steps:
     for _ in range(args.warmup):
       jax.block_until_ready(step())
   rounds = [[] for _ in steps]
-  for _ in range(args.rounds):
+  for r in range(args.rounds):
     times = [[] for _ in steps]
+    order = list(range(len(steps)))
+    order = order[r % len(order):] + order[:r % len(order)]
     for _ in range(args.steps):
-      for step, step_times in zip(steps, times):
+      for i in order:
         start = time.perf_counter()
-        jax.block_until_ready(step())
-        step_times.append(time.perf_counter() - start)
+        jax.block_until_ready(steps[i]())
+        times[i].append(time.perf_counter() - start)
     for model_rounds, step_times in zip(rounds, times):
       model_rounds.append(statistics.median(step_times))
   return rounds
