@@ -19,9 +19,9 @@ to round) for --steps timed steps after --warmup untimed ones, and the round's f
 model's median step. The ratio is taken
 per round (dense time / ResM time); the table shows the median over rounds and their range.
 
-  python benchmarks/decoder_speed.py                 # GPT-2 small, ~10 min on a 2-core CPU
+  python benchmarks/decoder_speed.py    # GPT-2 small: 9-17 min and 12 GB on a shared 2-core CPU
   python benchmarks/decoder_speed.py --hidden 256 --layers 4 --heads 4 --intermediate 1024 \
-      --vocab 8192 --n_keys 128                      # a minute on a CPU
+      --vocab 8192 --n_keys 128             # two minutes there, 1.7 GB
 """
 
 from __future__ import annotations
