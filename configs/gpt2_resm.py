@@ -18,7 +18,7 @@ def get_config():
                       attention_dropout=0.1, layer_norm_eps=1e-5, tie_embeddings=True)
   # ResM (FFN + memory) at the middle and the top layer; 128**2 = 16,384 slots. The queries are
   # normalised per token (LayerNorm): BatchNorm's statistics over a batch would mix later
-  # tokens into every position (config validation refuses it for causal models).
+  # tokens into every position (allowed, with a warning; "auto" picks LayerNorm for decoders).
   config.memory.update(mode="residual", layers=(1, 3), n_keys=128, heads=4, k=16, k_dim=64,
                        query_norm="layernorm", input_dropout=0.1, query_dropout=0.0,
                        value_dropout=0.1)

@@ -13,13 +13,14 @@ import math
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from pkm_jax import sharding
 from pkm_jax.architecture import MemoryConfig, ModelConfig
 
 FAMILIES = ("bert", "gpt2", "llama")  # model.family: pkm_jax.models
 MEMORY_MODES = ("none", "replace", "residual")
-QUERY_NORMS = ("batchnorm", "layernorm", "none")
+QUERY_NORMS = ("auto", "batchnorm", "layernorm", "none")  # auto: resolved by model.family
 MEMORY_KINDS = ("pkm", "memory_plus", "peer")  # pkm_jax.memory_kinds says what each computes
 GATES = ("none", "silu", "sigmoid")
 PEER_ACTIVATIONS = ("relu", "gelu", "silu", "sigmoid", "identity")
@@ -100,7 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.memory = ml_collections.ConfigDict(dict(
       mode="none", layers=(3, 7),  # "4L/8L" of the paper's tables, 0-based
       n_keys=512, heads=4, k=32, k_dim=256, v_dim=0,  # v_dim 0: hidden size
-      query_norm="batchnorm", input_dropout=0.0, query_dropout=0.0, value_dropout=0.0,
+      # 'auto': BatchNorm for BERT (XLM's choice), LayerNorm for the causal LMs, where a batch's
+      # statistics would carry later tokens into every position (`query_norm_for`).
+      query_norm="auto", input_dropout=0.0, query_dropout=0.0, value_dropout=0.0,
       value_zero_init=False, kind="pkm", gate="none", share_values=False, key_norm=False,
       peer_activation="relu",
       value_dtype="float32"))  # 'bfloat16': the value table (and its Adam moments) in bf16
@@ -332,10 +335,11 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
   if not data.tokenizer:
     check_number(data, "data", "vocab_size", lo=MIN_BPE_VOCAB if causal else MIN_VOCAB)
   if causal and mem.mode != "none" and mem.query_norm == "batchnorm":
-    # Training-mode BatchNorm normalises each query by statistics over the whole batch, later
-    # tokens included: every position would see the future through them.
-    raise ConfigError(f"memory.query_norm='batchnorm' lets a causal LM ({m.family}) see future "
-                      "tokens through the batch statistics; use 'layernorm' or 'none'")
+    # Allowed, as asked: training-mode BatchNorm normalises each query by statistics over the
+    # whole batch, later tokens included, so every position sees the future through them (and
+    # evaluation, with running statistics, then differs from training).
+    logging.warning("memory.query_norm='batchnorm' in a causal LM (%s): the batch statistics "
+                    "carry later tokens into every position while training", m.family)
   check_number(data.generated, "data.generated", "num_entities", lo=1)
   check_number(data.generated, "data.generated", "num_docs", lo=2)
   check_number(data.generated, "data.generated", "seed", lo=0)
@@ -411,6 +415,13 @@ def check_batch_split(config: ml_collections.ConfigDict, data_ways: int) -> None
                       "axes (mesh.data x mesh.model)")
 
 
+def query_norm_for(query_norm: str, family: str) -> str:
+  """memory.query_norm with 'auto' resolved: 'batchnorm' for BERT, 'layernorm' for a causal LM."""
+  if query_norm != "auto":
+    return query_norm
+  return "batchnorm" if family == "bert" else "layernorm"
+
+
 def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = None
                  ) -> ModelConfig:
   """The frozen ModelConfig for `config` (vocab size from the tokenizer when model's is 0)."""
@@ -420,7 +431,7 @@ def model_config(config: ml_collections.ConfigDict, *, vocab_size: int | None = 
     raise ConfigError("model.vocab_size is 0 and no tokenizer vocabulary size was given")
   memory = MemoryConfig(
       n_keys=mem.n_keys, heads=mem.heads, k=mem.k, k_dim=mem.k_dim,
-      v_dim=mem.v_dim or m.hidden_size, query_norm=mem.query_norm,
+      v_dim=mem.v_dim or m.hidden_size, query_norm=query_norm_for(mem.query_norm, m.family),
       input_dropout=mem.input_dropout, query_dropout=mem.query_dropout,
       value_dropout=mem.value_dropout, value_zero_init=mem.value_zero_init, kind=mem.kind,
       gate=mem.gate, share_values=bool(mem.share_values), key_norm=bool(mem.key_norm),

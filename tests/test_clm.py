@@ -396,7 +396,6 @@ def test_prepared_causal_rows_train_and_equal_in_memory_rows(tmp_path):
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--config.memory.query_norm=batchnorm", "memory.query_norm='batchnorm' lets a causal LM"),
     ("--config.data.vocab_size=200", "data.vocab_size=200 must be a number >= 258"),
 ])
 def test_cli_config_errors_are_one_line(tmp_path, flag, message):

@@ -107,3 +107,16 @@ def test_model_config_written_before_value_dtype_restores():
   data = to_dict(model_config(load("bert_base_resm"), vocab_size=100))
   del data["memory"]["value_dtype"]
   assert from_dict(data).memory.value_dtype == "float32"
+
+
+def test_query_norm_auto_follows_the_model_family():
+  """'auto' (the default): BatchNorm for BERT, LayerNorm for causal LMs, whose batch statistics
+  would carry later tokens into every position; an explicit choice is kept."""
+  cfg = config_lib.base_config()
+  cfg.memory.mode = "residual"
+  assert config_lib.model_config(cfg, vocab_size=100).memory.query_norm == "batchnorm"
+  cfg.model.family = "gpt2"
+  assert config_lib.model_config(cfg, vocab_size=100).memory.query_norm == "layernorm"
+  cfg.memory.query_norm = "batchnorm"
+  config_lib.validate(cfg)  # allowed, with a warning
+  assert config_lib.model_config(cfg, vocab_size=100).memory.query_norm == "batchnorm"
