@@ -23,6 +23,7 @@ import urllib.request
 import pytest
 
 import gcs_emulator
+import hf_causal_fixtures
 import hf_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,6 +160,9 @@ def checkout(tmp_path_factory):
   from transformers import BertForMaskedLM  # test reference only
   hf = str(root / "models" / "bert-base-uncased")
   hf_fixtures.save_hf(BertForMaskedLM(hf_fixtures.bert_config()), hf)
+  from transformers import GPT2LMHeadModel  # test reference only
+  hf_causal_fixtures.save_hf(GPT2LMHeadModel, hf_causal_fixtures.gpt2_config(n_positions=64),
+                             str(root / "models" / "gpt2"))
   words = [w for w in hf_fixtures.WORDS]
   _glue(str(root / "data" / "glue"), words)
   _squad(str(root / "data" / "squad"), words)
@@ -205,6 +209,8 @@ def plan(command: str, root: str) -> tuple[list[list[str]], dict[str, str]]:
           extra += " --config.memory.layers=(0,1)"
         if "pod" in config:
           extra += " --config.model.dtype=float32"  # bf16 on a CPU is slow, not different
+      elif "causal_resm_init" in config:  # sizes are the pretrained model's (2 layers)
+        extra += " --config.memory.layers=(0,1)"
       if "--coordinator_address" in text:
         argv = [a.replace(":12345", f":{free_port()}") for a in argv]
       argv += shlex.split(extra)
