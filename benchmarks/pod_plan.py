@@ -65,6 +65,9 @@ MODELS = {
     ("large", "resm"): "bert_large_resm",
     ("pod", "resm"): "bert_large_resm_pod", ("pod", "dense"): "bert_large_resm_pod",
     ("tiny", "dense"): "default", ("tiny", "resm"): "default",
+    # A Llama-style decoder (RMSNorm, RoPE, SwiGLU, GQA) under the same rules: no sharding code
+    # of its own.
+    ("llama", "dense"): "llama_resm", ("llama", "resm"): "llama_resm",
 }
 KIND_OVERRIDES = {"dense": {"memory.mode": "none"}, "pkm": {}, "resm": {}}
 # The pod config's own kind is resm; its dense row keeps its layout and drops the memory.
@@ -106,7 +109,7 @@ CHIPS = {  # peak bf16 FLOP/s, HBM bytes/s, interconnect bytes/s one way (source
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  size: str  # base | large | pod | tiny
+  size: str  # base | large | pod | tiny | llama
   kind: str  # dense | pkm | resm
   layout: str
   target: str  # 'cpu', 'h100:N' or a TPU topology name, e.g. 'v5e:2x4'
@@ -182,7 +185,10 @@ def plan(args: argparse.Namespace) -> list[Row]:
     # XLA:TPU compiles even tiny programs slowly (~30 s): two rows, their ideal the CPU's.
     rows += [Row("tiny", "resm", layout, "v5e:2x4", 8, tiny, ("train",))
              for layout in ("batch_data", "batch_all")]
-    return rows + [Row("pod", kind, "shipped", "cpu", 8, tiny) for kind in ("resm", "dense")]
+    rows += [Row("pod", kind, "shipped", "cpu", 8, tiny) for kind in ("resm", "dense")]
+    llama = tiny + (("model.num_kv_heads", 2),)
+    return rows + [Row("llama", kind, "columns_fsdp", "cpu", 8, llama)
+                   for kind in ("dense", "resm")]
   if args.single_chip:
     bf16 = (("model.dtype", "bfloat16"), ("memory.value_dtype", "bfloat16"),
             ("data.batch_size", 64), ("data.max_len", 128))

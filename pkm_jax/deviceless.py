@@ -40,6 +40,7 @@ from jax.experimental import topologies
 
 from pkm_jax import compiled_stats, trainer
 from pkm_jax.models.tables import row_tables, state_at
+from pkm_jax.data.causal import CLM_BATCH_KEYS
 from pkm_jax.steps import MLM_BATCH_KEYS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the checkout: .tpu/ and .cuda/ sit here
@@ -160,14 +161,17 @@ def target_devices(target: str) -> list:
 
 def abstract_inputs(program: trainer.TrainProgram, config: ml_collections.ConfigDict
                     ) -> tuple[Any, dict[str, jax.ShapeDtypeStruct]]:
-  """The train state and an MLM batch [data.batch_size, data.max_len] as sharded
-  ShapeDtypeStructs (the step's own in-shardings): what `lower` takes, nothing allocated."""
+  """The train state and a batch [data.batch_size, data.max_len] (MLM, or next-token for a
+  causal model) as sharded ShapeDtypeStructs (the step's own in-shardings): what `lower`
+  takes, nothing allocated."""
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        program.abstract_state, program.state_sharding)
   b, t = config.data.batch_size, config.data.max_len
-  batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "mlm_weights" else jnp.int32,
+  keys = CLM_BATCH_KEYS if program.model_cfg.causal else MLM_BATCH_KEYS
+  floats = ("mlm_weights", "target_weights")
+  batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k in floats else jnp.int32,
                                    sharding=program.batch_sharding)
-           for k in MLM_BATCH_KEYS}
+           for k in keys}
   return state, batch
 
 

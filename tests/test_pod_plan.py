@@ -103,6 +103,16 @@ def test_shipped_dense_twin_moves_weights_not_activations(report):
       assert d <= 1.05 * r, (name, kind, d, r)
 
 
+@pytest.mark.parametrize("kind", ["dense", "resm"])
+def test_llama_decoder_inherits_the_pod_layout(report, kind):
+  """configs/llama_resm.py with columns + FSDP on 8 devices: 1/n of the work, tables total/n."""
+  row = find(report, size="llama", kind=kind, layout="columns_fsdp")
+  for name, p in programs(row):
+    assert p["flops"] <= 1.10 * p["ideal"]["flops"], (name, p["flops"] / p["ideal"]["flops"])
+  if kind == "resm":
+    assert row["table_bytes"] > 0 and row["table_bytes_per_device"] * 8 == row["table_bytes"]
+
+
 def test_unknown_layout_is_one_line():
   proc = subprocess.run([sys.executable, "benchmarks/pod_plan.py", "--layouts", "nope"],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
