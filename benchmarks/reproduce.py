@@ -113,13 +113,13 @@ VARIANTS = (
 
 
 def count_params(config: ml_collections.ConfigDict) -> int:
-  """Parameters of the MLM model `config` builds (shapes only, nothing allocated)."""
+  """Parameters of the model `config` builds, any family (shapes only, nothing allocated)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from pkm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from pkm_jax.models.bert import BertForMaskedLM  # pylint: disable=g-import-not-at-top
+  from pkm_jax.models.registry import build_lm  # pylint: disable=g-import-not-at-top
   cfg = config_lib.model_config(config, vocab_size=config.data.vocab_size)
-  model = nnx.eval_shape(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: build_lm(cfg, rngs=nnx.Rngs(0)))
   return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import ml_collections
 
 from pkm_jax import config as config_lib
+from reproduce import matched_n_keys, count_params  # the BERT protocol's, any family
 
 DEFAULT_OUT = os.path.join("benchmarks", "results", "reproduce_causal")
 
@@ -111,30 +112,6 @@ def fact_accuracy(model, facts: list[tuple[list[int], list[int]]], batch: int = 
     for row, (p, o) in enumerate(chunk):
       known += int(all(pred[row, len(p) - 1 + j] == tok for j, tok in enumerate(o)))
   return known / len(facts)
-
-
-def count_params(config: ml_collections.ConfigDict) -> int:
-  import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from pkm_jax.models.registry import build_lm  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.model_config(config, vocab_size=config.data.vocab_size)
-  model = nnx.eval_shape(lambda: build_lm(cfg, rngs=nnx.Rngs(0)))
-  return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-
-
-def matched_n_keys(config: ml_collections.ConfigDict, memory: dict, target: int) -> int:
-  """n_keys whose model with `memory`'s fields has the parameter count nearest `target`."""
-  rows = config.memory.n_keys**2 * len(config.memory.layers)
-  tables = (2 if memory.get("kind") == "peer" else 1) * (
-      1 if memory.get("share_values") else len(config.memory.layers))
-  guess = round((rows / tables) ** 0.5)
-
-  def gap(n):
-    cfg = config.copy_and_resolve_references()
-    cfg.memory.update(n_keys=n, **memory)
-    return abs(count_params(cfg) - target)
-
-  return min(range(max(config.memory.k, guess - 3), guess + 4), key=gap)
 
 
 def markdown_table(rows: list[dict[str, Any]], layers: list[int]) -> str:

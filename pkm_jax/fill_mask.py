@@ -20,20 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from flax import nnx
 
-from pkm_jax import checkpoint, cli, pretrained
+from pkm_jax import cli, pretrained
 from pkm_jax.models.bert import BertForMaskedLM
 from pkm_jax.data.tokenizer import special_token_ids
 
 
 def load_model(path: str) -> tuple[BertForMaskedLM, Any]:
   """(model, tokenizer) from a training workdir, a converted checkpoint or an HF folder."""
-  if pretrained.is_workdir(path):
-    model, tokenizer, _ = checkpoint.restore_model(path)
-  else:
-    cfg, params, tokenizer = pretrained.load_pretrained(path)
-    model = pretrained.build_model(cfg, params, rngs=nnx.Rngs(0))
+  model, tokenizer = pretrained.load_model(path)
   if model.cfg.causal:
     raise ValueError(f"{path} holds a causal LM ({model.cfg.family}), which has no [MASK]: use "
                      "python -m pkm_jax.generate")

@@ -29,7 +29,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from pkm_jax import checkpoint, cli, pretrained
+from pkm_jax import cli, pretrained
 from pkm_jax.data.tokenizer import causal_special_ids
 
 
@@ -44,11 +44,7 @@ class Generated:
 
 def load_model(path: str) -> tuple[nnx.Module, Any]:
   """(causal LM, tokenizer) from a training workdir, a converted checkpoint or an HF folder."""
-  if pretrained.is_workdir(path):
-    model, tokenizer, _ = checkpoint.restore_model(path)
-  else:
-    cfg, params, tokenizer = pretrained.load_pretrained(path)
-    model = pretrained.build_model(cfg, params, rngs=nnx.Rngs(0))
+  model, tokenizer = pretrained.load_model(path)
   if not model.cfg.causal:
     raise ValueError(f"{path} holds a {model.cfg.family} model, not a causal LM: use "
                      "python -m pkm_jax.fill_mask for masked LMs")

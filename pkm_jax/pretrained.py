@@ -66,3 +66,13 @@ def build_model(cfg: ModelConfig, params: dict, *, rngs: nnx.Rngs) -> nnx.Module
   return model
 
 
+
+
+def load_model(path: str) -> tuple[nnx.Module, Any]:
+  """(model, tokenizer) from a training workdir (its latest checkpoint, BatchNorm statistics
+  included), a converted checkpoint or a Hugging Face folder."""
+  if is_workdir(path):
+    model, tokenizer, _ = ckpt_lib.restore_model(path)
+    return model, tokenizer
+  cfg, params, tokenizer = load_pretrained(path)
+  return build_model(cfg, params, rngs=nnx.Rngs(0)), tokenizer
