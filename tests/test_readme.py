@@ -39,7 +39,8 @@ NOT_RUN = {
     ".venv/bin/pip install --no-deps -t .tpu": "as above (.ci/run installs libtpu the same way)",
     ".venv/bin/python -m pytest": "the test suite itself",
     "gcloud": "needs a TPU pod slice; the same train.py command runs below as one host",
-    "python benchmarks/reproduce.py": "tests/test_reproduce.py runs it (with --quick)",
+    "python benchmarks/reproduce.py": (
+        "tests/test_reproduce.py and tests/test_reproduce_causal.py run it (with --quick)"),
     "python benchmarks/accelerator.py": "tests/test_memory_layer_benchmark.py runs it (--tiny)",
     "python benchmarks/pod_plan.py": "tests/test_pod_plan.py runs it (with --quick)",
 }
