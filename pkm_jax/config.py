@@ -17,6 +17,7 @@ from absl import logging
 
 from pkm_jax import sharding
 from pkm_jax.architecture import MemoryConfig, ModelConfig
+from pkm_jax.models.causal_attention import ROPE_TYPES
 
 FAMILIES = ("bert", "gpt2", "llama")  # model.family: pkm_jax.models
 MEMORY_MODES = ("none", "replace", "residual")
@@ -311,6 +312,8 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
   check_choice(m, "model", "family", FAMILIES)
   for key in ("num_kv_heads", "head_dim", "sliding_window"):
     check_number(m, "model", key, lo=0)
+  check_number(m, "model", "rope_theta", lo=0, lo_open=True)
+  validate_rope_scaling(m.rope_scaling)
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:
     raise ConfigError(f"model.num_kv_heads={m.num_kv_heads} must divide "
                       f"model.num_heads={m.num_heads}")
@@ -369,6 +372,18 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
     # The batch goes over both mesh axes (sharding.DEFAULT_RULES); a -1 size is known only
     # once the devices are (the program checks the whole split then).
     check_batch_split(config, max(config.mesh.data, 1) * max(config.mesh.model, 1))
+
+
+def validate_rope_scaling(scaling: Any) -> None:
+  """model.rope_scaling: (key, value) pairs, e.g. (("rope_type", "linear"), ("factor", 4.0))."""
+  pairs = as_tuples(scaling or ())
+  if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
+    raise ConfigError(f"model.rope_scaling={scaling!r} must be (key, value) pairs, e.g. "
+                      "(('rope_type', 'linear'), ('factor', 4.0))")
+  rope_type = dict(pairs).get("rope_type", dict(pairs).get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    raise ConfigError(f"model.rope_scaling's rope_type={rope_type!r} is not one of "
+                      f"{', '.join(ROPE_TYPES)}")
 
 
 def validate_memory(mem: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> None:

@@ -363,6 +363,12 @@ PRETRAINING_BAD = {
     "model.layer_norm_eps": [0.0, -1e-5],
     "model.dtype": ["float8"],
     "model.param_dtype": ["int8"],
+    "model.family": ["gpt3"],
+    "model.num_kv_heads": [-1, 3],  # 3 does not divide num_heads
+    "model.head_dim": [-4],
+    "model.sliding_window": [-1],
+    "model.rope_theta": [0.0, -1.0],
+    "model.rope_scaling": [(("rope_type", "yarn"),), (("factor",),)],
     "memory.mode": ["pkm"],
     "memory.layers": [(4,), (1, 1), (), (-1,)],
     "memory.n_keys": [0, 8],
@@ -428,6 +434,8 @@ PRETRAINING_COMBOS = [
 ]
 FREE = {
     "model.use_pooler": "a bool (the flag parser refuses other types)",
+    "model.attention_bias": "a bool", "model.qkv_bias": "a bool", "model.mlp_bias": "a bool",
+    "model.tie_embeddings": "a bool",
     "model.remat": "a bool", "mesh.fsdp": "a bool", "memory.value_zero_init": "a bool", "data.lowercase": "a bool",
     "memory.share_values": "a bool", "memory.key_norm": "a bool",
     "optim.freeze_memory": "a bool (checked with values_optimizer: PRETRAINING_COMBOS)",
