@@ -160,6 +160,15 @@ def test_eval_starts_from_the_runs_config(workdir):
   assert {k: v for k, v in after.items() if not k.startswith("eval")} == before
 
 
+def _as_from_a_shell() -> None:
+  """SIGINT handled by default and not blocked, as in a terminal's process. An xdist worker
+  that ran other test files first was seen to pass SIGINT on ignored or blocked (both are
+  inherited through exec); the run would then never see the Ctrl-C this file sends."""
+  import signal  # pylint: disable=g-import-not-at-top
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _largest_params_file(path: str, step: int) -> str:
   params = os.path.join(path, "checkpoints", str(step), "params")
   files = [os.path.join(root, n) for root, _, names in os.walk(params) for n in names]
@@ -561,7 +570,7 @@ def test_ctrl_c_ends_in_one_line_and_keeps_whole_checkpoints(tmp_path):
   proc = subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", *TINY,
                            "--config.train.steps=100000", "--config.data.workers=2"],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, start_new_session=True)
+                          text=True, start_new_session=True, preexec_fn=_as_from_a_shell)
   try:
     deadline = time.time() + 240
     while time.time() < deadline and not (workdir / "checkpoints" / "4").is_dir():
@@ -603,6 +612,18 @@ def test_ctrl_c_inside_a_checkpoint_operation_waits_for_its_end():
   from pkm_jax import checkpoint as ckpt_lib
 
   finished = []
+  # This process's main thread must receive SIGINT (see _as_from_a_shell).
+  blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    _deferred_sigints(ckpt_lib, finished)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _deferred_sigints(ckpt_lib, finished: list) -> None:
+  import signal  # pylint: disable=g-import-not-at-top
   with pytest.raises(KeyboardInterrupt):
     with ckpt_lib.sigint_deferred():
       with ckpt_lib.sigint_deferred():  # nested (orbax's save waits through our manager)
