@@ -33,6 +33,7 @@ from pkm_jax import storage
 from pkm_jax.architecture import ModelConfig
 from pkm_jax.models.bert import BertForMaskedLM, MLMHead
 from pkm_jax.data import tokenizer as tok_lib
+from pkm_jax import hf_files
 from pkm_jax.hf_files import load_hf_tensors, read_hf_config
 
 ARCHITECTURES = {
@@ -172,24 +173,8 @@ def _prefix(tensors: dict[str, np.ndarray], base: str) -> str:
   return found[0]
 
 
-class _Reader:
-  """Takes HF tensors by name, checking shapes; remembers which were used."""
-
-  def __init__(self, tensors: dict[str, np.ndarray], arch: str):
-    self.tensors, self.arch, self.used = tensors, arch, set()
-
-  def take(self, names: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
-    name = next((n for n in names if n in self.tensors), None)
-    if name is None:
-      raise ValueError(f"missing tensor '{names[0]}' ({self.arch})")
-    x = self.tensors[name]
-    if tuple(x.shape) != tuple(shape):
-      raise ValueError(f"tensor '{name}' has shape {tuple(x.shape)} but config.json implies "
-                       f"{tuple(shape)}")
-    if not np.issubdtype(x.dtype, np.floating):
-      raise ValueError(f"tensor '{name}' has dtype {x.dtype}, expected floating point")
-    self.used.add(name)
-    return np.asarray(x, np.float32)
+class _Reader(hf_files.TensorReader):
+  """BERT's modules from HF tensors."""
 
   def module(self, abstract: dict, hf: str, kind: str) -> dict[str, np.ndarray]:
     """One Linear / LayerNorm / Embed: HF [out, in] weights transposed to our [in, out]."""

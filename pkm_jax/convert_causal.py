@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pkm_jax import hf_files
 from pkm_jax.architecture import ModelConfig
 from pkm_jax.models.causal_attention import ROPE_TYPES
 from pkm_jax.models.registry import build_lm
@@ -158,23 +159,8 @@ def model_config_from_hf(hf_cfg: dict[str, Any]) -> ModelConfig:
       rope_theta=theta, rope_scaling=scaling, sliding_window=sliding)
 
 
-class _Reader:
-  """Takes HF tensors by name, checking shapes; remembers which were used."""
-
-  def __init__(self, tensors: dict[str, np.ndarray], arch: str):
-    self.tensors, self.arch, self.used = tensors, arch, set()
-
-  def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    if name not in self.tensors:
-      raise ValueError(f"missing tensor '{name}' ({self.arch})")
-    x = self.tensors[name]
-    if tuple(x.shape) != tuple(shape):
-      raise ValueError(f"tensor '{name}' has shape {tuple(x.shape)} but config.json implies "
-                       f"{tuple(shape)}")
-    if not np.issubdtype(x.dtype, np.floating):
-      raise ValueError(f"tensor '{name}' has dtype {x.dtype}, expected floating point")
-    self.used.add(name)
-    return np.asarray(x, np.float32)
+class _Reader(hf_files.TensorReader):
+  """The decoders' modules from HF tensors."""
 
   def linear(self, abstract: dict, hf: str) -> dict[str, np.ndarray]:
     """torch Linear [out, in] -> kernel [in, out] (+ bias when our module has one)."""

@@ -89,3 +89,26 @@ def load_hf_tensors(hf_dir: str) -> dict[str, np.ndarray]:
   if storage.isfile(binary):
     return _load_torch_bin(binary)
   raise FileNotFoundError(f"no weights in {hf_dir}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+class TensorReader:
+  """Takes HF tensors by name, checking shape and dtype; remembers which were used (a
+  conversion then refuses a checkpoint with tensors it did not read)."""
+
+  def __init__(self, tensors: dict[str, np.ndarray], arch: str):
+    self.tensors, self.arch, self.used = tensors, arch, set()
+
+  def take(self, names: str | tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """The first of `names` present (alternative spellings), as float32 of `shape`."""
+    names = (names,) if isinstance(names, str) else names
+    name = next((n for n in names if n in self.tensors), None)
+    if name is None:
+      raise ValueError(f"missing tensor '{names[0]}' ({self.arch})")
+    x = self.tensors[name]
+    if tuple(x.shape) != tuple(shape):
+      raise ValueError(f"tensor '{name}' has shape {tuple(x.shape)} but config.json implies "
+                       f"{tuple(shape)}")
+    if not np.issubdtype(x.dtype, np.floating):
+      raise ValueError(f"tensor '{name}' has dtype {x.dtype}, expected floating point")
+    self.used.add(name)
+    return np.asarray(x, np.float32)
