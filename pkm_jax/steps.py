@@ -81,18 +81,51 @@ def mlm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes
                                 "mlm_accuracy": sums["correct"]}, aux
 
 
-def clm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes: dict | None):
+# The most bytes of float32 logits a causal loss holds at once: a Llama-3 vocabulary (128,256)
+# at 8 x 2,048 tokens would be 8.4 GB of logits, and as much again for their gradient.
+LOGIT_CHUNK_BYTES = 256 * 2**20
+
+
+def clm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes: dict | None,
+             *, logit_chunk_bytes: int = LOGIT_CHUNK_BYTES):
   """The causal-LM LossFn: next-token cross-entropy summed over `target_weights` (the count is
   the tokens predicted); reports the loss and the next-token accuracy.
 
   The batch is pkm_jax.data.causal's: packed documents, attention within each (segment_ids),
-  positions restarting per document piece. Logits [B, T, V] in float32 at every position.
+  positions restarting per document piece. The float32 logits [B, C, V] exist for C positions
+  at a time, C set by `logit_chunk_bytes`: a rematerialised scan over position chunks, so the
+  backward pass recomputes each chunk's logits instead of keeping [B, T, V] alive.
   """
-  logits_BxTxV, aux = model(batch["input_ids"], batch["attention_mask"],
-                            positions_BxT=batch["positions"], segment_ids_BxT=batch["segment_ids"],
-                            rngs=rngs, value_probes=value_probes)
-  _, sums = metrics_lib.mlm_loss_and_metrics(logits_BxTxV, batch["targets"],
-                                             batch["target_weights"])
+  h_BxTxD, aux = model.hidden(batch["input_ids"], batch["attention_mask"],
+                              positions_BxT=batch["positions"],
+                              segment_ids_BxT=batch["segment_ids"], rngs=rngs,
+                              value_probes=value_probes)
+  targets_BxT, weights_BxT = batch["targets"], batch["target_weights"]
+  b, t, d = h_BxTxD.shape
+  chunk = max(1, logit_chunk_bytes // (b * model.cfg.vocab_size * 4))
+  if chunk >= t:
+    _, sums = metrics_lib.mlm_loss_and_metrics(model.logits(h_BxTxD), targets_BxT, weights_BxT)
+  else:
+    n = -(-t // chunk)
+    pad = n * chunk - t  # padded positions weigh 0
+
+    def chunks(x):  # [B, T, ...] -> [n, B, C, ...]
+      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+      return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    graphdef, state = nnx.split(model)
+
+    @jax.checkpoint
+    def chunk_sums(h_BxCxD, y_BxC, w_BxC):
+      logits_BxCxV = nnx.merge(graphdef, state).logits(h_BxCxD)
+      return metrics_lib.mlm_loss_and_metrics(logits_BxCxV, y_BxC, w_BxC)[1]
+
+    def body(total, xs):
+      return jax.tree.map(jnp.add, total, chunk_sums(*xs)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(body, {"nll_sum": zero, "correct": zero, "count": zero},
+                           (chunks(h_BxTxD), chunks(targets_BxT), chunks(weights_BxT)))
   return sums["nll_sum"], {"count": sums["count"], "loss": sums["nll_sum"],
                            "accuracy": sums["correct"]}, aux
 
