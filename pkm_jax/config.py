@@ -31,7 +31,7 @@ VALUE_SCHEDULES = ("constant", "network")
 LOOKUP_KERNELS = ("xla", "pallas")  # mesh.lookup_kernel: pkm_jax.lookup_kernels or not
 TABLE_SPLITS = tuple(sharding.TABLE_SPLITS)  # mesh.table_split
 DTYPES = ("float32", "bfloat16", "float16")
-VALUE_DTYPES = ("float32", "bfloat16", "int8", "float8_e4m3fn")  # memory.value_dtype
+VALUE_DTYPES = ("float32", "bfloat16")  # memory.value_dtype a run can train
 DATA_SOURCES = ("generated", "files", "tfds", "prepared")
 MIN_VOCAB = 16  # a trained WordPiece needs room for its special tokens and some characters
 MIN_BPE_VOCAB = 258  # a causal run's byte-level BPE: 256 bytes, EOS, pad (data.bpe.MIN_VOCAB)
@@ -401,6 +401,7 @@ def validate_memory(mem: ml_collections.ConfigDict, m: ml_collections.ConfigDict
   if (mem.kind == "memory_plus") != (mem.gate != "none"):
     raise ConfigError(f"memory.gate={mem.gate!r} does not go with memory.kind={mem.kind!r}: "
                       "memory_plus needs gate 'silu' or 'sigmoid', the other kinds 'none'")
+  check_trainable(mem.value_dtype, "the config")
   check_choice(mem, "memory", "value_dtype", VALUE_DTYPES)
   for key in ("n_keys", "heads", "k", "k_dim"):
     check_number(mem, "memory", key, lo=1)
@@ -428,9 +429,9 @@ def validate_memory(mem: ml_collections.ConfigDict, m: ml_collections.ConfigDict
 def check_trainable(value_dtype: str, what: str) -> None:
   """Quantised tables (pkm_jax.quantize) are for inference: training from them is refused."""
   if value_dtype in QUANTIZED_DTYPES:
-    raise ConfigError(f"{what} has quantised value tables (memory.value_dtype={value_dtype!r}, "
-                      "made by python -m pkm_jax.quantize), which serve inference only: train "
-                      "or fine-tune from the float checkpoint it was made from")
+    raise ConfigError(f"{what}: memory.value_dtype={value_dtype!r} is a quantised table "
+                      "(python -m pkm_jax.quantize), for inference only: train or fine-tune "
+                      "from a float32 / bfloat16 model (the one it was quantised from)")
 
 
 def check_batch_split(config: ml_collections.ConfigDict, data_ways: int) -> None:

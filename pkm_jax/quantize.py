@@ -90,8 +90,6 @@ def quantize_params(cfg: ModelConfig, params: dict, value_dtype: str) -> dict:
 def _load(path: str) -> tuple[nnx.Module, Any, int, dict | None]:
   """(model, tokenizer, step, the run's config.json dict or None) of a workdir or converted
   checkpoint; one line when it is neither or cannot be read."""
-  if not storage.isdir(path):
-    raise FileNotFoundError(f"--model {path} not found")
   if pretrained_lib.is_workdir(path):
     model, tokenizer, step = ckpt_lib.restore_model(path)
     config_path = os.path.join(path, "config.json")
@@ -138,13 +136,18 @@ def quantize_model(model_dir: str, out: str, dtype: str) -> dict:
   out = storage.absolute(out)
   if storage.exists(out):
     raise FileExistsError(f"--out {out} exists: choose a new folder")
-  model, tokenizer, step, saved = _load(model_dir)
-  cfg = model.cfg
+  if not storage.isdir(model_dir):
+    raise FileNotFoundError(f"--model {model_dir} not found")
+  # The model's config first: a model that cannot be quantised is refused before any weights
+  # are read. (Both layouts hold model_config.json.)
+  cfg = ckpt_lib.read_model_config(model_dir)
   if not cfg.memory_layers:
     raise ValueError(f"--model {model_dir} has no memory layers: nothing to quantise")
   if memory_kinds.is_quantized(cfg.memory):
     raise ValueError(f"--model {model_dir} is already quantised "
                      f"(memory.value_dtype={cfg.memory.value_dtype!r})")
+  model, tokenizer, step, saved = _load(model_dir)
+  cfg = model.cfg
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   model_state = nnx.state(model, nnx.BatchStat)
   new_cfg = quantized_config(cfg, value_dtype)

@@ -133,7 +133,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoints; returns the final evaluation's metrics."""
   # --- Checks: nothing is written before they have all passed ------------------------------
   config_lib.validate(config)
-  config_lib.check_trainable(config.memory.value_dtype, "the config")
   workdir = storage.absolute(workdir)
   storage.check_bucket(workdir)
   steps = ckpt_lib.saved_steps(workdir)
