@@ -365,3 +365,19 @@ def test_quantised_lookup_compiles_for_tpu():
   for dtype in DTYPES.values():
     assert got[dtype].count("tpu_custom_call") == 2, (dtype, got[dtype])
     assert not [t for t in got[dtype] if t.startswith("pkm_jax")], got[dtype]
+
+
+def test_a_converted_checkpoint_quantises_like_its_workdir(runs, tmp_path):
+  """DIR may be a converted checkpoint: OUT then holds the same quantised model as from the
+  workdir it was saved from (same rows, same logits), at step 0."""
+  from pkm_jax import converted  # pylint: disable=g-import-not-at-top
+  workdir = runs("gpt2")
+  model, tokenizer, _ = ckpt_lib.restore_model(workdir)
+  conv = converted.save_pretrained(str(tmp_path / "conv"), model, tokenizer)
+  from_conv = _quantize(conv, "fp8", tmp_path / "c")
+  from_workdir = _quantize(workdir, "fp8", tmp_path / "w")
+  a, _, step = ckpt_lib.restore_model(from_conv)
+  b, _, _ = ckpt_lib.restore_model(from_workdir)
+  assert step == 0 and a.cfg == b.cfg
+  ids = jnp.asarray(np.random.default_rng(0).integers(5, 200, size=(2, 12)), jnp.int32)
+  np.testing.assert_array_equal(np.asarray(_logits(a, ids)), np.asarray(_logits(b, ids)))
