@@ -39,6 +39,7 @@ from pkm_jax import architecture
 from pkm_jax import checksums
 from pkm_jax import storage
 from pkm_jax.continual import freezing
+from pkm_jax.continual import lora as lora_lib
 from pkm_jax.models.registry import build_lm
 from pkm_jax.data.tokenizer import load_tokenizer
 from pkm_jax.steps import TrainState
@@ -324,10 +325,13 @@ def latest_step(workdir: str, step: int | None = None) -> int:
   return step
 
 
-def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, Any, int]:
+def restore_model(workdir: str, step: int | None = None, *, merge_lora: bool = True
+                  ) -> tuple[nnx.Module, Any, int]:
   """A training workdir's model at `step` (default latest), its tokenizer and that step.
 
-  The model is on one device (whatever mesh the run used), ready for eval mode.
+  The model is on one device (whatever mesh the run used), ready for eval mode; a LoRA run's
+  adapters (finetune.method='lora') are merged into its weights: a plain model (merge_lora=False:
+  the model with its adapters, as trained).
   """
   model_cfg = read_model_config(workdir)
   step = latest_step(workdir, step)
@@ -336,7 +340,17 @@ def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, An
   # The run split its frozen parameters off (finetune.method, optim.freeze_memory): its
   # checkpoint holds them as the 'frozen' item.
   freeze = freezing.run_frozen_filter(run_config)
-  model = nnx.eval_shape(lambda: build_lm(model_cfg, rngs=nnx.Rngs(0)))
+  finetune = run_config.get("finetune", {})
+  lora = finetune.get("method") == "lora"
+
+  def make():
+    model = build_lm(model_cfg, rngs=nnx.Rngs(0))
+    if lora:  # the adapters as trained, merged into the base weights below
+      lora_lib.add_lora(model, int(finetune["lora_rank"]), float(finetune["lora_alpha"]),
+                        nnx.Rngs(0))
+    return model
+
+  model = nnx.eval_shape(make)
   graphdef, frozen, params, model_state = nnx.split(model, freeze, nnx.Param, nnx.BatchStat)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
@@ -345,5 +359,7 @@ def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, An
                             "model_state": jax.tree.map(place, model_state),
                             "frozen": jax.tree.map(place, frozen)})
   model = nnx.merge(graphdef, restored["frozen"], restored["params"], restored["model_state"])
+  if lora and merge_lora:
+    lora_lib.merge_lora(model)
   tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer.json"))
   return model, tokenizer, step

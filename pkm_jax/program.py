@@ -22,6 +22,7 @@ from pkm_jax import optim as optim_lib
 from pkm_jax import sharding as sharding_lib
 from pkm_jax.config import ConfigError
 from pkm_jax.continual import freezing
+from pkm_jax.continual import lora as lora_lib
 from pkm_jax.continual import slot_selection
 from pkm_jax.placement import MemoryPlacement
 from pkm_jax.models.tables import row_tables, state_at
@@ -89,6 +90,12 @@ def build_program(config: ml_collections.ConfigDict, *,
     optim_cfg = ml_collections.ConfigDict({**optim_cfg.to_dict(), "values_optimizer": "adam"})
   optimizers = optim_lib.make_optimizers(optim_cfg, total_steps)
   freeze = freezing.frozen_filter(finetune.method, config.optim.freeze_memory)
+  if finetune.method == "lora":  # the base model with adapters on its projections
+    make_base = make_model
+
+    def make_model(placement):  # noqa: F811
+      return lora_lib.add_lora(make_base(placement), finetune.lora_rank, finetune.lora_alpha,
+                               nnx.Rngs(params=config.seed + 1))
   init_reports: list = []
 
   def split(model):

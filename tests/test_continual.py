@@ -22,7 +22,7 @@ from configs import sparse_memory as sparse_memory_config  # noqa: E402
 from pkm_jax import checkpoint as ckpt_lib  # noqa: E402
 from pkm_jax import trainer  # noqa: E402
 from pkm_jax.config import ConfigError  # noqa: E402
-from pkm_jax.continual import methods, slot_selection  # noqa: E402
+from pkm_jax.continual import lora, methods, slot_selection  # noqa: E402
 from pkm_jax.models.tables import is_value_table  # noqa: E402
 from test_trainer import tiny_config  # noqa: E402
 
@@ -199,3 +199,56 @@ def test_background_needs_a_sample_it_can_read(world, tmp_path):
   with pytest.raises(ValueError, match="background sample"):
     methods.background_batches(config, ckpt_lib.load_tokenizer(
         os.path.join(world["pre"], "tokenizer.json")), causal=False)
+
+
+def test_lora_trains_adapters_only_and_merges_to_the_same_function(world, runs):
+  workdir = runs("lora", **{"finetune.method": "lora", "optim.lr": 1e-2})
+  before = flat_state(world["pre"])
+  unmerged, _, _ = ckpt_lib.restore_model(workdir, merge_lora=False)
+  adapters = nnx.state(unmerged, nnx.LoRAParam)
+  # A and B on q, k, v, o and the FFN's two projections of both layers.
+  assert len(jax.tree.leaves(adapters)) == 2 * 6 * unmerged.cfg.num_layers
+  assert any(np.any(np.asarray(b) != 0) for b in jax.tree.leaves(adapters))  # they trained
+  # The base -- every parameter but the adapters, and the BatchNorm statistics -- is unchanged.
+  for kind in (nnx.Param, nnx.BatchStat):
+    state = nnx.state(unmerged, nnx.All(kind, nnx.Not(nnx.LoRAParam)))
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    assert {(kind.__name__, *k) for k in flat} == {k for k in before if k[0] == kind.__name__}
+    for k, v in flat.items():
+      np.testing.assert_array_equal(np.asarray(v), before[(kind.__name__, *k)], err_msg=str(k))
+  merged, _, _ = ckpt_lib.restore_model(workdir)
+  assert all(type(m) is nnx.Linear for _, m in lora.projections(merged))
+  assert not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(5, merged.cfg.vocab_size, (2, 16)), jnp.int32)
+  mask = jnp.ones((2, 16), jnp.int32)
+  want, _ = unmerged(ids, mask, jnp.zeros_like(ids))
+  got, _ = merged(ids, mask, jnp.zeros_like(ids))
+  pretrained, _, _ = ckpt_lib.restore_model(world["pre"])
+  base, _ = pretrained(ids, mask, jnp.zeros_like(ids))
+  assert float(jnp.max(jnp.abs(want - base))) > 1e-4  # the adapters changed the function
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_lora_on_the_decoders_merges_to_the_same_logits(family):
+  from test_decoders import MEM, build, ids, tiny
+  cfg = tiny(family, memory_mode="residual", memory_layers=(1,), memory=MEM)
+  model = build(cfg)
+  x = ids(2, 8)
+  base, _ = model(x, jnp.ones_like(x))
+  lora.add_lora(model, rank=2, alpha=4.0, rngs=nnx.Rngs(3))
+  names = {tuple(str(p) for p in path[-2:]) for path, _ in lora.projections(model)}
+  want_names = {("attention", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+  assert want_names <= names and len(names) >= 6  # and the MLP's projections
+  assert not any("memory" in str(p) for path, _ in lora.projections(model) for p in path)
+  # B starts at zero: the model is the base model until it trains.
+  got, _ = model(x, jnp.ones_like(x))
+  np.testing.assert_allclose(got, base, rtol=1e-6, atol=1e-6)
+  for _, m in lora.projections(model):
+    m.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(1), m.lora_b.shape)
+  adapted, _ = model(x, jnp.ones_like(x))
+  assert float(jnp.max(jnp.abs(adapted - base))) > 1e-3
+  lora.merge_lora(model)
+  merged, _ = model(x, jnp.ones_like(x))
+  np.testing.assert_allclose(merged, adapted, rtol=1e-4, atol=1e-4)
