@@ -174,19 +174,23 @@ def test_background_counts_count_batches_per_slot():
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (virtual) devices")
-@pytest.mark.parametrize("split", ["rows"])
-def test_sparse_memory_on_a_mesh_equals_one_device(world, runs, split):
-  one = flat_state(runs("sparse_memory", **{"finetune.method": "sparse_memory"}))
-  mesh = flat_state(runs(f"sparse_memory_mesh_{split}", **{
-      "finetune.method": "sparse_memory", "mesh.data": 2, "mesh.model": 2,
-      "mesh.table_split": split}))
-  for key, want in one.items():
-    np.testing.assert_allclose(mesh[key], want, rtol=1e-5, atol=1e-6, err_msg=str(key))
-  with open(os.path.join(runs("sparse_memory"), "selected_slots.json")) as f:
-    want_slots = json.load(f)["tables"]
-  with open(os.path.join(runs(f"sparse_memory_mesh_{split}"), "selected_slots.json")) as f:
-    got_slots = json.load(f)["tables"]
-  assert got_slots == want_slots
+@pytest.mark.parametrize("method, split", [("sparse_memory", "rows"),
+                                           ("sparse_memory", "columns"), ("lora", "rows")])
+def test_a_mesh_run_equals_the_one_device_run(world, runs, method, split):
+  extra = {"optim.lr": 1e-2} if method == "lora" else {}
+  one = runs(method, **{"finetune.method": method, **extra})
+  mesh = runs(f"{method}_mesh_{split}", **{
+      "finetune.method": method, "mesh.data": 2, "mesh.model": 2, "mesh.table_split": split,
+      **extra})
+  want, got = flat_state(one), flat_state(mesh)
+  for key, value in want.items():
+    np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=str(key))
+  if method == "sparse_memory":  # the same slots chosen: selection is per global slot
+    reports = []
+    for workdir in (one, mesh):
+      with open(os.path.join(workdir, "selected_slots.json")) as f:
+        reports.append(json.load(f)["tables"])
+    assert reports[0] == reports[1]
 
 
 def test_background_needs_a_sample_it_can_read(world, tmp_path):
