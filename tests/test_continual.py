@@ -256,3 +256,43 @@ def test_lora_on_the_decoders_merges_to_the_same_logits(family):
   lora.merge_lora(model)
   merged, _ = model(x, jnp.ones_like(x))
   np.testing.assert_allclose(merged, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_a_shared_table_of_a_causal_lm_writes_only_its_top_t(tmp_path):
+  """GPT-2 with one value table shared by two memory layers (one table: picks pooled), one
+  step of the program train.py runs: the rows that change are exactly the brute-force top-t
+  of the step's own picks; every other parameter is unchanged."""
+  config = set_keys(sparse_memory_config.get_config(), {
+      "model.family": "gpt2", "model.hidden_size": 32, "model.num_layers": 2,
+      "model.num_heads": 2, "model.intermediate_size": 64, "model.max_position_embeddings": 32,
+      "memory.mode": "residual", "memory.layers": (0, 1), "memory.n_keys": 8,
+      "memory.heads": 2, "memory.k": 4, "memory.k_dim": 16, "memory.share_values": True,
+      "data.vocab_size": 300, "data.batch_size": 4, "data.max_len": 16,
+      "finetune.top_t": 5, "optim.lr": 1e-2, **ONE_DEVICE})
+  program = trainer.build_train_program(config, 300)
+  n_slots, (key,) = 64, program.sparse_tables
+  assert key == "memory_values"
+  with jax.set_mesh(program.mesh):
+    state = program.init_state()
+  df = np.random.default_rng(0).integers(0, 5, n_slots).astype(np.float32)
+  state.selection[key] = {**state.selection[key], "df": jax.device_put(df, program.replicated),
+                          "n_background": jax.device_put(np.float32(4), program.replicated)}
+  before = jax.tree.map(np.asarray, (state.params, state.frozen))
+  rng = np.random.default_rng(1)
+  b, t = 4, 16
+  x = rng.integers(3, 300, (b, t)).astype(np.int32)
+  batch = program.to_device({
+      "input_ids": x, "attention_mask": np.ones((b, t), np.int32),
+      "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+      "segment_ids": np.ones((b, t), np.int32), "targets": np.roll(x, -1, axis=1),
+      "target_weights": np.ones((b, t), np.float32)})
+  with jax.set_mesh(program.mesh):
+    state, _, aux = program.train_step(state, batch)
+  picks = np.concatenate([np.asarray(aux[layer].indices) for layer in (0, 1)], axis=1)
+  want = brute_force_selection(picks, df, 4, 5, n_slots)
+  table = ("decoder", "memory_values")
+  old = np.asarray(before[0][table[0]][table[1]].get_value())
+  new = np.asarray(state.params[table[0]][table[1]].get_value())
+  assert set(changed_rows(old, new).tolist()) == want
+  for a, c in zip(jax.tree.leaves(before[1]), jax.tree.leaves(state.frozen)):
+    np.testing.assert_array_equal(np.asarray(c), a)
