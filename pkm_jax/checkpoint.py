@@ -38,6 +38,8 @@ from pkm_jax import architecture
 from pkm_jax import checksums
 from pkm_jax import storage
 from pkm_jax.models.registry import build_lm
+from pkm_jax.models.tables import map_row_tables
+from pkm_jax.placement import MemoryPlacement
 from pkm_jax.data.tokenizer import load_tokenizer
 from pkm_jax.steps import TrainState
 
@@ -322,19 +324,31 @@ def latest_step(workdir: str, step: int | None = None) -> int:
   return step
 
 
-def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, Any, int]:
+def restore_model(workdir: str, step: int | None = None, *, table_memory: str = "device"
+                  ) -> tuple[nnx.Module, Any, int]:
   """A training workdir's model at `step` (default latest), its tokenizer and that step.
 
-  The model is on one device (whatever mesh the run used), ready for eval mode.
+  The model is on one device (whatever mesh the run used), ready for eval mode. table_memory
+  'pinned_host': its row tables are restored straight into the host's pinned memory (never
+  whole on the device) and its memory layers fetch picked rows from there (`host_tables`).
   """
   model_cfg = read_model_config(workdir)
   step = latest_step(workdir, step)
-  model = nnx.eval_shape(lambda: build_lm(model_cfg, rngs=nnx.Rngs(0)))
+  placement = MemoryPlacement(table_memory=table_memory)
+  model = nnx.eval_shape(lambda: build_lm(model_cfg, rngs=nnx.Rngs(0), placement=placement))
   graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+  target = jax.tree.map(place, params)
+  if table_memory != "device":  # the row tables' memory kind
+    # A NamedSharding: jax gives an array a memory space from those only (the host tables'
+    # lookups are traced with the table in host memory).
+    host = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("one",)),
+                                      jax.sharding.PartitionSpec(), memory_kind=table_memory)
+    target = map_row_tables(target, model_cfg,
+                            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host))
   restored = restore_items(make_manager(workdir, read_only=True), step,
-                           {"params": jax.tree.map(place, params),
+                           {"params": target,
                             "model_state": jax.tree.map(place, model_state)})
   model = nnx.merge(graphdef, restored["params"], restored["model_state"])
   tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer.json"))
