@@ -33,10 +33,13 @@ LOOKUP_KERNELS = ("xla", "pallas")  # mesh.lookup_kernel: pkm_jax.lookup_kernels
 TABLE_SPLITS = tuple(sharding.TABLE_SPLITS)  # mesh.table_split
 TABLE_MEMORIES = host_tables.TABLE_MEMORIES  # mesh.table_memory: jax's memory kinds
 DTYPES = ("float32", "bfloat16", "float16")
-VALUE_DTYPES = ("float32", "bfloat16")  # memory.value_dtype
+VALUE_DTYPES = ("float32", "bfloat16")  # memory.value_dtype a run can train
 DATA_SOURCES = ("generated", "files", "tfds", "prepared")
 MIN_VOCAB = 16  # a trained WordPiece needs room for its special tokens and some characters
 MIN_BPE_VOCAB = 258  # a causal run's byte-level BPE: 256 bytes, EOS, pad (data.bpe.MIN_VOCAB)
+
+
+QUANTIZED_DTYPES = ("int8", "float8_e4m3fn")  # value_dtypes of pkm_jax.quantize's tables
 
 
 class ConfigError(ValueError):
@@ -112,7 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
       query_norm="auto", input_dropout=0.0, query_dropout=0.0, value_dropout=0.0,
       value_zero_init=False, kind="pkm", gate="none", share_values=False, key_norm=False,
       peer_activation="relu",
-      value_dtype="float32"))  # 'bfloat16': the value table (and its Adam moments) in bf16
+      # 'bfloat16': the value table (and its Adam moments) in bf16; 'int8' | 'float8_e4m3fn':
+      # quantised with a scale per row, written by pkm_jax.quantize, inference only.
+      value_dtype="float32"))
 
   c.data = ml_collections.ConfigDict(dict(
       source="generated", files="", tfds_name="", tfds_split="train",
@@ -406,6 +411,7 @@ def validate_memory(mem: ml_collections.ConfigDict, m: ml_collections.ConfigDict
   if (mem.kind == "memory_plus") != (mem.gate != "none"):
     raise ConfigError(f"memory.gate={mem.gate!r} does not go with memory.kind={mem.kind!r}: "
                       "memory_plus needs gate 'silu' or 'sigmoid', the other kinds 'none'")
+  check_trainable(mem.value_dtype, "the config")
   check_choice(mem, "memory", "value_dtype", VALUE_DTYPES)
   for key in ("n_keys", "heads", "k", "k_dim"):
     check_number(mem, "memory", key, lo=1)
@@ -428,6 +434,14 @@ def validate_memory(mem: ml_collections.ConfigDict, m: ml_collections.ConfigDict
   if mem.v_dim not in (0, m.hidden_size):
     raise ConfigError(f"memory.v_dim={mem.v_dim} must equal model.hidden_size="
                       f"{m.hidden_size} (or 0): memory output is added to the residual")
+
+
+def check_trainable(value_dtype: str, what: str) -> None:
+  """Quantised tables (pkm_jax.quantize) are for inference: training from them is refused."""
+  if value_dtype in QUANTIZED_DTYPES:
+    raise ConfigError(f"{what}: memory.value_dtype={value_dtype!r} is a quantised table "
+                      "(python -m pkm_jax.quantize), for inference only: train or fine-tune "
+                      "from a float32 / bfloat16 model (the one it was quantised from)")
 
 
 def check_batch_split(config: ml_collections.ConfigDict, data_ways: int) -> None:

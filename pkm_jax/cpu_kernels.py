@@ -1,7 +1,8 @@
 """This package's XLA FFI custom calls for CPUs (`csrc/`): built on first use, registered once.
 
   - `csrc/top_k.cc`: the search's exact top-k (`cpu_top_k`);
-  - `csrc/lookup.cc`: the weighted lookup's weights' gradient and its table's (`cpu_lookup`);
+  - `csrc/lookup.cc`: the weighted lookup's weights' gradient and its table's, and the forward
+    sum over a quantised (int8 / fp8) table (`cpu_lookup`);
   - `csrc/sparse_rows.cc`: the gradients of picked table rows and lazy Adam on them, in place
     (`cpu_sparse_rows`, used by `sparse_adam`).
 Each op has its pure-JAX reference, which GPUs and TPUs run (`jax.lax.platform_dependent`
@@ -47,6 +48,8 @@ HEADERS = (CSRC / "parallel.h",)
 TARGETS = {"pkm_jax_top_k_f32": "PkmTopKF32",
            "pkm_jax_gather_dot_f32": "PkmGatherDotF32",
            "pkm_jax_scatter_sum_f32": "PkmScatterSumF32",
+           "pkm_jax_gather_sum_s8": "PkmGatherSumS8",
+           "pkm_jax_gather_sum_f8e4m3fn": "PkmGatherSumF8E4M3FN",
            "pkm_jax_row_gradients_f32": "PkmRowGradientsF32",
            "pkm_jax_lazy_adam_f32": "PkmLazyAdamF32"}
 

@@ -11,8 +11,12 @@ few small ops each, per layer. Here:
     counting-sorted by row, each row's gradient summed once, rows not picked written as zeros.
 The forward is the reference's: its kernel (each token's rows summed in cache) was 1.06-1.08x
 of XLA's loop at BERT-base in two runs, within the noise, and was removed; d weights is ~1.8x.
-On GPUs and TPUs, for tables other than float32, and where the kernels cannot be built
-(`cpu_kernels`), `weighted_lookup` is the reference. The sums run in another order than XLA's
+A quantised table (int8 / float8_e4m3fn rows, pkm_jax.quantize; its scales already folded into
+the weights) has a forward kernel instead (`pkm_jax_gather_sum_s8` / `_f8e4m3fn`): each picked
+row widened to float32 in registers as it is added, where XLA's loop widens each chunk of
+gathered rows in memory first; its weights' gradient is the reference's. On GPUs and TPUs, for
+bf16 tables, and where the kernels cannot be built (`cpu_kernels`), `weighted_lookup` is the
+reference. The sums run in another order than XLA's
 (equal to ~1e-6 relative). Ids outside [0, N) are padding on both paths (no row, no gradient).
 """
 
@@ -61,10 +65,31 @@ def _grads(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array, g_MxV: j
 
 _lookup = product_keys.lookup_vjp(_reference, _grads)
 
+GATHER_SUM_8BIT = {jnp.dtype(jnp.int8): "pkm_jax_gather_sum_s8",
+                   jnp.dtype(jnp.float8_e4m3fn): "pkm_jax_gather_sum_f8e4m3fn"}
+
+
+def _kernel_sum_8bit(values_NxV, idx_MxP, w_MxP):
+  out_type = cpu_kernels.varying_type((idx_MxP.shape[0], values_NxV.shape[1]), jnp.float32,
+                                      values_NxV, idx_MxP, w_MxP)
+  return jax.ffi.ffi_call(GATHER_SUM_8BIT[values_NxV.dtype], out_type, vmap_method=VMAP)(
+      values_NxV, idx_MxP, w_MxP)
+
+
+def _sum_8bit(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.Array) -> jax.Array:
+  return jax.lax.platform_dependent(values_NxV, idx_MxP, w_MxP, cpu=_kernel_sum_8bit,
+                                    default=_reference)
+
+
+# The table is never differentiated (quantised tables are not trained): only d weights, by the
+# reference.
+_lookup_8bit = product_keys.lookup_vjp(_sum_8bit, product_keys.weighted_lookup_grads)
+
 
 def usable(values_NxV: jax.Array) -> bool:
-  """Whether the kernels can take this table (float32; built)."""
-  return values_NxV.dtype == jnp.float32 and cpu_kernels.available()
+  """Whether the kernels can take this table (float32, int8 or float8_e4m3fn; built)."""
+  return ((values_NxV.dtype == jnp.float32 or values_NxV.dtype in GATHER_SUM_8BIT)
+          and cpu_kernels.available())
 
 
 def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
@@ -75,6 +100,7 @@ def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Arra
     return product_keys.weighted_lookup(values_NxV, indices, weights)
   lead = indices.shape[:-2]
   picks = indices.shape[-2] * indices.shape[-1]
-  out_MxV = _lookup(values_NxV, indices.reshape(-1, picks).astype(jnp.int32),
-                    weights.reshape(-1, picks).astype(jnp.float32))
+  lookup = _lookup_8bit if values_NxV.dtype in GATHER_SUM_8BIT else _lookup
+  out_MxV = lookup(values_NxV, indices.reshape(-1, picks).astype(jnp.int32),
+                   weights.reshape(-1, picks).astype(jnp.float32))
   return out_MxV.reshape(*lead, values_NxV.shape[1])

@@ -145,6 +145,6 @@ def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Arra
   indices/weights [..., H, K] -> [..., V] float32."""
   lead = indices.shape[:-2]
   picks = indices.shape[-2] * indices.shape[-1]
-  w_MxP = weights.reshape(-1, picks).astype(jnp.promote_types(values_NxV.dtype, jnp.float32))
+  w_MxP = weights.reshape(-1, picks).astype(product_keys.wide_dtype(values_NxV.dtype))
   out_MxV = _lookup(values_NxV, indices.reshape(-1, picks), w_MxP)
   return out_MxV.reshape(*lead, values_NxV.shape[1])

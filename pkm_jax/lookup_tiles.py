@@ -13,10 +13,12 @@ pick (id // packing), and take the wanted half-word in registers (`unpack_rows`:
 a 16-bit shift). The copy moves the neighbour row too, which costs no extra HBM traffic: the
 two rows share every 32-bit word, which is the DMA's granularity.
 
-An int8 table (4 rows per word, (8, 128)(4, 1) tiles) fits the same scheme: `packing` = 4, the
-byte is taken with an arithmetic shift pair ((word << (24 - 8 s)) >> 24, sign-extended) and
-converted to float32, and its per-row scale folds into the pick's weight outside the kernel
-(w * scale[id]), so the kernels' loops stay as they are.
+An int8 or float8_e4m3fn table (quantised, pkm_jax.quantize: 4 rows per word, (8, 128)(4, 1)
+tiles) fits the same scheme: `packing` = 4; int8's byte is taken with an arithmetic shift pair
+((word << (24 - 8 s)) >> 24, sign-extended) and converted to float32, fp8's byte is shifted
+down, masked and bitcast to float8_e4m3fn, then widened. The per-row scale folds into the pick's
+weight outside the kernel (w * scale[id], `memory_kinds.pick_scales`), so the kernels' loops
+stay as they are.
 """
 
 from __future__ import annotations
@@ -50,10 +52,15 @@ def triton_block_v(v: int) -> int:
   return min(v & -v, TRITON_MAX_BLOCK_V)
 
 
+TPU_TABLE_DTYPES = tuple(map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.int8,
+                                         jnp.float8_e4m3fn)))
+
+
 def packing(dtype) -> int:
-  """Table rows per 32-bit word on a TPU: 1 for float32, 2 for bfloat16 (4 for int8)."""
-  if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
-    raise ValueError(f"TPU lookup kernels take float32 or bfloat16 tables, not {dtype}")
+  """Table rows per 32-bit word on a TPU: 1 for float32, 2 for bfloat16, 4 for int8 / fp8."""
+  if jnp.dtype(dtype) not in TPU_TABLE_DTYPES:
+    raise ValueError(f"TPU lookup kernels take float32, bfloat16, int8 or float8_e4m3fn "
+                     f"tables, not {dtype}")
   return 4 // jnp.dtype(dtype).itemsize
 
 
@@ -73,19 +80,28 @@ def table_words(values_NxV: jax.Array) -> jax.Array:
   if pk == 1:
     return values_NxV
   n, v = values_NxV.shape
-  pairs = values_NxV.reshape(n // pk, pk, v).swapaxes(1, 2)  # [N / pk, V, pk]: s -> bits 16 s
+  if values_NxV.dtype.itemsize == 1:  # fp8 bytes as plain bytes first (same bits)
+    values_NxV = jax.lax.bitcast_convert_type(values_NxV, jnp.uint8)
+  # [N / pk, V, pk]: row pk i + s -> bits (32 / pk) s of word row i
+  pairs = values_NxV.reshape(n // pk, pk, v).swapaxes(1, 2)
   return jax.lax.bitcast_convert_type(pairs, jnp.uint32)
 
 
 def word_ref(values_ref):
   """A kernel's view of the table in 32-bit words (a bf16 ref bitcast; see `table_words`)."""
-  return values_ref.bitcast(jnp.uint32) if values_ref.dtype == jnp.bfloat16 else values_ref
+  return values_ref.bitcast(jnp.uint32) if values_ref.dtype.itemsize < 4 else values_ref
 
 
 def unpack_rows(words_PxV: jax.Array, s: int, dtype) -> jax.Array:
   """Rows packing * i + s of the gathered words, as float32 [P, V]."""
   if packing(dtype) == 1:
     return words_PxV.astype(jnp.float32)
+  if jnp.dtype(dtype) == jnp.int8:  # byte s to the top, then an arithmetic shift back down
+    signed = jax.lax.bitcast_convert_type(words_PxV, jnp.int32)
+    return ((signed << (24 - 8 * s)) >> 24).astype(jnp.float32)
+  if jnp.dtype(dtype) == jnp.float8_e4m3fn:
+    byte = ((words_PxV >> (8 * s)) & jnp.uint32(0xFF)).astype(jnp.uint8)
+    return jax.lax.bitcast_convert_type(byte, jnp.float8_e4m3fn).astype(jnp.float32)
   # bf16 is float32's top half: shift the half-word there, zero the other.
   bits = words_PxV << 16 if s == 0 else words_PxV & jnp.uint32(0xFFFF0000)
   return jax.lax.bitcast_convert_type(bits, jnp.float32)

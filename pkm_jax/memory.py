@@ -94,7 +94,7 @@ class ProductKeyMemory(nnx.Module):
     scores, indices = self.placement.search(q_BxTxHxK, keys, cfg.k)
     weights = jax.nn.softmax(scores, axis=-1)
     if tables is None:
-      tables = {name: getattr(self, name)[...] for name in memory_kinds.table_names(cfg)}
+      tables = {name: getattr(self, name)[...] for name in memory_kinds.stored_names(cfg)}
     sparse = value_probe is not None
     value_probe, down_probe = value_probe if isinstance(value_probe, tuple) else (value_probe,
                                                                                   None)
@@ -105,12 +105,18 @@ class ProductKeyMemory(nnx.Module):
                                                indices, x)
       if down_probe is not None:
         expert_BxTxHxK = expert_BxTxHxK + down_probe
+      down_scale = memory_kinds.pick_scales(tables, memory_kinds.DOWN, indices)
+      if down_scale is not None:  # u_i . x = s_i (q_i . x)
+        expert_BxTxHxK = expert_BxTxHxK * down_scale
       row_weights = weights * memory_kinds.ACTIVATIONS[cfg.peer_activation](expert_BxTxHxK)
       inputs = x
     values = tables[memory_kinds.VALUES]
     if sparse:
       values = jax.lax.stop_gradient(values)
-    out_BxTxV = self.placement.lookup(values, indices, row_weights)
+    # A quantised table's rows are read as stored; their scales weight the picks.
+    value_scale = memory_kinds.pick_scales(tables, memory_kinds.VALUES, indices)
+    lookup_weights = row_weights if value_scale is None else row_weights * value_scale
+    out_BxTxV = self.placement.lookup(values, indices, lookup_weights)
     if value_probe is not None:
       out_BxTxV = out_BxTxV + value_probe
     if self.gate is not None:

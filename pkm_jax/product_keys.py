@@ -168,6 +168,13 @@ def product_key_topk(query: jax.Array, sub_keys: jax.Array, k: int) -> tuple[jax
   return to_lead(scores), to_lead(slots)
 
 
+def wide_dtype(*dtypes) -> jnp.dtype:
+  """The dtype a table's rows meet float32 operands in: the widest of `dtypes` and float32. An
+  8-bit table's rows (int8, float8_e4m3fn: quantised, `memory_kinds.QUANTIZED`), which jnp
+  does not promote implicitly, read as float32."""
+  return jnp.result_type(jnp.float32, *(d for d in dtypes if jnp.dtype(d).itemsize > 1))
+
+
 def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
   """sum_{h,k} weights * values[indices] (EmbeddingBag 'sum' with per-sample weights).
 
@@ -185,7 +192,7 @@ def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Arra
   idx_MxP = jnp.where((idx_MxP >= 0) & (idx_MxP < n), idx_MxP, n)
   # Weights stay at least float32: rounding them to a bf16 table's dtype would cost more
   # precision than the table's own rounding.
-  w_MxP = weights.reshape(-1, picks).astype(jnp.promote_types(values_NxV.dtype, jnp.float32))
+  w_MxP = weights.reshape(-1, picks).astype(wide_dtype(values_NxV.dtype))
   out_MxV = _chunked_lookup(values_NxV, idx_MxP, w_MxP)
   return out_MxV.reshape(*lead, values_NxV.shape[1])
 
@@ -248,7 +255,7 @@ def _chunked_lookup_primal(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax
     def run(values, idx, w):
       def add_chunk(acc_MxV, xs):
         idx, w = xs
-        rows = jnp.take(values, idx, axis=0, mode="fill", fill_value=0)
+        rows = jnp.take(values, idx, axis=0, mode="fill", fill_value=0).astype(w.dtype)
         return acc_MxV + jnp.einsum("mc,mcv->mv", w, rows,
                                     preferred_element_type=jnp.float32), None
 
@@ -277,6 +284,7 @@ def _chunked_lookup_grads(values_NxV: jax.Array, idx_MxP: jax.Array, w_MxP: jax.
       def chunk_grads(g_values, xs):
         idx, w = xs
         rows = jnp.take(values, idx, axis=0, mode="fill", fill_value=0)
+        rows = rows.astype(wide_dtype(rows.dtype, g_MxV.dtype))
         g_w = jnp.einsum("mv,mcv->mc", g_MxV, rows, preferred_element_type=jnp.float32)
         if g_values is not None:
           row_grads = (w[..., None].astype(jnp.float32) * g_MxV[:, None, :]).reshape(-1, v)

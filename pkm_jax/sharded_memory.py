@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from pkm_jax import chunks
 from pkm_jax import lookup_kernels
+from pkm_jax import product_keys
 from pkm_jax import sparse_adam
 from pkm_jax.product_keys import product_key_topk
 from pkm_jax.table_split import TableSplit, axes_entry, real_axes, to_local_rows
@@ -96,7 +97,8 @@ def _local_lookup(values_nxV, lidx_MxP, w_MxP, chunk):
     idx, w = xs
     rows_Mxcxv = jnp.take(values_nxV, idx, axis=0, mode="fill", fill_value=0)
     # Weights stay float32 (product_keys.weighted_lookup): a bf16 table rounds only itself.
-    return acc_MxV + jnp.einsum("mc,mcv->mv", w.astype(jnp.float32), rows_Mxcxv,
+    return acc_MxV + jnp.einsum("mc,mcv->mv", w.astype(jnp.float32),
+                                rows_Mxcxv.astype(product_keys.wide_dtype(rows_Mxcxv.dtype)),
                                 preferred_element_type=jnp.float32), None
 
   init = chunks.zeros_varying((lidx_MxP.shape[0], values_nxV.shape[1]), jnp.float32,
@@ -114,7 +116,8 @@ def _local_lookup_grads(values_nxV, lidx_MxP, w_MxP, g_MxV, chunk):
   def chunk_grads(g_values_nxV, xs):
     idx, w = xs
     rows_Mxcxv = jnp.take(values_nxV, idx, axis=0, mode="fill", fill_value=0)
-    g_w_Mxc = jnp.einsum("mcv,mv->mc", rows_Mxcxv, g_MxV, preferred_element_type=jnp.float32)
+    g_w_Mxc = jnp.einsum("mcv,mv->mc", rows_Mxcxv.astype(product_keys.wide_dtype(
+        rows_Mxcxv.dtype)), g_MxV, preferred_element_type=jnp.float32)
     upd_Mxcxv = w.astype(jnp.float32)[..., None] * g_MxV[:, None, :]
     return g_values_nxV.at[idx].add(upd_Mxcxv, mode="drop"), g_w_Mxc
 
@@ -128,7 +131,7 @@ def _local_row_dots(table_nxD, lidx_MxP, x_MxD, chunk):
   """table[lidx] . x per pick (rows outside the block read zeros) -> [M, P] float32."""
   def dots(_, idx_Mxc):
     rows = jnp.take(table_nxD, idx_Mxc, axis=0, mode="fill", fill_value=0)
-    ct = jnp.promote_types(rows.dtype, x_MxD.dtype)  # as memory_kinds.row_dots
+    ct = product_keys.wide_dtype(rows.dtype, x_MxD.dtype)  # as memory_kinds.row_dots
     return None, jnp.einsum("mcd,md->mc", rows.astype(ct), x_MxD.astype(ct),
                             preferred_element_type=jnp.float32)
 

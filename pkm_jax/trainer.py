@@ -136,6 +136,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = storage.absolute(workdir)
   storage.check_bucket(workdir)
   steps = ckpt_lib.saved_steps(workdir)
+  if steps:  # resuming: the workdir's own tables must be trainable
+    config_lib.check_trainable(ckpt_lib.read_model_config(workdir).memory.value_dtype, workdir)
   pretrained_weights = None
   if config.init.pretrained:
     # +Init: sizes (and the tokenizer) come from the pretrained model unless set explicitly.
@@ -143,6 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config = plus_init.resolve_model_config(config, ckpt_lib.read_model_config(workdir))
     else:
       src_cfg, src_params, _ = pretrained_lib.load_pretrained(config.init.pretrained)
+      config_lib.check_trainable(src_cfg.memory.value_dtype,
+                                 f"init.pretrained={config.init.pretrained!r}")
       config = plus_init.resolve_model_config(config, src_cfg)
       pretrained_weights = (src_cfg, src_params)
   causal = config.model.family != "bert"

@@ -201,6 +201,57 @@ def test_corrupt_checkpoint_is_one_line_everywhere(workdir):
   assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])["step"] == 2
 
 
+def test_quantize_refuses_in_one_line_and_writes_nothing(workdir, tmp_path):
+  """pkm_jax.quantize: an unknown dtype, a missing or corrupt model, a model without memory
+  tables, an already quantised one, an OUT that exists -- one line each, OUT never made."""
+  path, before = workdir
+  out = str(tmp_path / "q")
+  quantize = lambda model, *extra: run("-m", "pkm_jax.quantize", f"--model={model}",  # noqa: E731
+                                       f"--out={out}", *extra)
+  assert_one_line_error(quantize(path, "--dtype=int4"), "--dtype 'int4'", "int8, fp8")
+  assert_one_line_error(quantize(tmp_path / "nope"), "nope not found")
+  dense = tmp_path / "dense"
+  shutil.copytree(path, dense)
+  with open(dense / "model_config.json") as f:
+    cfg = json.load(f)
+  cfg.update(memory_mode="none", memory_layers=[])
+  with open(dense / "model_config.json", "w") as f:
+    json.dump(cfg, f)
+  assert_one_line_error(quantize(dense), "no memory layers")
+  corrupt = tmp_path / "corrupt"
+  shutil.copytree(path, corrupt)
+  _random_second_half(_largest_params_file(str(corrupt), 4))
+  assert_one_line_error(quantize(corrupt), "checkpoint step 4", "is corrupt")
+  assert not os.path.exists(out)
+  assert run("-m", "pkm_jax.quantize", f"--model={path}", f"--out={out}").returncode == 0
+  assert_one_line_error(quantize(path, "--dtype=fp8"), "exists")
+  assert_one_line_error(run("-m", "pkm_jax.quantize", f"--model={out}",
+                            f"--out={tmp_path / 'q2'}"), "already quantised")
+  assert not os.path.exists(tmp_path / "q2")
+  assert snapshot(path) == before
+
+
+def test_training_from_quantised_tables_is_refused(workdir, tmp_path):
+  """Fine-tuning from a quantised workdir (init.pretrained, a resume, a GLUE / SQuAD start) and
+  a config with a quantised value_dtype are refused in one line, before anything is written."""
+  from pkm_jax.tasks import task_model  # pylint: disable=g-import-not-at-top
+  path, _ = workdir
+  out = str(tmp_path / "q")
+  assert run("-m", "pkm_jax.quantize", f"--model={path}", f"--out={out}").returncode == 0
+  quantised = snapshot(out)
+  fresh = tmp_path / "ft"
+  assert_one_line_error(run("train.py", f"--workdir={fresh}", *TINY,
+                            f"--config.init.pretrained={out}"), "quantised", "'int8'")
+  assert not os.path.exists(fresh)
+  assert_one_line_error(run("train.py", f"--workdir={out}", *TINY, "--config.train.steps=6"),
+                        out, "quantised")
+  assert snapshot(out) == quantised
+  assert_one_line_error(run("train.py", f"--workdir={fresh}", *TINY,
+                            "--config.memory.value_dtype=float8_e4m3fn"), "quantised")
+  with pytest.raises(ConfigError, match="quantised"):
+    task_model.load_init(out)
+
+
 def test_a_corrupt_file_is_refused_before_orbax_reads_any(workdir, monkeypatch):
   """The race of the issue (orbax's sibling reads outliving a failed read, reported at exit one
   run in eight) cannot happen: a damaged file is refused before orbax opens a checkpoint."""

@@ -9,8 +9,13 @@
 // token's gradient in cache, and the table's gradient is built by a counting sort of the picks
 // by row: each row summed once, pick-major (the reference loop's order when it takes one pick a
 // step), rows not picked written as zeros.
+//
+// Quantised tables (int8, float8_e4m3fn rows; pkm_jax.quantize) have a forward kernel: XLA's loop
+// gathers each chunk of picks' rows, widens them to float32 in memory and sums; here each row is
+// widened in registers as it is added. The per-row scales are already folded into the weights.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -142,7 +147,92 @@ ffi::Error ScatterSumImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
   });
 }
 
+// float8_e4m3fn's 256 values (1 sign, 4 exponent bits with bias 7, 3 mantissa bits; no
+// infinities, S.1111.111 is NaN), decoded once: a row byte is read through this table.
+struct Fp8E4M3Table {
+  float value[256];
+  Fp8E4M3Table() {
+    for (int b = 0; b < 256; ++b) {
+      const int exponent = (b >> 3) & 0xF, mantissa = b & 7;
+      float v;
+      if (exponent == 15 && mantissa == 7) {
+        v = NAN;
+      } else if (exponent == 0) {
+        v = std::ldexp(static_cast<float>(mantissa) / 8.0f, -6);  // subnormal
+      } else {
+        v = std::ldexp(1.0f + static_cast<float>(mantissa) / 8.0f, exponent - 7);
+      }
+      value[b] = (b & 0x80) ? -v : v;
+    }
+  }
+};
+const Fp8E4M3Table kFp8E4M3;
+
+struct Int8Row {
+  using Byte = int8_t;
+  static float Widen(int8_t x) { return static_cast<float>(x); }
+};
+struct Fp8E4M3Row {
+  using Byte = uint8_t;
+  static float Widen(uint8_t x) { return kFp8E4M3.value[x]; }
+};
+
+// values [N, V] (8-bit rows), idx/w [M, P] -> out [M, V] float32: out[m] = sum_p w[m, p] *
+// values[idx[m, p]] (ids outside [0, N): padding, nothing added), each token's picks in order.
+template <typename Row>
+ffi::Error GatherSum8Impl(ffi::AnyBuffer values, ffi::Buffer<ffi::S32> idx,
+                          ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out,
+                          ffi::ThreadPool pool) {
+  return pkm_jax::Guarded("gather_sum_8bit", [&]() -> ffi::Error {
+    const auto t_dims = values.dimensions();
+    const auto id_dims = idx.dimensions();
+    const auto out_dims = out->dimensions();
+    if (t_dims.size() != 2 || id_dims.size() != 2 || out_dims.size() != 2 ||
+        w.element_count() != idx.element_count() || out_dims[0] != id_dims[0] ||
+        out_dims[1] != t_dims[1]) {
+      return ffi::Error::InvalidArgument(
+          "gather_sum_8bit: values [N, V], idx/w [M, P] -> [M, V]");
+    }
+    const int64_t n = t_dims[0], v = t_dims[1], m = id_dims[0], p = id_dims[1];
+    const auto* table = static_cast<const typename Row::Byte*>(values.untyped_data());
+    const int32_t* ids = idx.typed_data();
+    const float* weights = w.typed_data();
+    float* result = out->typed_data();
+    pkm_jax::ParallelFor(pool, (m + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
+      for (int64_t t = c * kRowsPerChunk; t < std::min(m, (c + 1) * kRowsPerChunk); ++t) {
+        float* __restrict acc = result + t * v;
+        std::fill(acc, acc + v, 0.0f);
+        for (int64_t j = 0; j < p; ++j) {
+          const int64_t ahead = t * p + j + kPrefetchPicks;
+          if (ahead < m * p && Valid(ids[ahead], n)) {
+            // A quarter of a float32 row's bytes: one prefetch per 64-byte line.
+            const auto* row = table + int64_t{ids[ahead]} * v;
+            for (int64_t e = 0; e < v; e += 64) __builtin_prefetch(row + e, 0, 2);
+          }
+          const int32_t id = ids[t * p + j];
+          if (!Valid(id, n)) continue;
+          const float weight = weights[t * p + j];
+          const typename Row::Byte* __restrict row = table + int64_t{id} * v;
+          for (int64_t e = 0; e < v; ++e) acc[e] += weight * Row::Widen(row[e]);
+        }
+      }
+    });
+    return ffi::Error::Success();
+  });
+}
+
 }  // namespace
+
+#define PKM_GATHER_SUM_8BIT(symbol, Row)                                                 \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, GatherSum8Impl<Row>,                             \
+                                ffi::Ffi::Bind()                                          \
+                                    .Arg<ffi::AnyBuffer>()                                \
+                                    .Arg<ffi::Buffer<ffi::S32>>()                         \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                         \
+                                    .Ret<ffi::Buffer<ffi::F32>>()                         \
+                                    .Ctx<ffi::ThreadPool>());
+PKM_GATHER_SUM_8BIT(PkmGatherSumS8, Int8Row)
+PKM_GATHER_SUM_8BIT(PkmGatherSumF8E4M3FN, Fp8E4M3Row)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PkmGatherDotF32, GatherDotImpl,
                               ffi::Ffi::Bind()

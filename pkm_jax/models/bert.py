@@ -183,7 +183,7 @@ class BertModel(nnx.Module):
     tables = None
     if self.cfg.memory.share_values and self.cfg.memory_layers:
       tables = {name: getattr(self, memory_kinds.SHARED_PREFIX + name)[...]
-                for name in memory_kinds.table_names(self.cfg.memory)}
+                for name in memory_kinds.stored_names(self.cfg.memory)}
       if value_probes:  # sparse updates: the step builds the tables' row gradients
         tables = jax.lax.stop_gradient(tables)
     for i, layer in enumerate(self.layers):

@@ -126,7 +126,7 @@ class Decoder(nnx.Module):
     if not (self.cfg.memory.share_values and self.cfg.memory_layers):
       return None
     tables = {name: getattr(self, memory_kinds.SHARED_PREFIX + name)[...]
-              for name in memory_kinds.table_names(self.cfg.memory)}
+              for name in memory_kinds.stored_names(self.cfg.memory)}
     # Sparse updates: the step builds the tables' row gradients from the probes.
     return jax.lax.stop_gradient(tables) if sparse else tables
 
