@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental.compute_on import compute_on
 
 from pkm_jax import chunks
+from pkm_jax import product_keys
 
 DEVICE, PINNED_HOST = "device", "pinned_host"  # jax's memory kinds
 TABLE_MEMORIES = (DEVICE, PINNED_HOST)  # config mesh.table_memory
@@ -54,15 +55,17 @@ def weighted_lookup(values_NxV: jax.Array, indices: jax.Array, weights: jax.Arra
   weights [..., H, K] -> [..., V] float32, summed on the device a chunk of picks at a time."""
   lead, picks = indices.shape[:-2], indices.shape[-2] * indices.shape[-1]
   idx_MxP = indices.reshape(-1, picks)
-  w_MxP = weights.reshape(-1, picks).astype(jnp.float32)
+  # As product_keys: weights at least float32, rows widened to them (8-bit quantised rows,
+  # which jnp does not promote, read as float32; their scales are folded into the weights).
+  w_MxP = weights.reshape(-1, picks).astype(product_keys.wide_dtype(values_NxV.dtype))
   chunk = _chunk(idx_MxP, values_NxV.shape[1], values_NxV.dtype.itemsize)
   out_MxV = jnp.zeros((idx_MxP.shape[0], values_NxV.shape[1]), jnp.float32)
   # A Python loop, not a scan: each fetch is its own async host call that XLA may overlap with
   # the previous chunk's sum; a host computation inside a loop body is not supported everywhere.
   for s in range(0, picks, chunk):
     rows = fetch_rows(values_NxV, idx_MxP[:, s:s + chunk])
-    out_MxV = out_MxV + jnp.einsum("mc,mcv->mv", w_MxP[:, s:s + chunk], rows,
-                                   preferred_element_type=jnp.float32)
+    out_MxV = out_MxV + jnp.einsum("mc,mcv->mv", w_MxP[:, s:s + chunk],
+                                   rows.astype(w_MxP.dtype), preferred_element_type=jnp.float32)
   return out_MxV.reshape(*lead, values_NxV.shape[1])
 
 
@@ -76,7 +79,7 @@ def row_dots(table_NxD: jax.Array, indices: jax.Array, x: jax.Array) -> jax.Arra
   parts = []
   for s in range(0, h * k, chunk):
     rows = fetch_rows(table_NxD, idx_MxP[:, s:s + chunk])
-    ct = jnp.promote_types(rows.dtype, x_MxD.dtype)  # as the device path: no bf16 rounding of x
+    ct = product_keys.wide_dtype(rows.dtype, x_MxD.dtype)  # as memory_kinds.row_dots
     parts.append(jnp.einsum("mcd,md->mc", rows.astype(ct), x_MxD.astype(ct),
                             preferred_element_type=jnp.float32))
   return jnp.concatenate(parts, axis=1).reshape(*lead, h, k)

@@ -37,7 +37,7 @@ HOST = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("one",))
                                   jax.sharding.PartitionSpec(), memory_kind="pinned_host")
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn])
 @pytest.mark.parametrize("chunk_bytes", [chunks.ACCELERATOR_CHUNK_BYTES, 3000])
 def test_lookups_equal_the_device_ones(dtype, chunk_bytes, monkeypatch):
   """weighted_lookup and row_dots on a host table against product_keys / memory_kinds on the
@@ -45,7 +45,7 @@ def test_lookups_equal_the_device_ones(dtype, chunk_bytes, monkeypatch):
   monkeypatch.setattr(chunks, "ACCELERATOR_CHUNK_BYTES", chunk_bytes)
   rng = np.random.default_rng(0)
   n, v, d = 300, 16, 8
-  table = jnp.asarray(rng.normal(size=(n, v)), dtype)
+  table = jnp.asarray(rng.normal(size=(n, v)) * (50 if dtype == jnp.int8 else 1), dtype)
   idx = jnp.asarray(rng.integers(0, n, (2, 5, 3, 4)), jnp.int32)
   w = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
   x = jnp.asarray(rng.normal(size=(2, 5, v)), jnp.float32)
@@ -55,7 +55,7 @@ def test_lookups_equal_the_device_ones(dtype, chunk_bytes, monkeypatch):
   want = jax.jit(product_keys.weighted_lookup)(table, idx, w)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   got = jax.jit(host_tables.row_dots)(on_host, idx, x)
-  want = jax.jit(memory_kinds.row_dots)(table, idx, x)
+  want = jax.jit(memory_kinds.row_dots)(table, idx, x.astype(jnp.float32))
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   # The rows fetched are the table's: a wrong row would change the sums above, a wrong dtype
   # here.
@@ -70,6 +70,8 @@ MODELS = {
     "peer": {"memory.kind": "peer"},
     "peer_shared": {"memory.kind": "peer", "memory.share_values": True,
                     "memory.layers": (0, 1), "memory.value_dtype": "bfloat16"},
+    "peer_int8": {"memory.kind": "peer", "memory.value_dtype": "int8"},  # quantised: scales
+    "pkm_fp8": {"memory.value_dtype": "float8_e4m3fn"},  # stay on the device
 }
 
 
@@ -85,8 +87,9 @@ def test_model_forward_equals_device_tables(name):
   rng = np.random.default_rng(1)
   for path, _, _ in row_tables(cfg).values():
     table = state_at(params, path)
+    scale = 50 if table.dtype == jnp.int8 else 1
     state_at(params, path[:-1])[path[-1]] = jnp.asarray(
-        rng.normal(size=table.shape), table.dtype)
+        rng.normal(size=table.shape) * scale, table.dtype)
   ids = jnp.asarray(rng.integers(5, 64, (2, 16)), jnp.int32)
   logits = {}
   for memory in ("device", "pinned_host"):
