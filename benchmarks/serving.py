@@ -98,7 +98,10 @@ def run(cmd: list[str], log: pathlib.Path) -> None:
 def train(name: str, args: argparse.Namespace, out: pathlib.Path) -> pathlib.Path:
   """The model's workdir, trained (train.py resumes, so a finished one is reused)."""
   workdir = out / "work" / name
-  flags = [f"--config.{k}={v}" for k, v in overrides(name, args).items()]
+  settings = overrides(name, args)
+  if (workdir / "checkpoints" / str(settings["train.steps"])).is_dir():
+    return workdir  # trained to the end already (train.py would restore it to evaluate)
+  flags = [f"--config.{k}={v}" for k, v in settings.items()]
   start = time.perf_counter()
   run([sys.executable, "train.py", "--config", "configs/default.py", "--workdir", str(workdir),
        *flags], out / f"train-{name}.log")
@@ -134,7 +137,7 @@ def measure_row(spec: dict) -> dict:
   from pkm_jax import evaluate
   from pkm_jax.data.tokenizer import load_tokenizer
   from pkm_jax.models.registry import build_lm
-  from pkm_jax.models.tables import map_row_tables
+  from pkm_jax.models.tables import map_row_tables, row_tables
 
   workdir = spec["workdir"]
   cfg = ckpt_lib.read_model_config(workdir)
@@ -184,7 +187,8 @@ def measure_row(spec: dict) -> dict:
 
   ppl, top1 = perplexity(params)
   np.save(spec["preds"], top1)
-  result = dict(table_bytes=int(table_bytes), perplexity=ppl, masked=int(top1.size))
+  result = dict(table_bytes=int(table_bytes), perplexity=ppl, masked=int(top1.size),
+                table_rows=cfg.memory.n_slots * len(row_tables(cfg)))
   if spec["zeroed"]:  # the memory's output zeroed: value tables of zeros
     zeroed = map_row_tables(params, cfg, lambda x: jnp.zeros_like(x))
     result["zeroed_perplexity"] = perplexity(zeroed)[0]
@@ -203,10 +207,15 @@ def measure_row(spec: dict) -> dict:
 
 
 def row(spec: dict, out: pathlib.Path) -> dict:
-  """measure_row in a child process (its own peak memory)."""
+  """measure_row in a child process (its own peak memory); a row measured before with the same
+  spec (in --out) is reused, so an interrupted run goes on where it stopped."""
   tag = f"{spec['model']}-{spec['dtype']}"
   path = out / "rows" / f"{tag}.json"
+  done = path.with_suffix(".result.json")
+  if done.exists() and path.exists() and json.loads(path.read_text()) == spec:
+    return json.loads(done.read_text())
   (out / "rows").mkdir(parents=True, exist_ok=True)
+  done.unlink(missing_ok=True)
   path.write_text(json.dumps(spec))
   run([sys.executable, __file__, "--out", str(out), "--row", str(path)], out / f"row-{tag}.log")
   return json.loads(path.with_suffix(".result.json").read_text())

@@ -50,8 +50,11 @@ def test_fp32_is_its_own_reference(report):
 
 
 def test_table_bytes_follow_the_dtype(report):
+  """bf16: 2 bytes a value, nothing else; int8 / fp8: 1 byte a value and a float32 scale per
+  row (the issue's <= 0.26x fp32 needs rows of >= 100 values; the quick model's have 32)."""
   got = rows(report)
-  assert got["bf16"]["table_bytes_ratio"] == 0.5  # 2 bytes a value, nothing else stored
-  for dtype in ("int8", "fp8"):  # 1 byte a value + a float32 scale per row
+  fp32 = got["fp32"]["table_bytes"]
+  assert got["bf16"]["table_bytes"] == fp32 // 2
+  for dtype in ("int8", "fp8"):
     if dtype in got:
-      assert got[dtype]["table_bytes_ratio"] <= 0.26
+      assert got[dtype]["table_bytes"] == fp32 // 4 + 4 * got[dtype]["table_rows"]
