@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--dtypes", default=",".join(DTYPES))
   p.add_argument("--steps", type=int, default=0, help="training steps per model (0: STEPS)")
   p.add_argument("--eval_batches", type=int, default=20)
-  p.add_argument("--repeats", type=int, default=5, help="timed passes over the eval batches")
+  p.add_argument("--repeats", type=int, default=3, help="timed passes over the eval batches")
   p.add_argument("--row", default="", help=argparse.SUPPRESS)  # a child: one row's JSON spec
   args = p.parse_args(argv)
   if args.quick:
@@ -126,7 +126,8 @@ def quantize(workdir: pathlib.Path, dtype: str, out: pathlib.Path) -> pathlib.Pa
 
 
 def measure_row(spec: dict) -> dict:
-  """Loads spec['workdir'] (tables cast to bf16 when spec['cast'] says so), evaluates, times."""
+  """Loads spec['workdir'] (tables cast to bf16 when spec['cast'] says so), evaluates, times;
+  the peak memory is read before anything else is loaded (the zeroed tables, the reference)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -139,39 +140,44 @@ def measure_row(spec: dict) -> dict:
   from pkm_jax.models.registry import build_lm
   from pkm_jax.models.tables import map_row_tables, row_tables
 
+  def load(workdir: str, cast: bool):
+    cfg = ckpt_lib.read_model_config(workdir)
+    model = nnx.eval_shape(lambda: build_lm(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    place = lambda x, dtype=None: jax.ShapeDtypeStruct(  # noqa: E731
+        x.shape, dtype or x.dtype, sharding=sharding)
+    target = jax.tree.map(place, params)
+    if cast:  # restored straight into bf16 (orbax casts): no float32 copy held
+      target = map_row_tables(target, cfg, lambda x: place(x, jnp.bfloat16))
+    restored = ckpt_lib.restore_items(ckpt_lib.make_manager(workdir, read_only=True),
+                                      ckpt_lib.latest_step(workdir, None),
+                                      {"params": target,
+                                       "model_state": jax.tree.map(place, model_state)})
+    return cfg, graphdef, restored["params"], restored["model_state"]
+
   workdir = spec["workdir"]
-  cfg = ckpt_lib.read_model_config(workdir)
-  model = nnx.eval_shape(lambda: build_lm(cfg, rngs=nnx.Rngs(0)))
-  graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  place = lambda x, dtype=None: jax.ShapeDtypeStruct(  # noqa: E731
-      x.shape, dtype or x.dtype, sharding=sharding)
-  target = jax.tree.map(place, params)
-  if spec["cast"]:  # restored straight into bf16 (orbax casts): no float32 copy held
-    target = map_row_tables(target, cfg, lambda x: place(x, jnp.bfloat16))
-  restored = ckpt_lib.restore_items(ckpt_lib.make_manager(workdir, read_only=True),
-                                    ckpt_lib.latest_step(workdir, None),
-                                    {"params": target,
-                                     "model_state": jax.tree.map(place, model_state)})
-  params, model_state = restored["params"], restored["model_state"]
+  cfg, graphdef, params, model_state = load(workdir, spec["cast"])
   tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer.json"))
   # Every memory array as stored: row tables and (quantised) their per-row scales.
   table_bytes = sum(
       x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(params)
-      if "memory" in jax.tree_util.keystr(path) and x.ndim >= 1 and x.shape[0] == cfg.memory.n_slots)
+      if "memory" in jax.tree_util.keystr(path) and x.ndim >= 1
+      and x.shape[0] == cfg.memory.n_slots)
 
   config = evaluate.run_config(workdir, {}, None)
   batches = [jax.tree.map(jnp.asarray, b) for b in
              data_lib.make_eval_data(config.data, tokenizer)(spec["eval_batches"])]
 
-  @jax.jit
-  def logits_fn(params, model_state, batch):
+  def logits_fn(graphdef, params, model_state, batch):
     model = nnx.merge(graphdef, params, model_state)
     return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[0]
 
+  forward = jax.jit(logits_fn, static_argnums=0)
+
   @jax.jit
   def scores(params, model_state, batch):
-    logits = logits_fn(params, model_state, batch).astype(jnp.float32)
+    logits = logits_fn(graphdef, params, model_state, batch).astype(jnp.float32)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["mlm_labels"][..., None],
                                axis=-1)[..., 0]
     w = batch["mlm_weights"]
@@ -185,24 +191,37 @@ def measure_row(spec: dict) -> dict:
       top1.append(np.asarray(t)[np.asarray(b["mlm_weights"]) > 0])
     return float(np.exp(nll / count)), np.concatenate(top1)
 
+  def one_pass(graphdef, params, model_state) -> float:
+    start = time.perf_counter()
+    for b in batches:
+      jax.block_until_ready(forward(graphdef, params, model_state, b))
+    return time.perf_counter() - start
+
   ppl, top1 = perplexity(params)
   np.save(spec["preds"], top1)
   result = dict(table_bytes=int(table_bytes), perplexity=ppl, masked=int(top1.size),
                 table_rows=cfg.memory.n_slots * len(row_tables(cfg)))
-  if spec["zeroed"]:  # the memory's output zeroed: value tables of zeros
-    zeroed = map_row_tables(params, cfg, lambda x: jnp.zeros_like(x))
-    result["zeroed_perplexity"] = perplexity(zeroed)[0]
-  jax.block_until_ready(logits_fn(params, model_state, batches[0]))  # compiled, warm
-  rates = []
+  one_pass(graphdef, params, model_state)  # compiled, warm
   tokens = sum(int(b["input_ids"].size) for b in batches)
-  for _ in range(spec["repeats"]):
-    start = time.perf_counter()
-    for b in batches:
-      jax.block_until_ready(logits_fn(params, model_state, b))
-    rates.append(tokens / (time.perf_counter() - start))
+  rates = [tokens / one_pass(graphdef, params, model_state) for _ in range(spec["repeats"])]
   result.update(tokens_per_s=statistics.median(rates), tokens_per_s_range=[min(rates),
                                                                          max(rates)],
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+  if spec["zeroed"]:  # the memory's output zeroed: value tables of zeros
+    zeroed = map_row_tables(params, cfg, lambda x: jnp.zeros_like(x))
+    result["zeroed_perplexity"] = perplexity(zeroed)[0]
+  if spec.get("reference"):
+    # Speed against fp32 in this process, passes alternating (which goes first swaps each
+    # round): a shared machine's swings slow both alike. Per round fp32 time / this time.
+    ref = load(spec["reference"], False)
+    one_pass(*ref[1:])
+    ratios = []
+    for i in range(spec["repeats"]):
+      order = [(ref[1:], "ref"), ((graphdef, params, model_state), "row")]
+      times = {name: one_pass(*args) for args, name in (order if i % 2 else order[::-1])}
+      ratios.append(times["ref"] / times["row"])
+    result.update(paired_speed_ratio=statistics.median(ratios),
+                  paired_speed_ratio_range=[min(ratios), max(ratios)])
   return result
 
 
@@ -241,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         continue
       spec = dict(model=name, dtype=dtype, workdir=str(source), cast=dtype == "bf16",
                   zeroed=dtype == "fp32", eval_batches=args.eval_batches,
+                  reference=str(workdir) if dtype != "fp32" else "",
                   repeats=args.repeats, preds=str(out / "rows" / f"{name}-{dtype}.npy"))
       r = {**spec, **row(spec, out)}
       if dtype == "fp32":
@@ -264,10 +284,15 @@ def compare(r: dict, fp32: dict) -> None:
   r["zeroed_perplexity"] = fp32["zeroed_perplexity"]
   r["table_bytes_ratio"] = r["table_bytes"] / fp32["table_bytes"]
   r["perplexity_change"] = r["perplexity"] / fp32["perplexity"] - 1
+  # How much the memory matters: zeroing it raises perplexity by memory_effect (if > 0; a
+  # briefly trained memory may not help yet, then the ratio says nothing about quality).
   memory_effect = fp32["zeroed_perplexity"] - fp32["perplexity"]
-  r["ratio_to_memory"] = (abs(r["perplexity"] - fp32["perplexity"]) / memory_effect
-                          if memory_effect > 0 else None)
-  r["speed_ratio"] = r["tokens_per_s"] / fp32["tokens_per_s"]
+  r["memory_helps"] = memory_effect > 0
+  r["ratio_to_memory"] = (abs(r["perplexity"] - fp32["perplexity"]) / abs(memory_effect)
+                          if memory_effect else None)
+  # Measured side by side in r's process where it could be (alternating passes), else from the
+  # two processes' rates.
+  r["speed_ratio"] = r.get("paired_speed_ratio", r["tokens_per_s"] / fp32["tokens_per_s"])
 
 
 def table(rows: list[dict]) -> str:
@@ -282,7 +307,8 @@ def table(rows: list[dict]) -> str:
         f"({r['tokens_per_s_range'][0]:,.0f}-{r['tokens_per_s_range'][1]:,.0f}) | "
         f"{r['speed_ratio']:.2f} | {r['perplexity']:.3f} | {100 * r['perplexity_change']:+.3f}% | "
         f"{100 * r['agreement']:.2f}% | {r['zeroed_perplexity']:.3f} | "
-        f"{'-' if ratio is None else f'{ratio:.4f}'} |")
+        f"{'-' if ratio is None else f'{ratio:.4f}'}"
+        f"{'' if r['memory_helps'] else ' (memory not helping)'} |")
   return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = {"model", "dtype", "table_bytes", "table_bytes_ratio", "peak_rss_mb", "tokens_per_s",
         "tokens_per_s_range", "speed_ratio", "perplexity", "perplexity_change", "agreement",
-        "zeroed_perplexity", "ratio_to_memory", "masked"}
+        "zeroed_perplexity", "ratio_to_memory", "memory_helps", "masked", "table_rows"}
 
 
 @pytest.fixture(scope="module")
