@@ -296,7 +296,7 @@ def compare(r: dict, fp32: dict) -> None:
 
 
 def table(rows: list[dict]) -> str:
-  lines = ["| model | dtype | table MB | x fp32 | peak RSS MB | tokens/s (range) | x fp32 | "
+  lines = ["| model | dtype | table MB | x fp32 | peak RSS MB | tokens/s (range) | speed x fp32 | "
            "perplexity | change | top-1 agree | zeroed ppl | change / memory's |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -305,7 +305,7 @@ def table(rows: list[dict]) -> str:
         f"| {r['model']} | {r['dtype']} | {r['table_bytes'] / 1e6:.2f} | "
         f"{r['table_bytes_ratio']:.3f} | {r['peak_rss_mb']:.0f} | {r['tokens_per_s']:,.0f} "
         f"({r['tokens_per_s_range'][0]:,.0f}-{r['tokens_per_s_range'][1]:,.0f}) | "
-        f"{r['speed_ratio']:.2f} | {r['perplexity']:.3f} | {100 * r['perplexity_change']:+.3f}% | "
+        f"{r['speed_ratio']:.2f} | {r['perplexity']:.3f} | {100 * r['perplexity_change']:+.4f}% | "
         f"{100 * r['agreement']:.2f}% | {r['zeroed_perplexity']:.3f} | "
         f"{'-' if ratio is None else f'{ratio:.4f}'}"
         f"{'' if r['memory_helps'] else ' (memory not helping)'} |")
