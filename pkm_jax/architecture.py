@@ -33,7 +33,9 @@ class MemoryConfig:
   peer_activation: str = "relu"  # peer: out = sum w act(u . x) v
   # 'bfloat16' stores the row tables (values; peer's down too) and so their Adam moments
   # (which take the table's dtype) in bf16 whatever model.param_dtype is: half the bytes read
-  # per lookup; 'float32' leaves them at model.param_dtype, as files without this key were.
+  # per lookup; 'float32' leaves them at model.param_dtype, as files without this key were;
+  # 'int8' | 'float8_e4m3fn': quantised by pkm_jax.quantize, each table with a float32 scale per
+  # row ('<table>_scale' [N]), for inference (`memory_kinds.QUANTIZED`).
   value_dtype: str = "float32"
 
   @property

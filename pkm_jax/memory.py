@@ -22,7 +22,9 @@ class ProductKeyMemory(nnx.Module):
 
   Params: query_proj (Linear d_in -> heads*k_dim), query_norm, keys [H, 2, n_keys, k_dim/2],
   values [n_keys**2, v_dim] (+ down [n_keys**2, d_in] for peer; neither with share_values: the
-  caller passes the shared tables), gate (memory_plus). Heads are summed, as XLM's
+  caller passes the shared tables), gate (memory_plus). Quantised tables (memory.value_dtype
+  int8 / float8_e4m3fn) hold 8-bit rows and a scale per row (values_scale [N], down_scale),
+  folded into each pick's weight: the lookups read the rows as stored. Heads are summed, as XLM's
   EmbeddingBag(mode='sum').
   """
 

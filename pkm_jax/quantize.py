@@ -111,17 +111,14 @@ def _run_config(saved: dict | None, cfg: ModelConfig) -> dict:
   if saved is not None:
     config = config_lib.from_json_dict(config_lib.upgrade(saved), config_lib.base_config(),
                                        where="config.json")
-  else:
+  else:  # every model and memory key the ModelConfig has; data sized to the model
     config = config_lib.base_config()
-    for field in ("family", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                  "intermediate_size", "max_position_embeddings", "type_vocab_size",
-                  "num_kv_heads", "head_dim"):
-      if field in config.model:
-        config.model[field] = getattr(cfg, field)
-    mem = cfg.memory
-    config.memory.update(mode=cfg.memory_mode, layers=tuple(cfg.memory_layers),
-                         n_keys=mem.n_keys, heads=mem.heads, k=mem.k, k_dim=mem.k_dim,
-                         kind=mem.kind, gate=mem.gate, share_values=mem.share_values)
+    for group, source in ((config.model, cfg), (config.memory, cfg.memory)):
+      for key in group.keys():
+        if hasattr(source, key):
+          group[key] = config_lib.as_tuples(getattr(source, key))
+    config.memory.update(mode=cfg.memory_mode, layers=tuple(cfg.memory_layers))
+    config.data.max_len = min(config.data.max_len, cfg.max_position_embeddings)
   config.memory.value_dtype = cfg.memory.value_dtype
   config.init.pretrained = ""
   return json.loads(config.to_json())

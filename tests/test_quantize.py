@@ -23,6 +23,7 @@ from pkm_jax.memory import ProductKeyMemory
 from pkm_jax.models.tables import row_tables, state_at
 from pkm_jax.placement import MemoryPlacement
 from configs import default as default_config, gpt2_resm
+from tests import xla_tpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"int8": "int8", "fp8": "float8_e4m3fn"}
@@ -310,3 +311,73 @@ def test_generate_reads_a_quantised_causal_workdir(runs, tmp_path):
              "the city")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip()
+
+
+# ------------------------------------------------------------------ accelerators, no device
+
+
+@pytest.mark.parametrize("platform, call", [("cuda", "__gpu$xla.gpu.triton"),
+                                            ("tpu", "tpu_custom_call")])
+@pytest.mark.parametrize("value_dtype", DTYPES.values())
+def test_quantised_lookup_lowers_for_accelerators(platform, call, value_dtype):
+  """The Pallas lookup and its weights' gradient lower for a GPU (Triton) and a TPU (Mosaic)
+  with an 8-bit table of the paper's size, read as stored."""
+  from jax import export  # pylint: disable=g-import-not-at-top
+  values = jax.ShapeDtypeStruct((512 * 512, 768), jnp.dtype(value_dtype))
+  w = jax.ShapeDtypeStruct((8, 128, 4, 32), jnp.float32)
+  idx = jnp.zeros((8, 128, 4, 32), jnp.int32)
+  step = jax.jit(jax.value_and_grad(
+      lambda v, w: jnp.sum(jnp.sin(lookup_kernels.weighted_lookup(v, idx, w))), argnums=1))
+  text = export.export(step, platforms=[platform], disabled_checks=[
+      export.DisabledSafetyCheck.custom_call(call)])(values, w).mlir_module()
+  assert text.count(call) == 2
+  assert "pkm_weighted_lookup" in text and "pkm_lookup_weight_grads" in text
+  assert f"tensor<262144x768x{'i8' if value_dtype == 'int8' else 'f8E4M3FN'}>" in text
+
+
+TPU_COMPILE_8BIT = """
+import json, re
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from pkm_jax import lookup_kernels
+
+topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")
+one_chip = NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), PartitionSpec())
+picks = jax.ShapeDtypeStruct((2, 128, 4, 32), jnp.int32)
+weights = jax.ShapeDtypeStruct((2, 128, 4, 32), jnp.float32)
+loss = lambda v, i, w: jnp.sum(jnp.sin(lookup_kernels.weighted_lookup(v, i, w)))
+step = jax.value_and_grad(loss, argnums=2)
+out = {}
+for dtype in ("int8", "float8_e4m3fn"):
+  table = jax.ShapeDtypeStruct((512 * 512, 768), dtype)
+  text = jax.jit(step, in_shardings=one_chip).lower(table, picks, weights).compile().as_text()
+  out[dtype] = re.findall(r'custom_call_target="([^"]+)"', text)
+print(json.dumps(out))
+"""
+
+
+@xla_tpu.requires_libtpu
+def test_quantised_lookup_compiles_for_tpu():
+  """XLA:TPU compiles the Mosaic lookup and weights' gradient for a v5e with int8 and fp8
+  tables of the paper's size (bytes unpacked from 32-bit words, `lookup_tiles`)."""
+  got = xla_tpu.run_json(TPU_COMPILE_8BIT)
+  for dtype in DTYPES.values():
+    assert got[dtype].count("tpu_custom_call") == 2, (dtype, got[dtype])
+    assert not [t for t in got[dtype] if t.startswith("pkm_jax")], got[dtype]
+
+
+def test_a_converted_checkpoint_quantises_like_its_workdir(runs, tmp_path):
+  """DIR may be a converted checkpoint: OUT then holds the same quantised model as from the
+  workdir it was saved from (same rows, same logits), at step 0."""
+  from pkm_jax import converted  # pylint: disable=g-import-not-at-top
+  workdir = runs("gpt2")
+  model, tokenizer, _ = ckpt_lib.restore_model(workdir)
+  conv = converted.save_pretrained(str(tmp_path / "conv"), model, tokenizer)
+  from_conv = _quantize(conv, "fp8", tmp_path / "c")
+  from_workdir = _quantize(workdir, "fp8", tmp_path / "w")
+  a, _, step = ckpt_lib.restore_model(from_conv)
+  b, _, _ = ckpt_lib.restore_model(from_workdir)
+  assert step == 0 and a.cfg == b.cfg
+  ids = jnp.asarray(np.random.default_rng(0).integers(5, 200, size=(2, 12)), jnp.int32)
+  np.testing.assert_array_equal(np.asarray(_logits(a, ids)), np.asarray(_logits(b, ids)))
