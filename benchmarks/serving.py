@@ -22,7 +22,7 @@ runtime included) and reports:
   zeroed        fp32's perplexity with the memory's value tables zeroed (its output is then 0):
                 how much the memory matters; `ratio` = |ppl - ppl_fp32| / (zeroed - ppl_fp32).
 
-  python benchmarks/serving.py --out /tmp/serving            # ~15 min on a shared 2-core CPU
+  python benchmarks/serving.py --out /tmp/serving            # ~45 min on a shared 2-core CPU
   python benchmarks/serving.py --quick --out /tmp/serving_quick
 """
 
