@@ -41,6 +41,8 @@ from pkm_jax import storage
 from pkm_jax.continual import freezing
 from pkm_jax.continual import lora as lora_lib
 from pkm_jax.models.registry import build_lm
+from pkm_jax.models.tables import map_row_tables
+from pkm_jax.placement import MemoryPlacement
 from pkm_jax.data.tokenizer import load_tokenizer
 from pkm_jax.steps import TrainState
 
@@ -325,13 +327,15 @@ def latest_step(workdir: str, step: int | None = None) -> int:
   return step
 
 
-def restore_model(workdir: str, step: int | None = None, *, merge_lora: bool = True
-                  ) -> tuple[nnx.Module, Any, int]:
+def restore_model(workdir: str, step: int | None = None, *, merge_lora: bool = True,
+                  table_memory: str = "device") -> tuple[nnx.Module, Any, int]:
   """A training workdir's model at `step` (default latest), its tokenizer and that step.
 
   The model is on one device (whatever mesh the run used), ready for eval mode; a LoRA run's
   adapters (finetune.method='lora') are merged into its weights: a plain model (merge_lora=False:
-  the model with its adapters, as trained).
+  the model with its adapters, as trained). table_memory 'pinned_host': its row tables are
+  restored straight into the host's pinned memory (never whole on the device) and its memory
+  layers fetch picked rows from there (`host_tables`).
   """
   model_cfg = read_model_config(workdir)
   step = latest_step(workdir, step)
@@ -342,9 +346,10 @@ def restore_model(workdir: str, step: int | None = None, *, merge_lora: bool = T
   freeze = freezing.run_frozen_filter(run_config)
   finetune = run_config.get("finetune", {})
   lora = finetune.get("method") == "lora"
+  placement = MemoryPlacement(table_memory=table_memory)
 
   def make():
-    model = build_lm(model_cfg, rngs=nnx.Rngs(0))
+    model = build_lm(model_cfg, rngs=nnx.Rngs(0), placement=placement)
     if lora:  # the adapters as trained, merged into the base weights below
       lora_lib.add_lora(model, int(finetune["lora_rank"]), float(finetune["lora_alpha"]),
                         nnx.Rngs(0))
@@ -354,10 +359,18 @@ def restore_model(workdir: str, step: int | None = None, *, merge_lora: bool = T
   graphdef, frozen, params, model_state = nnx.split(model, freeze, nnx.Param, nnx.BatchStat)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
-  restored = restore_items(make_manager(workdir, read_only=True), step,
-                           {"params": jax.tree.map(place, params),
-                            "model_state": jax.tree.map(place, model_state),
-                            "frozen": jax.tree.map(place, frozen)})
+  target = {"params": jax.tree.map(place, params), "frozen": jax.tree.map(place, frozen),
+            "model_state": jax.tree.map(place, model_state)}
+  if table_memory != "device":  # the row tables' memory kind
+    # A NamedSharding: jax gives an array a memory space from those only (the host tables'
+    # lookups are traced with the table in host memory).
+    host = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("one",)),
+                                      jax.sharding.PartitionSpec(), memory_kind=table_memory)
+    to_host = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host)  # noqa: E731
+    # The tables are params, or frozen (a LoRA run's): each item by the model's own paths.
+    target = {item: tree if item == "model_state" else map_row_tables(tree, model_cfg, to_host)
+              for item, tree in target.items()}
+  restored = restore_items(make_manager(workdir, read_only=True), step, target)
   model = nnx.merge(graphdef, restored["frozen"], restored["params"], restored["model_state"])
   if lora and merge_lora:
     lora_lib.merge_lora(model)

@@ -15,6 +15,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from pkm_jax import host_tables
 from pkm_jax import sharding
 from pkm_jax.architecture import MemoryConfig, ModelConfig
 from pkm_jax.models.causal_attention import ROPE_TYPES
@@ -30,6 +31,7 @@ VALUE_OPTIMIZERS = ("adam", "sparse_adam")
 VALUE_SCHEDULES = ("constant", "network")
 LOOKUP_KERNELS = ("xla", "pallas")  # mesh.lookup_kernel: pkm_jax.lookup_kernels or not
 TABLE_SPLITS = tuple(sharding.TABLE_SPLITS)  # mesh.table_split
+TABLE_MEMORIES = host_tables.TABLE_MEMORIES  # mesh.table_memory: jax's memory kinds
 DTYPES = ("float32", "bfloat16", "float16")
 VALUE_DTYPES = ("float32", "bfloat16")  # memory.value_dtype a run can train
 DATA_SOURCES = ("generated", "files", "tfds", "prepared")
@@ -74,9 +76,12 @@ def mesh_group() -> ml_collections.ConfigDict:
   # table_split: the value tables split over 'model' by 'columns' or by 'rows'
   # (pkm_jax.sharding.TABLE_SPLITS says what each moves; rules naming 'slots' or 'value_embed'
   # replace it). fsdp: dense weights and their optimizer state split over every device too
-  # (FSDP / ZeRO-3), gathered where a layer uses them.
+  # (FSDP / ZeRO-3), gathered where a layer uses them. table_memory: 'pinned_host' keeps the
+  # row tables in the host's pinned memory and brings only the picked rows to the device
+  # (pkm_jax.host_tables; inference only: eval.py, fill_mask, benchmarks/serving.py).
   return ml_collections.ConfigDict(dict(data=-1, model=1, rules=(), lookup_kernel="xla",
-                                        table_split="columns", fsdp=False))
+                                        table_split="columns", fsdp=False,
+                                        table_memory=host_tables.DEVICE))
 
 
 def init_group() -> ml_collections.ConfigDict:
@@ -291,8 +296,9 @@ def validate_run_lengths(t: ml_collections.ConfigDict, keys: tuple[str, ...]) ->
   check_number(t, "train", "grad_accum_steps", lo=1)
 
 
-def validate_mesh(mesh: ml_collections.ConfigDict) -> None:
-  """Mesh sizes and rules that can be checked without devices (the program checks the rest)."""
+def validate_mesh(mesh: ml_collections.ConfigDict, *, training: bool = True) -> None:
+  """Mesh sizes and rules that can be checked without devices (the program checks the rest);
+  `training`: the run trains, which host-memory tables do not support."""
   for key in ("data", "model"):
     value = mesh[key]
     if isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1:
@@ -302,6 +308,10 @@ def validate_mesh(mesh: ml_collections.ConfigDict) -> None:
     raise ConfigError("mesh.data and mesh.model cannot both be -1")
   check_choice(mesh, "mesh", "lookup_kernel", LOOKUP_KERNELS)
   check_choice(mesh, "mesh", "table_split", TABLE_SPLITS)
+  check_choice(mesh, "mesh", "table_memory", TABLE_MEMORIES)
+  if training and mesh.table_memory != host_tables.DEVICE:
+    raise ConfigError(f"mesh.table_memory={mesh.table_memory!r} serves inference only (eval.py, "
+                      "fill_mask, benchmarks/serving.py); training keeps the tables on the device")
   if not isinstance(mesh.fsdp, bool):
     raise ConfigError(f"mesh.fsdp={mesh.fsdp!r} must be True or False")
   for rule in mesh.rules or ():

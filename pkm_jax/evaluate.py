@@ -123,7 +123,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str,
 
   `config` is the run's (see `run_config`); the result names the step whose weights were used.
   """
-  model, tokenizer, step = ckpt_lib.restore_model(workdir, step)
+  config_lib.validate_mesh(config.mesh, training=False)
+  model, tokenizer, step = ckpt_lib.restore_model(workdir, step,
+                                                  table_memory=config.mesh.table_memory)
   model_cfg = model.cfg
   if config.data.max_len > model_cfg.max_position_embeddings:
     raise ConfigError(f"data.max_len={config.data.max_len} exceeds the model's "

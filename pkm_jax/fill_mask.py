@@ -26,9 +26,10 @@ from pkm_jax.models.bert import BertForMaskedLM
 from pkm_jax.data.tokenizer import special_token_ids
 
 
-def load_model(path: str) -> tuple[BertForMaskedLM, Any]:
-  """(model, tokenizer) from a training workdir, a converted checkpoint or an HF folder."""
-  model, tokenizer = pretrained.load_model(path)
+def load_model(path: str, table_memory: str = "device") -> tuple[BertForMaskedLM, Any]:
+  """(model, tokenizer) from a training workdir, a converted checkpoint or an HF folder; its
+  row tables in `table_memory` ('device' | 'pinned_host', `pkm_jax.host_tables`)."""
+  model, tokenizer = pretrained.load_model(path, table_memory)
   if model.cfg.causal:
     raise ValueError(f"{path} holds a causal LM ({model.cfg.family}), which has no [MASK]: use "
                      "python -m pkm_jax.generate")
@@ -66,7 +67,7 @@ def main(argv: list[str]) -> None:
   text = " ".join(argv[1:])
   if not text:
     raise ValueError('no text given: python -m pkm_jax.fill_mask --model DIR "a [MASK] text"')
-  model, tokenizer = load_model(f.model)
+  model, tokenizer = load_model(f.model, f.table_memory)
   for i, predictions in enumerate(fill_mask(model, tokenizer, text, f.top_k)):
     for p in predictions:
       print(json.dumps({"mask_index": i, **p}, ensure_ascii=False))
@@ -76,4 +77,6 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   flags.DEFINE_string("model", None, "HF folder, converted checkpoint or training workdir.")
   flags.DEFINE_integer("top_k", 5, "Predictions per [MASK].")
+  flags.DEFINE_string("table_memory", "device", "Where the memory's row tables live: 'device' "
+                      "or 'pinned_host' (host RAM; only the picked rows go to the device).")
   cli.run(main)

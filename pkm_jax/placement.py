@@ -18,6 +18,9 @@ Rules of choice (each computes the same function, only the communication differs
     placement for a sharded jit would run them on gathered inputs.
 `lookup_kernel='pallas'` (config `mesh.lookup_kernel`) runs the lookup's forward sum as a Pallas
 kernel (`lookup_kernels`): on the whole table, or inside each device's row block of a split one.
+`table_memory='pinned_host'` (config `mesh.table_memory`): the row tables are in the host's
+pinned memory and only the picked rows come to the device (`host_tables`; inference only, on
+unsplit tables).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import jax
 
 from pkm_jax import cpu_lookup
+from pkm_jax import host_tables
 from pkm_jax import lookup_kernels
 from pkm_jax import memory_kinds
 from pkm_jax import product_keys
@@ -45,18 +49,20 @@ class MemoryPlacement:
   token_axes: tuple[str, ...] = ()
   lookup_kernel: str = "xla"
   col_axes: tuple[str, ...] = ()  # mesh axes that split the value tables' columns
+  table_memory: str = host_tables.DEVICE  # the row tables' memory kind (host_tables)
 
   @classmethod
   def from_mesh(cls, mesh: jax.sharding.Mesh,
                 rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES, *,
-                lookup_kernel: str = "xla") -> MemoryPlacement:
+                lookup_kernel: str = "xla", table_memory: str = host_tables.DEVICE
+                ) -> MemoryPlacement:
     """The placement `rules` give on `mesh`: 'slots' -> row axes, 'value_embed' -> column
     axes, 'batch' -> token axes."""
     real = lambda axes: tuple(a for a in axes if mesh.shape[a] > 1)  # noqa: E731
     return cls(slot_axes=real(sharding_lib.slot_axes(rules)),
                token_axes=real(sharding_lib.rule_axes("batch", rules)),
                lookup_kernel=lookup_kernel,
-               col_axes=real(sharding_lib.column_axes(rules)))
+               col_axes=real(sharding_lib.column_axes(rules)), table_memory=table_memory)
 
   def constrain_tokens(self, x_BxT: jax.Array) -> jax.Array:
     """x [B, T, ...] held split over the token axes, as the batch arrives. Between layers
@@ -84,6 +90,8 @@ class MemoryPlacement:
 
   def lookup(self, values_NxV: jax.Array, indices: jax.Array, weights: jax.Array) -> jax.Array:
     """`product_keys.weighted_lookup`: values [N, V], picks [B, T, H, k] -> [B, T, V]."""
+    if self.table_memory == host_tables.PINNED_HOST:
+      return host_tables.weighted_lookup(values_NxV, indices, weights)
     if self.split:
       return sharded_memory.sharded_weighted_lookup(values_NxV, indices, weights,
                                                     slot_axes=self.slot_axes,
@@ -99,6 +107,8 @@ class MemoryPlacement:
   def row_dots(self, table_NxD: jax.Array, indices: jax.Array, x: jax.Array) -> jax.Array:
     """`memory_kinds.row_dots` (PEER's u_i . x): table [N, D], picks [B, T, H, k], x [B, T, D]
     -> [B, T, H, k] float32."""
+    if self.table_memory == host_tables.PINNED_HOST:
+      return host_tables.row_dots(table_NxD, indices, x)
     if self.split:
       return sharded_memory.sharded_row_dots(table_NxD, indices, x, slot_axes=self.slot_axes,
                                              col_axes=self.col_axes, token_axes=self.token_axes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 from absl import logging
 from flax import nnx
 
@@ -16,6 +17,9 @@ from pkm_jax import convert as convert_lib
 from pkm_jax import converted, hf_files
 from pkm_jax import storage
 from pkm_jax.architecture import ModelConfig
+from pkm_jax.host_tables import TABLE_MEMORIES
+from pkm_jax.models.tables import map_row_tables
+from pkm_jax.placement import MemoryPlacement
 from pkm_jax.models.registry import build_lm
 from pkm_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from pkm_jax.plus_init import init_from_pretrained
@@ -56,24 +60,35 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict, Any]:
       f"{' | '.join(hf_files.WEIGHT_FILES)})")
 
 
-def build_model(cfg: ModelConfig, params: dict, *, rngs: nnx.Rngs) -> nnx.Module:
-  """The family's language model (`registry.build_lm`) holding exactly `params` (every parameter must be given)."""
-  model = build_lm(cfg, rngs=rngs)
+def build_model(cfg: ModelConfig, params: dict, *, rngs: nnx.Rngs,
+                table_memory: str = "device") -> nnx.Module:
+  """The family's language model (`registry.build_lm`) holding exactly `params` (every parameter
+  must be given); table_memory 'pinned_host': its row tables then moved to the host's pinned
+  memory (`host_tables`; built on the device first: a workdir restores straight there)."""
+  model = build_lm(cfg, rngs=rngs, placement=MemoryPlacement(table_memory=table_memory))
   report = init_from_pretrained(model, params, cfg)
   if report.new or report.dropped:
     missing = report.new[0] if report.new else None
     raise ValueError(f"params do not match the model: missing '{missing}'" if missing else
                      f"params do not match the model: unexpected '{report.dropped[0]}'")
+  if table_memory != "device":
+    host = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("one",)),
+                                      jax.sharding.PartitionSpec(), memory_kind=table_memory)
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, map_row_tables(state, cfg, lambda x: jax.device_put(x, host)))
   return model
 
 
 
 
-def load_model(path: str) -> tuple[nnx.Module, Any]:
+def load_model(path: str, table_memory: str = "device") -> tuple[nnx.Module, Any]:
   """(model, tokenizer) from a training workdir (its latest checkpoint, BatchNorm statistics
-  included), a converted checkpoint or a Hugging Face folder."""
+  included), a converted checkpoint or a Hugging Face folder; its row tables in `table_memory`
+  ('device' | 'pinned_host', `host_tables`)."""
+  if table_memory not in TABLE_MEMORIES:
+    raise ValueError(f"table memory {table_memory!r} is not one of {TABLE_MEMORIES}")
   if is_workdir(path):
-    model, tokenizer, _ = ckpt_lib.restore_model(path)
+    model, tokenizer, _ = ckpt_lib.restore_model(path, table_memory=table_memory)
     return model, tokenizer
   cfg, params, tokenizer = load_pretrained(path)
-  return build_model(cfg, params, rngs=nnx.Rngs(0)), tokenizer
+  return build_model(cfg, params, rngs=nnx.Rngs(0), table_memory=table_memory), tokenizer

@@ -18,6 +18,7 @@ from flax import nnx
 
 from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import config as config_lib
+from pkm_jax import host_tables
 from pkm_jax import optim as optim_lib
 from pkm_jax import sharding as sharding_lib
 from pkm_jax.config import ConfigError
@@ -25,7 +26,7 @@ from pkm_jax.continual import freezing
 from pkm_jax.continual import lora as lora_lib
 from pkm_jax.continual import slot_selection
 from pkm_jax.placement import MemoryPlacement
-from pkm_jax.models.tables import row_tables, state_at
+from pkm_jax.models.tables import map_row_tables, row_tables, state_at
 from pkm_jax.steps import LossFn, TrainState, make_train_step
 
 
@@ -77,7 +78,11 @@ def build_program(config: ml_collections.ConfigDict, *,
   """
   mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.model, devices)
   rules = sharding_lib.rules_from_config(config)
-  placement = MemoryPlacement.from_mesh(mesh, rules, lookup_kernel=config.mesh.lookup_kernel)
+  placement = MemoryPlacement.from_mesh(mesh, rules, lookup_kernel=config.mesh.lookup_kernel,
+                                        table_memory=config.mesh.table_memory)
+  if placement.table_memory != host_tables.DEVICE and placement.split:
+    raise ConfigError(f"mesh.table_memory={placement.table_memory!r} needs whole tables: use "
+                      f"mesh.model=1 and no rules splitting 'slots' or 'value_embed'")
   accum = config.train.grad_accum_steps
   ways = math.prod(mesh.shape[a] for a in placement.token_axes)
   if (batch_size // accum) % ways:
@@ -129,6 +134,12 @@ def build_program(config: ml_collections.ConfigDict, *,
           abstract_state.sparse_opt_state[key],
           state_at(state_sharding.params, path).get_value(), cfg.memory.n_slots)
       for key, (path, _, _) in sparse_tables.items()}
+  # Host tables: the row tables' shardings name the host's memory (`host_tables`).
+  # (Tables are params, or frozen ones under finetune.method='lora'.)
+  to_host = (lambda s: s.with_memory_kind(placement.table_memory)  # noqa: E731
+             if placement.table_memory != host_tables.DEVICE else s)
+  state_sharding.params = map_row_tables(state_sharding.params, cfg, to_host)
+  state_sharding.frozen = map_row_tables(state_sharding.frozen, cfg, to_host)
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   step = make_train_step(graphdef, loss_fn, optimizers, seed=config.seed, placement=placement,
                          sparse_tables=sparse_tables, memory=cfg.memory, grad_accum_steps=accum,

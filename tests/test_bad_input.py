@@ -511,6 +511,7 @@ PRETRAINING_BAD = {
     "mesh.rules": [(("slots", ("model", "gpu")),), (("slots",),)],
     "mesh.lookup_kernel": ["triton"],
     "mesh.table_split": ["diagonal"],
+    "mesh.table_memory": ["disk", "pinned_host"],  # pinned_host: inference only
     "eval.batches": [-1],
     "eval.batch_size": [-1],
     "finetune.method": ["adapters"],
@@ -571,6 +572,7 @@ FINETUNE_BAD = {
     "eval.batch_size": [0], "eval.n_best": [0], "eval.max_answer_len": [0],
     "mesh.data": [0], "mesh.model": [-3], "mesh.rules": [(("slots", "gpu"),)],
     "mesh.lookup_kernel": ["cuda"], "mesh.table_split": ["blocks"],
+    "mesh.table_memory": ["unpinned_host", "pinned_host"],
 }
 FINETUNE_FREE = {"optim.freeze_memory": "a bool", "mesh.fsdp": "a bool"}
 

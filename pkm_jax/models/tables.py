@@ -9,8 +9,9 @@ own names.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
+import jax
 from flax import nnx
 
 from pkm_jax import memory_kinds
@@ -62,3 +63,16 @@ def value_table(params: nnx.State, layer: int, cfg: ModelConfig | None = None) -
   shared = memory_kinds.SHARED_PREFIX + memory_kinds.VALUES
   return (backbone[shared] if shared in backbone
           else backbone["layers"][layer]["memory"]["values"])
+
+
+def map_row_tables(params: nnx.State, cfg: ModelConfig, fn: Callable[[Any], Any]) -> nnx.State:
+  """`params` (any tree with the param State's structure: arrays, ShapeDtypeStructs or
+  shardings) with every row table's leaf replaced by fn(leaf); the other leaves unchanged."""
+  paths = {path for path, _, _ in row_tables(cfg).values()}
+
+  def leaf(path, x):
+    # A Variable's leaf sits under its '.value' attribute.
+    names = tuple(getattr(p, "key", getattr(p, "idx", getattr(p, "name", None))) for p in path)
+    return fn(x) if names in paths or names[:-1] in paths else x
+
+  return jax.tree_util.tree_map_with_path(leaf, params)
