@@ -48,7 +48,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a plain script
 from pkm_jax import product_keys, sparse_adam  # noqa: E402
-from pkm_jax import config as config_lib  # noqa: E402
+from pkm_jax import config_checks  # noqa: E402
 from pkm_jax import host_memory  # noqa: E402
 from pkm_jax.architecture import MemoryConfig  # noqa: E402
 from pkm_jax.cpu_top_k import top_k  # noqa: E402
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--tokens", type=int, default=1024, help="tokens T per call (8 x 128)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="value table, lookup and FFN dtype; the query path stays float32")
-  p.add_argument("--lookup_kernel", choices=config_lib.LOOKUP_KERNELS, default="xla",
+  p.add_argument("--lookup_kernel", choices=config_checks.LOOKUP_KERNELS, default="xla",
                  help="lookup rows and layer: pure JAX, or pkm_jax/lookup_kernels.py "
                       "(interpret mode on CPU: slow, a correctness run only)")
   p.add_argument("--steps", type=int, default=5, help="timed calls per row")

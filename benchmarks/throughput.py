@@ -45,6 +45,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run as a plain script
 from configs import default as default_config  # noqa: E402
 from pkm_jax import config as config_lib  # noqa: E402
+from pkm_jax import config_checks  # noqa: E402
 from pkm_jax import host_memory  # noqa: E402
 from pkm_jax import trainer  # noqa: E402
 from pkm_jax.architecture import MemoryConfig, ModelConfig  # noqa: E402
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--value_dtype", choices=("float32", "bfloat16"), default="float32",
                  help="memory value table storage (memory.value_dtype); Adam keeps its moments "
                       "in the same dtype")
-  p.add_argument("--lookup_kernel", choices=config_lib.LOOKUP_KERNELS, default="xla",
+  p.add_argument("--lookup_kernel", choices=config_checks.LOOKUP_KERNELS, default="xla",
                  help="the memory lookup's forward: pure JAX, or the Pallas kernel of this "
                       "platform (pkm_jax/lookup_kernels.py; interpret mode on CPU)")
   p.add_argument("--values_optimizer", choices=("", "adam", "sparse_adam"), default="",

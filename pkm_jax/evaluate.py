@@ -22,6 +22,7 @@ from flax import nnx
 
 from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import config as config_lib
+from pkm_jax import config_checks
 from pkm_jax import data as data_lib
 from pkm_jax import metrics as metrics_lib
 from pkm_jax import storage
@@ -97,7 +98,7 @@ def run_config(workdir: str, overrides: dict[str, Any],
     for key, value in overrides.items():
       if key.startswith(_FIXED_BY_THE_RUN) and not any(d in key for d in _DROPOUTS):
         now = _get(config, key)
-        if config_lib.as_tuples(value) != config_lib.as_tuples(now):
+        if config_checks.as_tuples(value) != config_checks.as_tuples(now):
           raise ConfigError(f"--config.{key}={value!r} differs from the run's {now!r}: "
                             f"{workdir} holds that model; evaluate another run instead")
       _set(config, key, value)
@@ -123,7 +124,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str,
 
   `config` is the run's (see `run_config`); the result names the step whose weights were used.
   """
-  config_lib.validate_mesh(config.mesh, training=False)
+  config_checks.validate_mesh(config.mesh, training=False)
   model, tokenizer, step = ckpt_lib.restore_model(workdir, step,
                                                   table_memory=config.mesh.table_memory)
   model_cfg = model.cfg

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx, traverse_util
 
 from pkm_jax import config as config_lib
+from pkm_jax import config_checks
 from pkm_jax.architecture import ModelConfig
 from pkm_jax.config import ConfigError
 
@@ -31,7 +32,7 @@ def _same(a, b) -> bool:
   """Numbers within float rounding (a JSON round trip), anything else equal."""
   if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
     return bool(np.isclose(a, b, rtol=1e-6, atol=0))
-  return config_lib.as_tuples(a) == config_lib.as_tuples(b)
+  return config_checks.as_tuples(a) == config_checks.as_tuples(b)
 
 
 def _name(path: tuple) -> str:
@@ -126,7 +127,7 @@ def resolve_model_config(config: ml_collections.ConfigDict,
     user, pre = config.model[field], getattr(pretrained_cfg, field)
     if not _same(user, defaults[field]) and not _same(user, pre):
       conflicts.append(f"model.{field}={user} (pretrained: {pre})")
-    out.model[field] = type(defaults[field])(config_lib.as_tuples(pre))
+    out.model[field] = type(defaults[field])(config_checks.as_tuples(pre))
   if conflicts:
     raise ConfigError(f"config conflicts with the pretrained model {config.init.pretrained!r}: "
                       f"{', '.join(conflicts)}; leave these at base_config() defaults to take "

@@ -12,7 +12,7 @@ other (config.json, model_config.json with memory.value_dtype 'int8' | 'float8_e
 tokenizer.json, one checkpoint at DIR's step), written whole or not at all: eval.py --workdir
 OUT, `pkm_jax.fill_mask --model OUT` and `pkm_jax.generate --model OUT` read it. The lookups
 read the stored rows and fold the scales into the pick weights (`memory_kinds.pick_scales`);
-training or fine-tuning from OUT is refused (`config.check_trainable`).
+training or fine-tuning from OUT is refused (`config_checks.check_trainable`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from flax import nnx
 from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import cli
 from pkm_jax import config as config_lib
+from pkm_jax import config_checks
 from pkm_jax import converted
 from pkm_jax import memory_kinds
 from pkm_jax import pretrained as pretrained_lib
@@ -116,7 +117,7 @@ def _run_config(saved: dict | None, cfg: ModelConfig) -> dict:
     for group, source in ((config.model, cfg), (config.memory, cfg.memory)):
       for key in group.keys():
         if hasattr(source, key):
-          group[key] = config_lib.as_tuples(getattr(source, key))
+          group[key] = config_checks.as_tuples(getattr(source, key))
     config.memory.update(mode=cfg.memory_mode, layers=tuple(cfg.memory_layers))
     config.data.max_len = min(config.data.max_len, cfg.max_position_embeddings)
   config.memory.value_dtype = cfg.memory.value_dtype

@@ -22,6 +22,7 @@ from flax import nnx
 from pkm_jax import architecture
 from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import config as config_lib
+from pkm_jax import config_checks
 from pkm_jax import data as data_lib
 from pkm_jax import evaluate as eval_lib
 from pkm_jax import metrics as metrics_lib
@@ -144,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   storage.check_bucket(workdir)
   steps = ckpt_lib.saved_steps(workdir)
   if steps:  # resuming: the workdir's own tables must be trainable
-    config_lib.check_trainable(ckpt_lib.read_model_config(workdir).memory.value_dtype, workdir)
+    config_checks.check_trainable(ckpt_lib.read_model_config(workdir).memory.value_dtype, workdir)
   pretrained_weights = None
   if config.init.pretrained:
     # +Init: sizes (and the tokenizer) come from the pretrained model unless set explicitly.
@@ -153,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config = methods_lib.resolve(plus_init.resolve_model_config(config, own_cfg), own_cfg)
     else:
       src_cfg, src_params, _ = pretrained_lib.load_pretrained(config.init.pretrained)
-      config_lib.check_trainable(src_cfg.memory.value_dtype,
+      config_checks.check_trainable(src_cfg.memory.value_dtype,
                                  f"init.pretrained={config.init.pretrained!r}")
       # Continued training keeps the pretrained memory unless the config sets its own.
       config = methods_lib.resolve(plus_init.resolve_model_config(config, src_cfg), src_cfg)

@@ -22,8 +22,10 @@ import json
 import ml_collections
 
 from pkm_jax import config as config_lib
+from pkm_jax import config_checks
 from pkm_jax import storage
-from pkm_jax.config import ConfigError, check_number
+from pkm_jax.config import ConfigError
+from pkm_jax.config_checks import check_number
 from pkm_jax.tasks.glue import TASKS
 
 # Keys that may change between a run and its resume (how it is run, logged or evaluated).
@@ -78,7 +80,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise FileNotFoundError(f"init.pretrained={config.init.pretrained}: no such folder")
   check_number(config, "config", "seed", lo=0)
   d = config.data
-  config_lib.check_choice(d, "data", "source", ("files", "tfds"))
+  config_checks.check_choice(d, "data", "source", ("files", "tfds"))
   if d.source == "files" and not d.data_dir:
     raise ConfigError("data.source='files' needs --config.data.data_dir (the GLUE / SQuAD "
                       "folder)")
@@ -87,15 +89,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_number(d, "data", key, lo=1)
   for key in ("max_train_examples", "max_eval_examples"):
     check_number(d, "data", key, lo=0)
-  config_lib.validate_dropouts(config.model, "model",
+  config_checks.validate_dropouts(config.model, "model",
                                ("hidden_dropout", "attention_dropout", "classifier_dropout"),
                                special=(-1, -1.0))
-  config_lib.validate_dropouts(config.memory, "memory",
+  config_checks.validate_dropouts(config.memory, "memory",
                                ("input_dropout", "query_dropout", "value_dropout"),
                                special=(-1, -1.0))
-  config_lib.validate_optim(config.optim)
+  config_checks.validate_optim(config.optim)
   t = config.train
-  config_lib.validate_run_lengths(t, ("log_every", "checkpoint_every"))
+  config_checks.validate_run_lengths(t, ("log_every", "checkpoint_every"))
   check_number(t, "train", "steps", lo=0)
   check_number(t, "train", "epochs", lo=0)
   if t.steps <= 0 and t.epochs <= 0:
@@ -105,7 +107,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"data.batch_size={d.batch_size}")
   for key in ("batch_size", "n_best", "max_answer_len"):
     check_number(config.eval, "eval", key, lo=1)
-  config_lib.validate_mesh(config.mesh)
+  config_checks.validate_mesh(config.mesh)
 
 
 def resume_relevant(config: ml_collections.ConfigDict) -> dict[str, object]:

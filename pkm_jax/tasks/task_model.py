@@ -18,7 +18,7 @@ from flax import nnx, traverse_util
 
 from pkm_jax import architecture
 from pkm_jax import checkpoint as ckpt_lib
-from pkm_jax import config as config_lib
+from pkm_jax import config_checks
 from pkm_jax import pretrained as pretrained_lib
 from pkm_jax.architecture import ModelConfig
 from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
@@ -42,13 +42,13 @@ def load_init(path: str) -> Pretrained:
   or a Hugging Face folder."""
   if pretrained_lib.is_workdir(path):
     # Quantised tables (pkm_jax.quantize) are not fine-tuned: refused before any weights load.
-    config_lib.check_trainable(ckpt_lib.read_model_config(path).memory.value_dtype, path)
+    config_checks.check_trainable(ckpt_lib.read_model_config(path).memory.value_dtype, path)
     model, tokenizer, step = ckpt_lib.restore_model(path)
     return Pretrained(model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)),
                       nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)), tokenizer,
                       f"pretraining workdir step {step}")
   cfg, params, tokenizer = pretrained_lib.load_pretrained(path)
-  config_lib.check_trainable(cfg.memory.value_dtype, path)
+  config_checks.check_trainable(cfg.memory.value_dtype, path)
   return Pretrained(cfg, params, {}, tokenizer, "converted/HF checkpoint")
 
 
