@@ -43,6 +43,7 @@ NOT_RUN = {
         "tests/test_reproduce.py and tests/test_reproduce_causal.py run it (with --quick)"),
     "python benchmarks/accelerator.py": "tests/test_memory_layer_benchmark.py runs it (--tiny)",
     "python benchmarks/pod_plan.py": "tests/test_pod_plan.py runs it (with --quick)",
+    "python benchmarks/knowledge.py": "tests/test_knowledge.py runs it (with --quick)",
 }
 # The bucket the README's gs:// commands name: served by fake-gcs-server (tests/gcs_emulator.py).
 README_BUCKET = "my-bucket"
