@@ -42,8 +42,10 @@ class Knowledge:
   changed: tuple[tuple[str, str, str, str], ...]  # (subject, relation, old object, new object)
   probe_a: tuple[tuple[str, str, str], ...]  # A's (subject, relation, object) held out of B
   b_docs: tuple[corpus.Document, ...]
-  questions_b: tuple[Question, ...]
+  questions_b: tuple[Question, ...]  # held-out templates
   questions_a: tuple[Question, ...]
+  questions_b_train: tuple[Question, ...]  # training templates
+  questions_a_train: tuple[Question, ...]
 
 
 def question(subject: str, relation: str, obj: str, template: str) -> Question:
@@ -58,12 +60,13 @@ def question(subject: str, relation: str, obj: str, template: str) -> Question:
   return Question(text, len(pre), len(pre) + len(obj), subject, relation, obj)
 
 
-def held_out_questions(world: corpus.World, facts: Sequence[tuple[str, str, str]]
-                       ) -> tuple[Question, ...]:
-  """One question per (fact, held-out template of its relation): phrasings never trained on."""
+def template_questions(world: corpus.World, facts: Sequence[tuple[str, str, str]],
+                       held_out: bool = True) -> tuple[Question, ...]:
+  """One question per (fact, template of its relation): the held-out templates (phrasings no
+  training document has), or the training ones (`held_out=False`: the text's own phrasings)."""
   out = []
   for s, r, o in facts:
-    for template in corpus.TEMPLATES[(world.kinds[s], r)][1]:
+    for template in corpus.TEMPLATES[(world.kinds[s], r)][0 if not held_out else 1]:
       out.append(question(s, r, o, template))
   return tuple(out)
 
@@ -147,8 +150,10 @@ def make_knowledge(num_entities: int, world_seed: int, *, new_people: int, chang
     docs += [writer.document(s) for s in subjects]
   return Knowledge(world_a=world_a, world_b=world_b, new_people=tuple(names),
                    changed=tuple(changed), probe_a=tuple(probe), b_docs=tuple(docs),
-                   questions_b=held_out_questions(world_b, world_b.facts()),
-                   questions_a=held_out_questions(world_a, probe))
+                   questions_b=template_questions(world_b, world_b.facts()),
+                   questions_a=template_questions(world_a, probe),
+                   questions_b_train=template_questions(world_b, world_b.facts(), False),
+                   questions_a_train=template_questions(world_a, probe, False))
 
 
 def write_documents(docs: Sequence[corpus.Document], path: str) -> None:

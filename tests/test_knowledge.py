@@ -53,31 +53,43 @@ def test_results_have_per_seed_lists_for_every_method(out, report):
   assert os.path.getsize(os.path.join(out, "learning_forgetting.png")) > 1000
 
 
+def _views(report):
+  """(templates, target, methods) of the headline view and of every other view."""
+  yield report["primary_templates"], report["target_b_accuracy"], report["methods"]
+  for t, v in report["views"].items():
+    yield t, v["target"], v["methods"]
+
+
 def test_accuracies_and_drops_follow_from_the_recorded_values(report):
   before = report["before"]
-  for name in ("acc_a", "acc_b"):
-    assert 0.0 <= before[name] <= 1.0
-  for r in report["methods"].values():
-    sweep = r["sweep"]
-    op = sweep["steps"].index(r["operating_step"])
-    for i, seed in enumerate(sweep["seeds"]):
-      points = r["points"][str(seed)]
-      assert [p["step"] for p in points] == sweep["steps"][1:]
-      after = points[op - 1]
-      assert 0.0 <= after["acc_a"] <= 1.0 and 0.0 <= after["acc_b"] <= 1.0
-      assert r["new_fact_accuracy"][i] == after["acc_b"]
-      assert r["old_fact_accuracy_drop"][i] == before["acc_a"] - after["acc_a"]
-      if before["acc_a"] > 0:
-        assert np.isclose(r["old_fact_relative_drop"][i],
-                          (before["acc_a"] - after["acc_a"]) / before["acc_a"])
-      # Per-relation accuracies average (weighted by questions) to the overall one.
-      assert min(after["acc_b_by_relation"].values()) <= after["acc_b"] <= max(
-          after["acc_b_by_relation"].values())
+  assert {t for t, _, _ in _views(report)} == {"held_out", "train"}
+  for templates, _, methods in _views(report):
+    b, a = ("acc_b", "acc_a") if templates == "held_out" else ("acc_b_train", "acc_a_train")
+    assert 0.0 <= before[a] <= 1.0 and 0.0 <= before[b] <= 1.0
+    for r in methods.values():
+      sweep = r["sweep"]
+      op = sweep["steps"].index(r["operating_step"])
+      for i, seed in enumerate(sweep["seeds"]):
+        points = r["points"][str(seed)]
+        assert [p["step"] for p in points] == sweep["steps"][1:]
+        after = points[op - 1]
+        assert 0.0 <= after[a] <= 1.0 and 0.0 <= after[b] <= 1.0
+        assert r["new_fact_accuracy"][i] == after[b]
+        assert r["old_fact_accuracy_drop"][i] == before[a] - after[a]
+        if before[a] > 0:
+          assert np.isclose(r["old_fact_relative_drop"][i], (before[a] - after[a]) / before[a])
+        # The overall accuracy is the question-weighted mean of the per-relation ones.
+        rel = after[f"{b}_by_relation"]
+        assert min(rel.values()) <= after[b] <= max(rel.values())
 
 
 def test_drop_at_target_lies_on_the_sweep(report):
-  target = report["target_b_accuracy"]
-  for r in report["methods"].values():
+  for _, target, methods in _views(report):
+    _check_on_sweep(target, methods)
+
+
+def _check_on_sweep(target, methods):
+  for r in methods.values():
     sweep = r["sweep"]
     for xs, ys, got in zip(sweep["new_fact_accuracy"], sweep["old_fact_accuracy_drop"],
                            r["drop_at_target"]):
