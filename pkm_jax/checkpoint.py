@@ -5,7 +5,8 @@ Layout of a pretraining workdir:
   DIR/model_config.json      the frozen ModelConfig (vocab size resolved)
   DIR/tokenizer.json         the tokenizer the run trained or loaded
   DIR/checkpoints/<step>/    items: params, model_state (BatchNorm statistics), opt_state,
-                             sparse_opt_state, frozen (when present) and data (iterator state);
+                             sparse_opt_state, frozen, selection (when present) and data
+                             (iterator state);
                              checksums.sha256, every file's SHA-256 (`checksums`)
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
 during a save leaves the previous step as the latest restorable one. The checksums are written
@@ -37,12 +38,14 @@ from flax import nnx
 from pkm_jax import architecture
 from pkm_jax import checksums
 from pkm_jax import storage
+from pkm_jax.continual import freezing
+from pkm_jax.continual import lora as lora_lib
 from pkm_jax.models.registry import build_lm
 from pkm_jax.data.tokenizer import load_tokenizer
 from pkm_jax.steps import TrainState
 
 # TrainState fields saved as orbax items (empty ones are skipped), plus the data iterator's state.
-STATE_ITEMS = ("params", "model_state", "opt_state", "sparse_opt_state", "frozen")
+STATE_ITEMS = ("params", "model_state", "opt_state", "sparse_opt_state", "frozen", "selection")
 ITEMS = (*STATE_ITEMS, "data")
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's temporary step folder: <step><suffix>
 
@@ -322,20 +325,41 @@ def latest_step(workdir: str, step: int | None = None) -> int:
   return step
 
 
-def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, Any, int]:
+def restore_model(workdir: str, step: int | None = None, *, merge_lora: bool = True
+                  ) -> tuple[nnx.Module, Any, int]:
   """A training workdir's model at `step` (default latest), its tokenizer and that step.
 
-  The model is on one device (whatever mesh the run used), ready for eval mode.
+  The model is on one device (whatever mesh the run used), ready for eval mode; a LoRA run's
+  adapters (finetune.method='lora') are merged into its weights: a plain model (merge_lora=False:
+  the model with its adapters, as trained).
   """
   model_cfg = read_model_config(workdir)
   step = latest_step(workdir, step)
-  model = nnx.eval_shape(lambda: build_lm(model_cfg, rngs=nnx.Rngs(0)))
-  graphdef, params, model_state = nnx.split(model, nnx.Param, nnx.BatchStat)
+  config_path = os.path.join(workdir, "config.json")
+  run_config = read_json(config_path, "the run's settings") if storage.isfile(config_path) else {}
+  # The run split its frozen parameters off (finetune.method, optim.freeze_memory): its
+  # checkpoint holds them as the 'frozen' item.
+  freeze = freezing.run_frozen_filter(run_config)
+  finetune = run_config.get("finetune", {})
+  lora = finetune.get("method") == "lora"
+
+  def make():
+    model = build_lm(model_cfg, rngs=nnx.Rngs(0))
+    if lora:  # the adapters as trained, merged into the base weights below
+      lora_lib.add_lora(model, int(finetune["lora_rank"]), float(finetune["lora_alpha"]),
+                        nnx.Rngs(0))
+    return model
+
+  model = nnx.eval_shape(make)
+  graphdef, frozen, params, model_state = nnx.split(model, freeze, nnx.Param, nnx.BatchStat)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
   restored = restore_items(make_manager(workdir, read_only=True), step,
                            {"params": jax.tree.map(place, params),
-                            "model_state": jax.tree.map(place, model_state)})
-  model = nnx.merge(graphdef, restored["params"], restored["model_state"])
+                            "model_state": jax.tree.map(place, model_state),
+                            "frozen": jax.tree.map(place, frozen)})
+  model = nnx.merge(graphdef, restored["frozen"], restored["params"], restored["model_state"])
+  if lora and merge_lora:
+    lora_lib.merge_lora(model)
   tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer.json"))
   return model, tokenizer, step

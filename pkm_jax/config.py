@@ -33,6 +33,8 @@ TABLE_SPLITS = tuple(sharding.TABLE_SPLITS)  # mesh.table_split
 DTYPES = ("float32", "bfloat16", "float16")
 VALUE_DTYPES = ("float32", "bfloat16")  # memory.value_dtype
 DATA_SOURCES = ("generated", "files", "tfds", "prepared")
+FINETUNE_METHODS = ("full", "lora", "memory", "sparse_memory")  # pkm_jax.continual
+SLOT_REFRESHES = ("batch", "epoch")  # finetune.refresh: continual.slot_selection
 MIN_VOCAB = 16  # a trained WordPiece needs room for its special tokens and some characters
 MIN_BPE_VOCAB = 258  # a causal run's byte-level BPE: 256 bytes, EOS, pad (data.bpe.MIN_VOCAB)
 
@@ -79,6 +81,22 @@ def init_group() -> ml_collections.ConfigDict:
   # A converted checkpoint, a Hugging Face folder or a pkm-jax training workdir (+Init).
   # (Not "init.from": `from` is a Python keyword, which the --config.x.y parser cannot take.)
   return ml_collections.ConfigDict(dict(pretrained=""))
+
+
+def finetune_group() -> ml_collections.ConfigDict:
+  """The `finetune` group: how continued training from init.pretrained trains (pkm_jax.continual).
+
+  method: 'full' (every parameter), 'lora' (rank lora_rank adapters on the attention and FFN
+  projections, scaled by lora_alpha / lora_rank; all else frozen), 'memory' (every memory row
+  table; all else, query BatchNorm statistics included, frozen), 'sparse_memory' (as 'memory',
+  but a step writes only the top_t slots of each table by TF-IDF against a background sample
+  of background_batches batches of background_files, or of the pretrained run's own data when
+  empty; refresh 'batch': ranked on each step's batch, 'epoch': on one pass of the new data,
+  recounted after each pass).
+  """
+  return ml_collections.ConfigDict(dict(method="full", lora_rank=8, lora_alpha=16.0,
+                                        top_t=1000, refresh="batch", background_files="",
+                                        background_batches=16))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -129,6 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = mesh_group()
   c.eval = ml_collections.ConfigDict(dict(batches=0, batch_size=0))  # 0: whole split, train size
   c.init = init_group()
+  c.finetune = finetune_group()
   return c
 
 
@@ -368,10 +387,33 @@ def validate(config: ml_collections.ConfigDict, vocab_size: int | None = None) -
   for key in ("batches", "batch_size"):
     check_number(config.eval, "eval", key, lo=0)
   validate_mesh(config.mesh)
+  validate_finetune(config.finetune, config.memory, config.optim)
   if not any(rule[0] == "batch" for rule in config.mesh.rules or ()):
     # The batch goes over both mesh axes (sharding.DEFAULT_RULES); a -1 size is known only
     # once the devices are (the program checks the whole split then).
     check_batch_split(config, max(config.mesh.data, 1) * max(config.mesh.model, 1))
+
+
+def validate_finetune(f: ml_collections.ConfigDict, mem: ml_collections.ConfigDict,
+                      o: ml_collections.ConfigDict) -> None:
+  """The `finetune` group; what needs the model (a memory layer, top_t against its slots once
+  inherited from init.pretrained) is checked by pkm_jax.continual.methods.check_model."""
+  check_choice(f, "finetune", "method", FINETUNE_METHODS)
+  check_choice(f, "finetune", "refresh", SLOT_REFRESHES)
+  for key in ("lora_rank", "top_t", "background_batches"):
+    check_number(f, "finetune", key, lo=1)
+    if not isinstance(f[key], int):
+      raise ConfigError(f"finetune.{key}={f[key]!r} must be an integer")
+  check_number(f, "finetune", "lora_alpha", lo=0, lo_open=True)
+  if f.method != "full" and o.freeze_memory:
+    raise ConfigError(f"optim.freeze_memory=True goes with finetune.method='full' only; "
+                      f"finetune.method={f.method!r} decides what is frozen itself")
+  if f.method == "sparse_memory" and o.values_optimizer != "sparse_adam":
+    raise ConfigError("finetune.method='sparse_memory' writes only the selected rows: it needs "
+                      f"optim.values_optimizer='sparse_adam', not {o.values_optimizer!r}")
+  if f.method == "sparse_memory" and mem.mode != "none" and f.top_t > mem.n_keys ** 2:
+    raise ConfigError(f"finetune.top_t={f.top_t} exceeds the memory's {mem.n_keys ** 2} slots "
+                      f"(memory.n_keys={mem.n_keys} squared)")
 
 
 def validate_rope_scaling(scaling: Any) -> None:

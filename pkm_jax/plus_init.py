@@ -80,20 +80,29 @@ def init_from_pretrained(model: nnx.Module, pretrained_params: dict,
                      f"{'; '.join(diffs)}")
   state = nnx.state(model, nnx.Param)
   target = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+  # A pkm-jax workdir's weights carry its BatchNorm statistics (memory query norms): a model
+  # continued from it normalises its queries as it was trained to.
+  stats_state = nnx.state(model, nnx.BatchStat)
+  stats = traverse_util.flatten_dict(nnx.to_pure_dict(stats_state))
   source = traverse_util.flatten_dict(pretrained_params)
-  merged, loaded, dropped = dict(target), [], []
+  merged, merged_stats, loaded, dropped = dict(target), dict(stats), [], []
   for path, x in source.items():
-    if path not in target:
+    into = merged if path in target else merged_stats if path in stats else None
+    if into is None:
       dropped.append(path)
       continue
-    if tuple(np.shape(x)) != tuple(target[path].shape):
+    want = (target if into is merged else stats)[path]
+    if tuple(np.shape(x)) != tuple(want.shape):
       raise ValueError(f"pretrained tensor '{_name(path)}' has shape {tuple(np.shape(x))} but "
-                       f"the model's is {tuple(target[path].shape)}")
-    merged[path] = jnp.asarray(x, dtype=target[path].dtype)
+                       f"the model's is {tuple(want.shape)}")
+    into[path] = jnp.asarray(x, dtype=want.dtype)
     loaded.append(path)
   new = [p for p in target if p not in source]
   nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(merged))
   nnx.update(model, state)
+  if merged_stats:
+    nnx.replace_by_pure_dict(stats_state, traverse_util.unflatten_dict(merged_stats))
+    nnx.update(model, stats_state)
   size = lambda paths, tree: int(sum(np.size(tree[p]) for p in paths))
   return InitReport(loaded=[_name(p) for p in loaded], new=[_name(p) for p in new],
                     dropped=[_name(p) for p in dropped], loaded_params=size(loaded, source),

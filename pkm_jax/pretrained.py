@@ -35,9 +35,10 @@ def load_pretrained(path: str) -> tuple[ModelConfig, dict, Any]:
   Hugging Face folder (converted in memory) or a pkm-jax training workdir (latest step)."""
   if is_converted_dir(path):
     return converted.read_checkpoint(path)
-  if is_workdir(path):
+  if is_workdir(path):  # parameters and BatchNorm statistics (init_from_pretrained loads both)
     model, tokenizer, _ = ckpt_lib.restore_model(path)
-    return model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)), tokenizer
+    return (model.cfg, nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))),
+            tokenizer)
   if is_hf_folder(path):
     resolve_tokenizer_path(path)  # fails before any weights are read
     hf = convert_lib.convert_hf(path)

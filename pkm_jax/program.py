@@ -17,10 +17,13 @@ import ml_collections
 from flax import nnx
 
 from pkm_jax import checkpoint as ckpt_lib
-from pkm_jax import memory_kinds
+from pkm_jax import config as config_lib
 from pkm_jax import optim as optim_lib
 from pkm_jax import sharding as sharding_lib
 from pkm_jax.config import ConfigError
+from pkm_jax.continual import freezing
+from pkm_jax.continual import lora as lora_lib
+from pkm_jax.continual import slot_selection
 from pkm_jax.placement import MemoryPlacement
 from pkm_jax.models.tables import row_tables, state_at
 from pkm_jax.steps import LossFn, TrainState, make_train_step
@@ -42,6 +45,8 @@ class TrainProgram:
   batch_sharding: jax.sharding.NamedSharding  # every batch array: leading dim over the batch axes
   train_step: Callable  # jitted (state, batch) -> (state, metrics, aux), state donated
   init_reports: list  # what `init_from` returned, appended when init_state traces with a source
+  # Row tables the sparse path updates (`tables.row_tables`; empty without sparse_adam).
+  sparse_tables: dict = dataclasses.field(default_factory=dict)
 
   @property
   def replicated(self) -> jax.sharding.NamedSharding:
@@ -55,11 +60,7 @@ class TrainProgram:
 
 def frozen_filter(freeze_memory: bool) -> nnx.filterlib.Filter:
   """What stays fixed: every memory parameter and statistic under freeze_memory, else nothing."""
-  if not freeze_memory:
-    return nnx.Nothing
-  shared = [nnx.PathContains(memory_kinds.SHARED_PREFIX + name)  # tables on the BERT model
-            for name in (memory_kinds.VALUES, memory_kinds.DOWN)]
-  return nnx.All(nnx.Any(nnx.Param, nnx.BatchStat), nnx.Any(nnx.PathContains("memory"), *shared))
+  return freezing.frozen_filter("full", freeze_memory)
 
 
 def build_program(config: ml_collections.ConfigDict, *,
@@ -83,8 +84,18 @@ def build_program(config: ml_collections.ConfigDict, *,
     raise ConfigError(f"data.batch_size={batch_size} / train.grad_accum_steps={accum} = "
                       f"{batch_size // accum} sequences per micro-batch do not split over the "
                       f"{ways} devices of the batch axes (mesh.data x mesh.model)")
-  optimizers = optim_lib.make_optimizers(config.optim, total_steps)
-  freeze = frozen_filter(config.optim.freeze_memory)
+  finetune = config.get("finetune") or config_lib.finetune_group()
+  optim_cfg = config.optim
+  if finetune.method == "lora":  # the tables are frozen: nothing for a sparse optimizer
+    optim_cfg = ml_collections.ConfigDict({**optim_cfg.to_dict(), "values_optimizer": "adam"})
+  optimizers = optim_lib.make_optimizers(optim_cfg, total_steps)
+  freeze = freezing.frozen_filter(finetune.method, config.optim.freeze_memory)
+  if finetune.method == "lora":  # the base model with adapters on its projections
+    make_base = make_model
+
+    def make_model(placement):  # noqa: F811
+      return lora_lib.add_lora(make_base(placement), finetune.lora_rank, finetune.lora_alpha,
+                               nnx.Rngs(params=config.seed + 1))
   init_reports: list = []
 
   def split(model):
@@ -94,6 +105,7 @@ def build_program(config: ml_collections.ConfigDict, *,
   cfg = abstract_model.cfg
   graphdef = split(abstract_model)[0]
   sparse_tables = row_tables(cfg) if optimizers.sparse is not None else {}
+  select = finetune.method == "sparse_memory"
 
   def init_state(source=None) -> TrainState:
     model = make_model(placement)
@@ -102,9 +114,11 @@ def build_program(config: ml_collections.ConfigDict, *,
     _, frozen, params, model_state = split(model)
     sparse = {key: optimizers.sparse.init(state_at(params, path).get_value())
               for key, (path, _, _) in sparse_tables.items()}
+    selection = ({key: slot_selection.init_selection(cfg.memory.n_slots, finetune.refresh)
+                  for key in sparse_tables} if select else {})
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                       opt_state=optimizers.tx.init(params), sparse_opt_state=sparse,
-                      frozen=frozen)
+                      frozen=frozen, selection=selection)
 
   abstract_state = jax.eval_shape(init_state)
   state_sharding = sharding_lib.state_shardings(abstract_state, mesh, rules,
@@ -118,14 +132,17 @@ def build_program(config: ml_collections.ConfigDict, *,
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   step = make_train_step(graphdef, loss_fn, optimizers, seed=config.seed, placement=placement,
                          sparse_tables=sparse_tables, memory=cfg.memory, grad_accum_steps=accum,
-                         model_state_filter=nnx.All(nnx.BatchStat, nnx.Not(freeze)))
+                         model_state_filter=nnx.All(nnx.BatchStat, nnx.Not(freeze)),
+                         row_selection=slot_selection.make_row_selection(
+                             finetune.top_t, finetune.refresh, cfg.memory.n_slots)
+                         if select else None)
   train_step = jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, None, None), donate_argnums=(0,))
   return TrainProgram(mesh=mesh, model_cfg=cfg, placement=placement, graphdef=graphdef,
                       init_state=jax.jit(init_state, out_shardings=state_sharding),
                       abstract_state=abstract_state, state_sharding=state_sharding,
                       batch_sharding=batch_sharding, train_step=train_step,
-                      init_reports=init_reports)
+                      init_reports=init_reports, sparse_tables=sparse_tables)
 
 
 def restore_or_init(program: TrainProgram, manager: ckpt_lib.Manager, source: Any = None

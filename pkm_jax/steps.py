@@ -47,6 +47,9 @@ class TrainState:
   opt_state: optax.OptState
   sparse_opt_state: dict  # str(layer) -> SparseAdamState; empty unless sparse value updates
   frozen: Any = dataclasses.field(default_factory=dict)  # params and statistics kept as they are
+  # finetune.method='sparse_memory': per row table, the slot selection's state
+  # (pkm_jax.continual.slot_selection: background df, writes so far); empty otherwise.
+  selection: dict = dataclasses.field(default_factory=dict)
 
 
 def mlm_loss(model: nnx.Module, batch: dict, rngs: nnx.Rngs | None, value_probes: dict | None,
@@ -108,13 +111,18 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimiz
                     seed: int, placement: MemoryPlacement = SINGLE_DEVICE,
                     sparse_tables: dict | None = None, memory: MemoryConfig | None = None,
                     grad_accum_steps: int = 1,
-                    model_state_filter: nnx.filterlib.Filter = nnx.BatchStat) -> Callable:
+                    model_state_filter: nnx.filterlib.Filter = nnx.BatchStat,
+                    row_selection: Callable | None = None) -> Callable:
   """(TrainState, batch) -> (TrainState, metrics, {layer: MemoryAux}); pure, jit it once.
 
   `optimizers.tx` updates the params from their dense gradients, `optimizers.sparse` (with
   `sparse_tables`: `tables.row_tables(cfg)`, and `memory`: the memory config) the row tables from
   the gradients of their picked rows; with grad_clip > 0 both are first clipped by their joint
   global norm. `model_state_filter` selects the statistics the step updates (frozen ones stay).
+  `row_selection` (finetune.method='sparse_memory': continual.slot_selection.make_row_selection)
+  maps each table's picks and its TrainState.selection entry to (picks with the rows that may
+  not be written turned into padding, the entry updated): those rows get no gradient and no
+  update.
   """
   base_key = cpu_random.key(seed)  # jax's Threefry bits, drawn in one pass on CPUs
   tx, sparse_tx, schedule = optimizers.tx, optimizers.sparse, optimizers.schedule
@@ -172,6 +180,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimiz
     # Sparse path: the gradients of the picked rows of every table (built inside each row block
     # when the table is split). They join the global norm the dense gradients are clipped by.
     rows, rows_sq_norm = {}, jnp.zeros((), jnp.float32)
+    selection = dict(state.selection)
     n_slots = memory.n_slots if memory is not None else 0
     for key, (_, name, readers) in tables.items():
       # Padding tokens' picks become padding rows: a row read only by padding is not touched.
@@ -191,6 +200,8 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimiz
           parts.append((a.indices, w, (g[0] if peer else g) / count))
       picks, weights, grad_out = (jnp.concatenate(x, axis=1) for x in zip(*parts))
       picks = jnp.where(jnp.concatenate([real] * len(readers), axis=1), picks, n_slots)
+      if row_selection is not None:
+        picks, selection[key] = row_selection(picks, state.selection[key])
       row_ids, row_grads, sq_norm = placement.row_gradients(
           picks, weights, grad_out.astype(jnp.float32), num_rows=n_slots)
       rows[key] = (row_ids, row_grads)
@@ -222,7 +233,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, optimizers: Optimiz
                    finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr))
     new_state = TrainState(step=state.step + 1, params=params, model_state=model_state,
                            opt_state=opt_state, sparse_opt_state=sparse_opt_state,
-                           frozen=state.frozen)
+                           frozen=state.frozen, selection=selection)
     return new_state, metrics, aux
 
   return train_step

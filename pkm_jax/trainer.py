@@ -29,6 +29,8 @@ from pkm_jax import plus_init
 from pkm_jax import pretrained as pretrained_lib
 from pkm_jax import program as program_lib
 from pkm_jax import storage
+from pkm_jax.continual import methods as methods_lib
+from pkm_jax.continual import slot_selection
 from pkm_jax.models.registry import build_lm
 from pkm_jax.loop import Periodic, train_loop
 from pkm_jax.program import TrainProgram
@@ -140,15 +142,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.init.pretrained:
     # +Init: sizes (and the tokenizer) come from the pretrained model unless set explicitly.
     if steps:  # the workdir's own model config; the weights come from its checkpoint
-      config = plus_init.resolve_model_config(config, ckpt_lib.read_model_config(workdir))
+      own_cfg = ckpt_lib.read_model_config(workdir)
+      config = methods_lib.resolve(plus_init.resolve_model_config(config, own_cfg), own_cfg)
     else:
       src_cfg, src_params, _ = pretrained_lib.load_pretrained(config.init.pretrained)
-      config = plus_init.resolve_model_config(config, src_cfg)
+      # Continued training keeps the pretrained memory unless the config sets its own.
+      config = methods_lib.resolve(plus_init.resolve_model_config(config, src_cfg), src_cfg)
       pretrained_weights = (src_cfg, src_params)
   causal = config.model.family != "bert"
   tokenizer = data_lib.build_tokenizer(config.data, workdir, save=False, causal=causal)
   vocab_size = tokenizer.get_vocab_size()
   config_lib.validate(config, vocab_size=vocab_size)
+  methods_lib.check_model(config, config_lib.model_config(config, vocab_size=vocab_size))
+  sparse_memory = config.finetune.method == "sparse_memory"
+  # sparse_memory's background sample (the idf), read before any work: a fresh run only.
+  bg_batches = (methods_lib.background_batches(config, tokenizer, causal)
+                if sparse_memory and not steps else None)
   program = build_train_program(config, vocab_size,
                                 pretrained_weights[0] if pretrained_weights else None)
   model_cfg = program.model_cfg
@@ -173,11 +182,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              if config.init.pretrained else ""))
   elif program.init_reports:
     print(f"+Init from {config.init.pretrained}: {program.init_reports[0].summary()}")
-  save_run_files(workdir, config, model_cfg, tokenizer)
 
   # --- Evaluation and memory statistics -----------------------------------------------------
   mesh, replicated = program.mesh, program.replicated
   eval_step = jit_eval_step(program)
+
+  def count_slots(state, batches) -> dict:
+    with jax.set_mesh(mesh):
+      return slot_selection.background_counts(
+          eval_step, (state.params, state.model_state, state.frozen), batches,
+          program.to_device, program.sparse_tables)
+
+  background = None
+  if bg_batches is not None:
+    # The idf: accesses of the pretrained model's slots on the background sample.
+    background = count_slots(state, bg_batches)
+    for key, b in background.items():
+      state.selection[key][slot_selection.DF] = jax.device_put(
+          np.asarray(b["df"], np.float32), replicated)
+      state.selection[key][slot_selection.N_BACKGROUND] = jax.device_put(
+          np.float32(b["n_batches"]), replicated)
+  save_run_files(workdir, config, model_cfg, tokenizer)
+  epoch_refresh = sparse_memory and config.finetune.refresh == "epoch"
+
+  def recount_tf(step: int, state) -> None:
+    """refresh='epoch': the new data's accesses over one pass, with the model as it is now.
+    The step's state is replaced in place (the loop hands this very object to the next step)."""
+    counts = count_slots(state, methods_lib.epoch_batches(train_iter))
+    for key, c in counts.items():
+      state.selection[key] = {**state.selection[key], slot_selection.TF: jax.device_put(
+          np.asarray(c["counts"], np.float32), replicated)}
+
+  if epoch_refresh and data_state is None:
+    recount_tf(0, state)
 
   def evaluate(step: int, state, writer: MetricWriter | None = None) -> dict:
     with jax.set_mesh(mesh):
@@ -231,15 +268,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   t = config.train
   with MetricWriter(os.path.join(workdir, "tensorboard")) as writer:
     try:
-      _, result = train_loop(
+      state, result = train_loop(
           program, state, train_iter, start_step=start_step, total_steps=t.steps,
           writer=writer, log_every=t.log_every, save=Periodic(t.checkpoint_every, save),
           latest_saved=manager.latest_step,
           evaluate=Periodic(t.eval_every, lambda step, s: evaluate(step, s, writer)),
           # Usage statistics cover exactly `stats_every` steps each: none for a last, partial span.
-          periodic=(Periodic(stats_every, write_usage, at_end=False),) if stats_every else (),
+          periodic=((Periodic(stats_every, write_usage, at_end=False),) if stats_every else ())
+          + ((Periodic(methods_lib.epoch_steps(train_iter), recount_tf, at_end=False),)
+             if epoch_refresh else ()),
           after_step=add_usage if stats_every else None,
           sequences_per_step=config.data.batch_size)
     finally:
       manager.wait_until_finished()
+  if sparse_memory and jax.process_index() == 0:
+    save_selection_report(workdir, config, jax.device_get(state.selection), background)
   return result
+
+
+def save_selection_report(workdir: str, config: ml_collections.ConfigDict, selection: dict,
+                          background: dict | None) -> None:
+  """WORKDIR/selected_slots.json: per table, the slots sparse_memory wrote and in how many
+  steps (continual.slot_selection.written_report), with the run's selection settings."""
+  f = config.finetune
+  report = {"method": f.method, "top_t": f.top_t, "refresh": f.refresh,
+            "background_batches": f.background_batches,
+            "tables": slot_selection.written_report(selection)}
+  if background is not None:
+    for key, b in background.items():
+      used = np.flatnonzero(np.asarray(b["counts"]) > 0)
+      report["tables"][key]["background_slots_used"] = int(used.size)
+  ckpt_lib.write_json(os.path.join(workdir, "selected_slots.json"), report)

@@ -127,6 +127,35 @@ def test_refused_resume_writes_nothing(workdir, override, needle):
   assert snapshot(path) == before
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--config.finetune.method=sparse_memory", "--config.optim.values_optimizer=sparse_adam",
+      "--config.memory.mode=none", "--config.finetune.top_t=4"], "no memory layer"),
+    (["--config.finetune.method=memory"], "set init.pretrained"),
+])
+def test_a_method_the_model_cannot_use_is_refused(tmp_path, args, needle):
+  proc = run("train.py", f"--workdir={tmp_path / 'w'}", *TINY, *args)
+  assert_one_line_error(proc, needle)
+  assert not (tmp_path / "w").exists()
+
+
+def test_sparse_memory_refuses_a_bad_background_before_any_work(workdir, tmp_path):
+  path, before = workdir
+  empty, new = tmp_path / "empty.txt", tmp_path / "new.txt"
+  empty.write_text("")
+  new.write_text("a new fact about the river.\n\nanother fact about the castle.\n")
+  common = ["--config", "configs/sparse_memory.py", "--config.data.batch_size=8",
+            "--config.data.max_len=32", f"--config.init.pretrained={path}", "--config.data.source=files",
+            f"--config.data.files={new}", "--config.data.eval_fraction=0.5"]
+  for extra, needle in (([f"--config.finetune.background_files={empty}",
+                          "--config.finetune.top_t=4"], "background sample"),
+                        (["--config.finetune.top_t=65"], "finetune.top_t=65 exceeds")):
+    proc = run("train.py", f"--workdir={tmp_path / 'ft'}", *common, *extra)  # no TINY: the
+    # model's sizes are the pretrained run's
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "ft").exists()
+  assert snapshot(path) == before
+
+
 def test_settings_that_cannot_work_are_refused_before_any_work(tmp_path):
   proc = run("train.py", f"--workdir={tmp_path / 'w'}", *TINY, "--config.data.eval_fraction=0")
   assert_one_line_error(proc, "data.eval_fraction=0")
@@ -433,6 +462,12 @@ PRETRAINING_BAD = {
     "mesh.table_split": ["diagonal"],
     "eval.batches": [-1],
     "eval.batch_size": [-1],
+    "finetune.method": ["adapters"],
+    "finetune.lora_rank": [0, -2],
+    "finetune.lora_alpha": [0.0, float("nan")],
+    "finetune.top_t": [0],
+    "finetune.refresh": ["daily"],
+    "finetune.background_batches": [0],
 }
 # Checked together with another key.
 PRETRAINING_COMBOS = [
@@ -440,6 +475,10 @@ PRETRAINING_COMBOS = [
     ({"mesh.data": -1, "mesh.model": -1}, "both be -1"),
     ({"data.source": "prepared", "data.path": ""}, "needs data.path"),
     ({"data.eval_files": "/data/*.txt", "data.eval_path": "/data/prepared"}, "not both"),
+    ({"finetune.method": "sparse_memory", "optim.values_optimizer": "sparse_adam",
+      "finetune.top_t": 128 ** 2 + 1}, "exceeds the memory's 16384 slots"),
+    ({"finetune.method": "sparse_memory"}, "needs optim.values_optimizer='sparse_adam'"),
+    ({"finetune.method": "memory", "optim.freeze_memory": True}, "freeze_memory"),
 ]
 FREE = {
     "model.use_pooler": "a bool (the flag parser refuses other types)",
@@ -458,6 +497,8 @@ FREE = {
     "data.eval_path": "as data.path",
     "data.tokenizer": "opened by load_tokenizer (FileNotFoundError naming the path)",
     "init.pretrained": "opened by load_pretrained (FileNotFoundError naming the path)",
+    "finetune.background_files": "read by the data loader (one line naming the sample; "
+                                 "test_continual's test_background_needs_a_sample_it_can_read)",
 }
 FINETUNE_BAD = {
     "task": ["sst3"], "tasks": ["sst2,bogus"], "seed": [-1],

@@ -182,4 +182,6 @@ def test_load_pretrained_from_training_workdir(tmp_path):
   assert pretrained.is_workdir(workdir)
   loaded_cfg, loaded, _ = pretrained.load_pretrained(workdir)
   assert loaded_cfg == cfg
-  jax.tree.map(np.testing.assert_array_equal, loaded, nnx.to_pure_dict(params))
+  # Parameters and the memory's BatchNorm statistics: a run continued from it keeps both.
+  jax.tree.map(np.testing.assert_array_equal, loaded,
+               nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))))

@@ -171,7 +171,8 @@ def checkout(tmp_path_factory):
   rng = random.Random(2)
   # Text: /data/wiki and /data/books (documents of sentences), WikiText-103's raw files.
   for folder, names in (("wiki", ("part0.txt", "part1.txt")), ("books", ("part0.txt",)),
-                        ("wikitext-103", ("wiki.valid.raw", "wiki.test.raw"))):
+                        ("wikitext-103", ("wiki.valid.raw", "wiki.test.raw")),
+                        ("new", ("facts.txt",))):
     (root / "data" / folder).mkdir(parents=True)
     for name in names:
       docs = ["\n".join(" ".join(rng.sample(words, 8)) + "." for _ in range(4))
@@ -213,6 +214,8 @@ def plan(command: str, root: str) -> tuple[list[list[str]], dict[str, str]]:
           extra += " --config.model.dtype=float32"  # bf16 on a CPU is slow, not different
       elif "causal_resm_init" in config:  # sizes are the pretrained model's (2 layers)
         extra += " --config.memory.layers=(0,1)"
+      elif "sparse_memory" in config:  # TINY_TRAIN's memory has 8**2 slots
+        extra += " --config.finetune.top_t=16 --config.finetune.background_batches=2"
       if "--coordinator_address" in text:
         argv = [a.replace(":12345", f":{free_port()}") for a in argv]
       argv += shlex.split(extra)
