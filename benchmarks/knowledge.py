@@ -72,8 +72,8 @@ def settings(quick: bool) -> dict[str, Any]:
   return dict(world=dict(num_entities=80, num_docs=4000, seed=0),
               b=dict(new_people=20, changed_people=20, changes_per_entity=2, probe_facts=300,
                      docs_per_entity=8),
-              pretrain_steps=1200, sweep_steps=(30, 60, 90, 120), top_t=1000, batch_size=32,
-              lr=dict(full=3e-4, lora=1e-3, memory=1e-3, sparse_memory=1e-3))
+              pretrain_steps=1200, sweep_steps=(15, 30, 60, 90), top_t=1000, batch_size=32,
+              lr=dict(full=3e-4, lora=2e-3, memory=3e-3, sparse_memory=3e-3))
 
 
 def pretrain_config(quick: bool) -> ml_collections.ConfigDict:
@@ -113,9 +113,12 @@ def finetune_config(pre: ml_collections.ConfigDict, method: str, seed: int, *, q
   config.data.update(source="files", files=b_text, eval_fraction=0.0, eval_files=a_text,
                      batch_size=s["batch_size"])
   lr = s["lr"][method]
-  # values_lr 0: the value rows share optim.lr, the one number each method's sweep is run at.
+  # values_lr 0: the value rows share optim.lr, the one number each method's sweep is run at;
+  # sparse Adam on the rows (as configs/sparse_memory.py: sparse_memory requires it), so a row
+  # no step reads is never written, under every method.
   config.optim.update(lr=lr, values_lr=0.0, values_schedule="network", decay="constant",
-                      warmup_steps=0, warmup_fraction=0.0)
+                      warmup_steps=0, warmup_fraction=0.0, weight_decay=0.0,
+                      values_optimizer="sparse_adam")
   every = math.gcd(*steps)
   config.train.update(steps=max(steps), log_every=every, eval_every=max(steps), eval_batches=1,
                       checkpoint_every=every, keep_checkpoints=max(steps) // every,
@@ -320,12 +323,14 @@ def finetune_run(cfg: ml_collections.ConfigDict, workdir: str, ev: Any, rows0: d
 
 
 def read_selected(workdir: str) -> dict[str, list[int]] | None:
-  """The slots a memory method was allowed to write, per layer, if the run recorded them."""
+  """The slots sparse_memory selected and wrote, per table (str(layer)), as its run recorded
+  them (selected_slots.json, pkm_jax/continual); None for the other methods."""
   path = os.path.join(workdir, "selected_slots.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    saved = json.load(f)
+  return {key: t["written_slots"] for key, t in saved["tables"].items()}
 
 
 def run(out: str, *, quick: bool, seeds: int, methods: tuple[str, ...]) -> dict[str, Any]:
