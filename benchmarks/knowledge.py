@@ -72,7 +72,7 @@ def settings(quick: bool) -> dict[str, Any]:
   return dict(world=dict(num_entities=80, num_docs=4000, seed=0),
               b=dict(new_people=20, changed_people=20, changes_per_entity=2, probe_facts=300,
                      docs_per_entity=8),
-              pretrain_steps=1200, sweep_steps=(15, 30, 60, 90), top_t=1000, batch_size=32,
+              pretrain_steps=1200, sweep_steps=(20, 40, 60, 80), top_t=1000, batch_size=32,
               lr=dict(full=3e-4, lora=2e-3, memory=3e-3, sparse_memory=3e-3))
 
 
@@ -376,8 +376,8 @@ def run(out: str, *, quick: bool, seeds: int, methods: tuple[str, ...]) -> dict[
 
   steps = list(s["sweep_steps"])
   runs: dict[str, dict[int, dict]] = {}
-  for method in methods:
-    for seed in range(seeds):
+  for seed in range(seeds):  # seed-major: an interrupted run has every method at some seeds
+    for method in methods:
       workdir = os.path.join(out, "runs", method, f"seed{seed}")
       print(f"=== {method}, seed {seed}: lr {s['lr'][method]:g}, steps {steps}", flush=True)
       cfg = finetune_config(pre_cfg, method, seed, quick=quick, pretrained=pre_dir,
