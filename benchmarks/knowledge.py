@@ -73,7 +73,7 @@ def settings(quick: bool) -> dict[str, Any]:
               b=dict(new_people=40, changed_people=40, changes_per_entity=2, probe_facts=400,
                      docs_per_entity=8),
               pretrain_steps=2000, sweep_steps=(20, 40, 60, 80), top_t=1000, batch_size=32,
-              lr=dict(full=3e-4, lora=2e-3, memory=3e-3, sparse_memory=3e-3))
+              lr=dict(full=3e-4, lora=1e-2, memory=2e-2, sparse_memory=2e-2))
 
 
 def pretrain_config(quick: bool) -> ml_collections.ConfigDict:
