@@ -1,7 +1,7 @@
 """Knowledge added without forgetting: each fine-tuning method learns world B's facts; what does
 it forget of world A's?
 
-  python benchmarks/knowledge.py --out /tmp/knowledge           # 3 seeds: ~25 min, 2 CPU cores
+  python benchmarks/knowledge.py --out /tmp/knowledge           # 3 seeds: ~50 min, 2 busy cores
   python benchmarks/knowledge.py --quick --out /tmp/knowledge_q  # tiny sizes, 1 seed: CI
 
 1. World A: the generated corpus (pkm_jax/data/corpus.py). A BERT + ResM model (memory at

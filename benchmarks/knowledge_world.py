@@ -77,7 +77,8 @@ def _new_names(world_a: corpus.World, n: int, seed: int) -> list[str]:
   taken = set(world_a.kinds)
   attempt = 0
   while len(names) < n:
-    other = corpus.generate_world(max(40, 2 * n), seed=f"B/{seed}/{attempt}")  # type: ignore[arg-type]
+    # random.Random takes a string seed: another world, reproducibly.
+    other = corpus.generate_world(max(40, 2 * n), f"B/{seed}/{attempt}")  # type: ignore
     for name, kind in other.kinds.items():
       # A person whose surname or first name is an A entity's name would read as that entity.
       if kind == "person" and name not in taken and not set(name.split()) & taken:
@@ -139,8 +140,8 @@ def make_knowledge(num_entities: int, world_seed: int, *, new_people: int, chang
   # B's subjects with all their (A-updated) attributes, then writes from B's facts alone: an
   # old person's document states only what changed.
   full = {p: {**world_a.attributes.get(p, {}), **a} for p, a in attrs.items()}
-  writer = corpus._Writer(dataclasses.replace(world_b, attributes=full), rng,  # pylint: disable=protected-access
-                          held_out=False)
+  make_writer = corpus._Writer  # pylint: disable=protected-access
+  writer = make_writer(dataclasses.replace(world_b, attributes=full), rng, held_out=False)
   writer.world = world_b
   writer.unstated = {e: list(a) for e, a in attrs.items()}
   docs = []

@@ -98,7 +98,8 @@ def _check_on_sweep(target, methods):
         continue
       on = [np.isclose(got, y0 + (target - x0) / (x1 - x0) * (y1 - y0)) if x1 != x0
             else np.isclose(got, y0)
-            for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]) if min(x0, x1) <= target <= max(x0, x1)]
+            for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:])
+            if min(x0, x1) <= target <= max(x0, x1)]
       assert any(on) or (xs[0] >= target and got == ys[0])
 
 
