@@ -56,6 +56,11 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict,
         raise ValueError(f"{workdir} was trained with optim.{key}={was!r}, not "
                          f"{config.optim[key]!r} (its optimizer state has another layout); use "
                          "a new --workdir")
+    was = saved.get("finetune", {}).get("method", "full")
+    if was != config.finetune.method:
+      raise ValueError(f"{workdir} was trained with finetune.method={was!r}, not "
+                       f"{config.finetune.method!r} (another set of trained parameters); use a "
+                       "new --workdir")
 
   def structure(cfg):
     return dataclasses.replace(cfg, remat=False, dtype="float32")

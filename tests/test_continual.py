@@ -174,19 +174,23 @@ def test_background_counts_count_batches_per_slot():
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (virtual) devices")
-@pytest.mark.parametrize("split", ["rows"])
-def test_sparse_memory_on_a_mesh_equals_one_device(world, runs, split):
-  one = flat_state(runs("sparse_memory", **{"finetune.method": "sparse_memory"}))
-  mesh = flat_state(runs(f"sparse_memory_mesh_{split}", **{
-      "finetune.method": "sparse_memory", "mesh.data": 2, "mesh.model": 2,
-      "mesh.table_split": split}))
-  for key, want in one.items():
-    np.testing.assert_allclose(mesh[key], want, rtol=1e-5, atol=1e-6, err_msg=str(key))
-  with open(os.path.join(runs("sparse_memory"), "selected_slots.json")) as f:
-    want_slots = json.load(f)["tables"]
-  with open(os.path.join(runs(f"sparse_memory_mesh_{split}"), "selected_slots.json")) as f:
-    got_slots = json.load(f)["tables"]
-  assert got_slots == want_slots
+@pytest.mark.parametrize("method, split", [("sparse_memory", "rows"),
+                                           ("sparse_memory", "columns"), ("lora", "rows")])
+def test_a_mesh_run_equals_the_one_device_run(world, runs, method, split):
+  extra = {"optim.lr": 1e-2} if method == "lora" else {}
+  one = runs(method, **{"finetune.method": method, **extra})
+  mesh = runs(f"{method}_mesh_{split}", **{
+      "finetune.method": method, "mesh.data": 2, "mesh.model": 2, "mesh.table_split": split,
+      **extra})
+  want, got = flat_state(one), flat_state(mesh)
+  for key, value in want.items():
+    np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=str(key))
+  if method == "sparse_memory":  # the same slots chosen: selection is per global slot
+    reports = []
+    for workdir in (one, mesh):
+      with open(os.path.join(workdir, "selected_slots.json")) as f:
+        reports.append(json.load(f)["tables"])
+    assert reports[0] == reports[1]
 
 
 def test_background_needs_a_sample_it_can_read(world, tmp_path):
@@ -252,3 +256,43 @@ def test_lora_on_the_decoders_merges_to_the_same_logits(family):
   lora.merge_lora(model)
   merged, _ = model(x, jnp.ones_like(x))
   np.testing.assert_allclose(merged, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_a_shared_table_of_a_causal_lm_writes_only_its_top_t(tmp_path):
+  """GPT-2 with one value table shared by two memory layers (one table: picks pooled), one
+  step of the program train.py runs: the rows that change are exactly the brute-force top-t
+  of the step's own picks; every other parameter is unchanged."""
+  config = set_keys(sparse_memory_config.get_config(), {
+      "model.family": "gpt2", "model.hidden_size": 32, "model.num_layers": 2,
+      "model.num_heads": 2, "model.intermediate_size": 64, "model.max_position_embeddings": 32,
+      "memory.mode": "residual", "memory.layers": (0, 1), "memory.n_keys": 8,
+      "memory.heads": 2, "memory.k": 4, "memory.k_dim": 16, "memory.share_values": True,
+      "data.vocab_size": 300, "data.batch_size": 4, "data.max_len": 16,
+      "finetune.top_t": 5, "optim.lr": 1e-2, **ONE_DEVICE})
+  program = trainer.build_train_program(config, 300)
+  n_slots, (key,) = 64, program.sparse_tables
+  assert key == "memory_values"
+  with jax.set_mesh(program.mesh):
+    state = program.init_state()
+  df = np.random.default_rng(0).integers(0, 5, n_slots).astype(np.float32)
+  state.selection[key] = {**state.selection[key], "df": jax.device_put(df, program.replicated),
+                          "n_background": jax.device_put(np.float32(4), program.replicated)}
+  before = jax.tree.map(np.asarray, (state.params, state.frozen))
+  rng = np.random.default_rng(1)
+  b, t = 4, 16
+  x = rng.integers(3, 300, (b, t)).astype(np.int32)
+  batch = program.to_device({
+      "input_ids": x, "attention_mask": np.ones((b, t), np.int32),
+      "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+      "segment_ids": np.ones((b, t), np.int32), "targets": np.roll(x, -1, axis=1),
+      "target_weights": np.ones((b, t), np.float32)})
+  with jax.set_mesh(program.mesh):
+    state, _, aux = program.train_step(state, batch)
+  picks = np.concatenate([np.asarray(aux[layer].indices) for layer in (0, 1)], axis=1)
+  want = brute_force_selection(picks, df, 4, 5, n_slots)
+  table = ("decoder", "memory_values")
+  old = np.asarray(before[0][table[0]][table[1]].get_value())
+  new = np.asarray(state.params[table[0]][table[1]].get_value())
+  assert set(changed_rows(old, new).tolist()) == want
+  for a, c in zip(jax.tree.leaves(before[1]), jax.tree.leaves(state.frozen)):
+    np.testing.assert_array_equal(np.asarray(c), a)

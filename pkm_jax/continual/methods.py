@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -27,18 +27,12 @@ from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import config as config_lib
 from pkm_jax import data as data_lib
 from pkm_jax import storage
+from pkm_jax.pretrained import is_workdir
 from pkm_jax.architecture import MemoryConfig, ModelConfig
 from pkm_jax.config import ConfigError
-from pkm_jax.continual import slot_selection
 from pkm_jax.continual.freezing import MEMORY_METHODS
 
 _MEMORY_FIELDS = tuple(f for f in MemoryConfig.__dataclass_fields__)
-
-
-def is_workdir(path: str) -> bool:
-  """A pkm-jax training workdir (as pkm_jax.pretrained.is_workdir)."""
-  return (storage.isfile(os.path.join(path, "model_config.json"))
-          and storage.isdir(os.path.join(path, "checkpoints")))
 
 
 def resolve(config: ml_collections.ConfigDict, pretrained_cfg: ModelConfig
@@ -116,7 +110,7 @@ def background_batches(config: ml_collections.ConfigDict, tokenizer: Any, causal
 def epoch_batches(train_iter: Any) -> Iterator[dict]:
   """One pass over the training split's rows (refresh='epoch': what tf counts), as this
   process's rows of ceil(rows / batch) global batches of the run's iterator."""
-  steps = math.ceil(len(train_iter.source) / train_iter.batch_size)
+  steps = epoch_steps(train_iter)
   per_host = train_iter.batch_size // jax.process_count()
   lo = jax.process_index() * per_host
   for step in range(steps):
@@ -127,10 +121,3 @@ def epoch_batches(train_iter: Any) -> Iterator[dict]:
 def epoch_steps(train_iter: Any) -> int:
   """Steps one pass over the training split takes (refresh='epoch' recounts after each)."""
   return math.ceil(len(train_iter.source) / train_iter.batch_size)
-
-
-def count_tf(eval_step: Callable, states: tuple, batches, to_device: Callable, tables: dict
-             ) -> dict[str, np.ndarray]:
-  """Per table: accesses of each slot over `batches` (refresh='epoch''s tf counts)."""
-  counts = slot_selection.background_counts(eval_step, states, batches, to_device, tables)
-  return {key: c["counts"].astype(np.float32) for key, c in counts.items()}

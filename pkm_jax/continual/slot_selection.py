@@ -1,8 +1,11 @@
 """Which memory slots a sparse_memory fine-tuning step may write: TF-IDF of slot accesses.
 
 Lin et al. 2025 ("Continual Learning via Sparse Memory Finetuning", arXiv 2510.15103, §3):
-a slot is worth updating when the new data reads it much more than pretraining data does. For
-each memory row table (a shared table is one table, its readers' picks pooled) and slot i:
+a slot is worth updating when the new data reads it much more than pretraining data does. The
+formula below is the paper's TF-IDF as this module implements it (the paper's equation was not
+in the reference text available when this was written: check it against §3 before relying on
+the exact smoothing). For each memory row table (a shared table is one table, its readers'
+picks pooled) and slot i:
 
     tf(i)    = c(i) / sum_j c(j)         c(i): accesses of slot i (picks of real tokens, every
                                          head and reader layer) in this step's batch
