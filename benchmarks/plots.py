@@ -133,3 +133,29 @@ def plot_usage_maps(maps: dict[str, dict[int, np.ndarray]], path: str) -> None:
   fig.suptitle("slot usage on the held-out split (sub-key 1 = row, sub-key 2 = column)")
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def plot_learning_forgetting(methods: dict[str, dict], target: float, path: str) -> None:
+  """The knowledge benchmark: learning (B accuracy, x) against forgetting (A-probe drop, y), one
+  curve per method through its sweep (step 0 = the pretrained model), seed means with sd bars;
+  the dotted line is the B accuracy at which the drops are compared."""
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  colors = {"full": "#d62728", "lora": "#ff7f0e", "memory": "#1f77b4",
+            "sparse_memory": "#2ca02c"}
+  for method, r in methods.items():
+    sweep = r["sweep"]
+    x = 100 * np.asarray(sweep["new_fact_accuracy"], np.float64)  # [seeds, points]
+    y = 100 * np.asarray(sweep["old_fact_accuracy_drop"], np.float64)
+    ax.errorbar(x.mean(0), y.mean(0), xerr=x.std(0), yerr=y.std(0), marker="o", ms=4,
+                capsize=2, color=colors.get(method), label=method)
+    for step, xi, yi in zip(sweep["steps"], x.mean(0), y.mean(0)):
+      ax.annotate(str(step), (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
+  ax.axvline(100 * target, color="#7f7f7f", linestyle=":", linewidth=1)
+  ax.axhline(0, color="#7f7f7f", linewidth=0.5)
+  ax.set_xlabel("accuracy on B's facts (%)")
+  ax.set_ylabel("drop in accuracy on A's facts (points)")
+  ax.set_title("learning vs forgetting (labels: fine-tuning steps)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -44,6 +44,7 @@ NOT_RUN = {
     "python benchmarks/accelerator.py": "tests/test_memory_layer_benchmark.py runs it (--tiny)",
     "python benchmarks/pod_plan.py": "tests/test_pod_plan.py runs it (with --quick)",
     "python benchmarks/serving.py": "tests/test_serving.py runs it (with --quick)",
+    "python benchmarks/knowledge.py": "tests/test_knowledge.py runs it (with --quick)",
 }
 # The bucket the README's gs:// commands name: served by fake-gcs-server (tests/gcs_emulator.py).
 README_BUCKET = "my-bucket"
