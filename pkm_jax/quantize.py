@@ -62,12 +62,6 @@ def quantize_rows(table_NxD: np.ndarray, value_dtype: str) -> tuple[np.ndarray, 
   return stored, scale_N.astype(np.float32)
 
 
-def dequantize_rows(stored_NxD: np.ndarray, scale_N: np.ndarray) -> np.ndarray:
-  """scale * stored as float32 [N, D]: the reference the tests compare lookups with (the
-  model never builds it)."""
-  return np.asarray(stored_NxD, np.float32) * np.asarray(scale_N, np.float32)[:, None]
-
-
 def quantized_config(cfg: ModelConfig, value_dtype: str) -> ModelConfig:
   """`cfg` with its row tables stored as `value_dtype`."""
   return dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, value_dtype=value_dtype))

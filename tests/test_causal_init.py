@@ -2,9 +2,6 @@
 Llama with zero-initialised ResM values computes exactly the pretrained logits at step 0, and
 transformers' within 1e-4; then train.py runs the README's +Init command."""
 
-import os
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -47,7 +47,7 @@ def test_rows_and_ratios(tiny):
     for x in (*r["ratio_rounds"], dense["tokens_per_s"], resm["tokens_per_s"]):
       assert math.isfinite(x) and x > 0
   assert [r["tokens_per_step"] for r in rows] == [2 * 16, 1 * 3, 2 * 3, 2 * 16]
-  assert f"| generation, batch 2 | 2 x (4 + 3) |" in stdout
+  assert "| generation, batch 2 | 2 x (4 + 3) |" in stdout
 
 
 def test_models_differ_by_the_memory(tiny):

@@ -370,5 +370,5 @@ def test_corrupt_pretrained_checkpoint_is_one_line(pretrained, glue_dir, tmp_pat
                   f"--workdir={tmp_path / 'ft'}")
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 1 and proc.stdout == "" and len(lines) == 1, proc.stderr[-2000:]
-  assert lines[0].startswith(f"error: ValueError: checkpoint step") and bad in lines[0]
+  assert lines[0].startswith("error: ValueError: checkpoint step") and bad in lines[0]
   assert not (tmp_path / "ft").exists()

@@ -11,7 +11,6 @@
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -44,7 +43,7 @@ def test_lookups_equal_the_device_ones(dtype, chunk_bytes, monkeypatch):
   same table in device memory; 3000 bytes a fetch: several chunks, the last one short."""
   monkeypatch.setattr(chunks, "ACCELERATOR_CHUNK_BYTES", chunk_bytes)
   rng = np.random.default_rng(0)
-  n, v, d = 300, 16, 8
+  n, v = 300, 16
   table = jnp.asarray(rng.normal(size=(n, v)) * (50 if dtype == jnp.int8 else 1), dtype)
   idx = jnp.asarray(rng.integers(0, n, (2, 5, 3, 4)), jnp.int32)
   w = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)

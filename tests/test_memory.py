@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pkm_jax import chunks, product_keys
+from pkm_jax import chunks
 from pkm_jax.architecture import MemoryConfig
 from pkm_jax.memory import ProductKeyMemory
 from pkm_jax.product_keys import candidate_pairs, product_key_topk, weighted_lookup
