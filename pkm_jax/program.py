@@ -59,11 +59,6 @@ class TrainProgram:
             for k, v in local_batch.items()}
 
 
-def frozen_filter(freeze_memory: bool) -> nnx.filterlib.Filter:
-  """What stays fixed: every memory parameter and statistic under freeze_memory, else nothing."""
-  return freezing.frozen_filter("full", freeze_memory)
-
-
 def build_program(config: ml_collections.ConfigDict, *,
                   make_model: Callable[[MemoryPlacement], nnx.Module], loss_fn: LossFn,
                   total_steps: int, batch_size: int,

@@ -21,9 +21,9 @@ from pkm_jax import checkpoint as ckpt_lib
 from pkm_jax import config_checks
 from pkm_jax import pretrained as pretrained_lib
 from pkm_jax.architecture import ModelConfig
+from pkm_jax.continual import freezing
 from pkm_jax.placement import SINGLE_DEVICE, MemoryPlacement
 from pkm_jax.plus_init import init_from_pretrained
-from pkm_jax.program import frozen_filter
 from pkm_jax.steps import LossFn
 from pkm_jax.tasks import heads
 
@@ -127,7 +127,7 @@ def restore_task_model(task_dir: str, step: int | None = None) -> nnx.Module:
   cfg = architecture.from_dict(info["model"])
   model = nnx.eval_shape(lambda: build_task_model(info["kind"], cfg, info["num_labels"],
                                                   classifier_dropout=0.0, seed=0))
-  freeze = frozen_filter(run_cfg.get("optim", {}).get("freeze_memory", False))
+  freeze = freezing.run_frozen_filter(run_cfg)  # as the run split it (optim.freeze_memory)
   graphdef, frozen, params, stats = nnx.split(model, freeze, nnx.Param, nnx.BatchStat)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   place = lambda tree: jax.tree.map(  # noqa: E731
